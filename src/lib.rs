@@ -1,0 +1,2 @@
+//! shakedown finds out how LLM serving stacks hold up when things break.
+pub mod playbook;

@@ -1,0 +1,424 @@
+//! The playbook schema v1, as `../shared/DESIGN.md` writes it.
+//!
+//! Every struct refuses unknown fields, so a typo is an error rather than a
+//! silently ignored setting. Cluster kinds and fault actions are flat structs
+//! with a `kind`/`action` field rather than tagged enums: serde's tagged enums
+//! buffer their content and lose the line of an error inside them, and a
+//! located error is worth more than a tidier type. `validate` checks that
+//! each kind or action only sets the fields it owns.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::duration::HumanDuration;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Playbook {
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub duration: HumanDuration,
+    #[serde(default)]
+    pub schedule: Schedule,
+    pub stacks: Vec<Stack>,
+    pub load: Load,
+    #[serde(default)]
+    pub steady_state: SteadyState,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub abort: Option<Abort>,
+    /// Read and checked for form; judged by the gate, which is not built yet.
+    #[serde(default)]
+    pub gate: Option<Gate>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Sequential,
+    Parallel,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stack {
+    pub name: String,
+    /// OpenAI-compatible base URL; a local cluster provides its own.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    pub cluster: ClusterSpec,
+    /// Named target groups (Kubernetes); a local cluster has `engine` and `router`.
+    #[serde(default)]
+    pub roles: BTreeMap<String, Role>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Role {
+    pub selector: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterKind {
+    Local,
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    pub kind: ClusterKind,
+    // kind: local
+    #[serde(default)]
+    pub nodes: Option<u32>,
+    #[serde(default)]
+    pub gpus_per_node: Option<u32>,
+    #[serde(default)]
+    pub engine: Option<LocalEngine>,
+    #[serde(default)]
+    pub router: Option<LocalRouter>,
+    // kind: kubernetes
+    #[serde(default)]
+    pub context: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalEngine {
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Model load time: `/health` answers 200 only after it.
+    #[serde(default = "LocalEngine::default_startup")]
+    pub startup: HumanDuration,
+    /// Pod re-creation time after a replica's process dies.
+    #[serde(default = "LocalEngine::default_restart_delay")]
+    pub restart_delay: HumanDuration,
+    /// Replaces the emulated engine: `{port}` is where it must listen.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Time per output token for a lone request.
+    #[serde(default = "LocalEngine::default_decode")]
+    pub decode_per_token: HumanDuration,
+    #[serde(default = "LocalEngine::default_max_num_seqs")]
+    pub max_num_seqs: u32,
+}
+
+impl LocalEngine {
+    fn default_startup() -> HumanDuration {
+        HumanDuration::from_secs_f64(2.0)
+    }
+    fn default_restart_delay() -> HumanDuration {
+        HumanDuration::from_secs_f64(1.0)
+    }
+    fn default_decode() -> HumanDuration {
+        HumanDuration::from_secs_f64(0.010)
+    }
+    fn default_max_num_seqs() -> u32 {
+        64
+    }
+}
+
+impl Default for LocalEngine {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            startup: Self::default_startup(),
+            restart_delay: Self::default_restart_delay(),
+            command: None,
+            decode_per_token: Self::default_decode(),
+            max_num_seqs: Self::default_max_num_seqs(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingPolicy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Session,
+    PrefixHash,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Discovery {
+    #[default]
+    Watch,
+    HealthCheck,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRouter {
+    #[serde(default)]
+    pub policy: RoutingPolicy,
+    #[serde(default)]
+    pub discovery: Discovery,
+    /// Retries on a connection failure before the first byte.
+    #[serde(default)]
+    pub retries: u32,
+    /// How late the router learns of readiness changes (discovery: watch).
+    #[serde(default = "LocalRouter::default_watch_lag")]
+    pub watch_lag: HumanDuration,
+    /// Probe period (discovery: health-check).
+    #[serde(default = "LocalRouter::default_health_interval")]
+    pub health_interval: HumanDuration,
+    #[serde(default = "LocalRouter::default_failure_threshold")]
+    pub failure_threshold: u32,
+    #[serde(default)]
+    pub upstream_timeout: Option<HumanDuration>,
+    /// Header whose value pins a session to a backend (policy: session).
+    #[serde(default)]
+    pub session_header: Option<String>,
+    #[serde(default = "LocalEngine::default_restart_delay")]
+    pub restart_delay: HumanDuration,
+    /// Replaces the emulated router: `{port}` and `{backends}` are filled in.
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+impl LocalRouter {
+    fn default_watch_lag() -> HumanDuration {
+        HumanDuration::from_secs_f64(0.1)
+    }
+    fn default_health_interval() -> HumanDuration {
+        HumanDuration::from_secs_f64(1.0)
+    }
+    fn default_failure_threshold() -> u32 {
+        3
+    }
+}
+
+impl Default for LocalRouter {
+    fn default() -> Self {
+        Self {
+            policy: RoutingPolicy::default(),
+            discovery: Discovery::default(),
+            retries: 0,
+            watch_lag: Self::default_watch_lag(),
+            health_interval: Self::default_health_interval(),
+            failure_threshold: Self::default_failure_threshold(),
+            upstream_timeout: None,
+            session_header: None,
+            restart_delay: LocalEngine::default_restart_delay(),
+            command: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arrival {
+    Constant,
+    #[default]
+    Poisson,
+    Gamma,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Load {
+    #[serde(default)]
+    pub arrival: Arrival,
+    /// Shape of gamma arrivals: 1 is Poisson, below 1 burstier.
+    #[serde(default)]
+    pub burstiness: Option<f64>,
+    /// Requests per second, per stack.
+    pub rate: f64,
+    #[serde(default = "Load::default_max_in_flight")]
+    pub max_in_flight: u32,
+    pub request: RequestSpec,
+    #[serde(default = "Load::default_timeout")]
+    pub timeout: HumanDuration,
+}
+
+impl Load {
+    fn default_max_in_flight() -> u32 {
+        512
+    }
+    fn default_timeout() -> HumanDuration {
+        HumanDuration::from_secs_f64(60.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    #[default]
+    Chat,
+    Completions,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSpec {
+    #[serde(default)]
+    pub api: Api,
+    #[serde(default = "yes")]
+    pub stream: bool,
+    pub prompt_tokens: u32,
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteadyState {
+    #[serde(default)]
+    pub warmup: HumanDuration,
+    /// Length of the window before the first fault that sets the baseline.
+    #[serde(default = "SteadyState::default_baseline")]
+    pub baseline: HumanDuration,
+    #[serde(default)]
+    pub recovered_when: RecoveredWhen,
+}
+
+impl SteadyState {
+    fn default_baseline() -> HumanDuration {
+        HumanDuration::from_secs_f64(10.0)
+    }
+}
+
+impl Default for SteadyState {
+    fn default() -> Self {
+        Self {
+            warmup: HumanDuration::default(),
+            baseline: Self::default_baseline(),
+            recovered_when: RecoveredWhen::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveredWhen {
+    #[serde(default = "RecoveredWhen::default_success_rate")]
+    pub success_rate: f64,
+    /// TTFT p99 may be at most this multiple of the baseline's.
+    #[serde(default)]
+    pub ttft_p99_ratio: Option<f64>,
+    #[serde(default = "RecoveredWhen::default_hold")]
+    pub hold: HumanDuration,
+}
+
+impl RecoveredWhen {
+    fn default_success_rate() -> f64 {
+        0.99
+    }
+    fn default_hold() -> HumanDuration {
+        HumanDuration::from_secs_f64(5.0)
+    }
+}
+
+impl Default for RecoveredWhen {
+    fn default() -> Self {
+        Self {
+            success_rate: Self::default_success_rate(),
+            ttft_p99_ratio: None,
+            hold: Self::default_hold(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultAction {
+    PodKill,
+    NodeDrain,
+    NetworkDelay,
+}
+
+impl FaultAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultAction::PodKill => "pod-kill",
+            FaultAction::NodeDrain => "node-drain",
+            FaultAction::NetworkDelay => "network-delay",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub name: String,
+    /// Offset from the start of the load.
+    pub at: HumanDuration,
+    pub action: FaultAction,
+    /// The role whose pods the fault hits.
+    pub target: String,
+    /// Limits the fault to these stacks; all stacks when absent.
+    #[serde(default)]
+    pub stacks: Option<Vec<String>>,
+    // pod-kill
+    #[serde(default)]
+    pub count: Option<u32>,
+    #[serde(default)]
+    pub percent: Option<f64>,
+    #[serde(default)]
+    pub grace_period: Option<HumanDuration>,
+    // node-drain
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub uncordon_after: Option<HumanDuration>,
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    // network-delay
+    #[serde(default)]
+    pub delay: Option<HumanDuration>,
+    #[serde(default)]
+    pub jitter: Option<HumanDuration>,
+    #[serde(default)]
+    pub duration: Option<HumanDuration>,
+    #[serde(default)]
+    pub loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Abort {
+    pub success_rate_below: f64,
+    #[serde(rename = "for")]
+    pub for_: HumanDuration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate {
+    #[serde(default)]
+    pub availability: Option<f64>,
+    #[serde(default)]
+    pub max_recovery: Option<HumanDuration>,
+    #[serde(default)]
+    pub max_error_rate_during_fault: Option<f64>,
+    #[serde(default)]
+    pub max_truncated_streams: Option<u64>,
+    #[serde(default)]
+    pub ttft_p99_ratio: Option<f64>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}

@@ -1,0 +1,350 @@
+//! Checks that need more than one field at a time, or a range: faults
+//! inside the run, roles that exist, sizes that fit this machine. Each
+//! problem carries the path of the field to blame, so it can be located.
+
+use std::collections::BTreeSet;
+
+use super::locate::FieldPath;
+use super::schema::*;
+
+pub struct Problem {
+    pub path: FieldPath,
+    pub message: String,
+}
+
+fn at(path: FieldPath, message: impl Into<String>) -> Result<(), Problem> {
+    Err(Problem {
+        path,
+        message: message.into(),
+    })
+}
+
+fn root() -> FieldPath {
+    FieldPath::default()
+}
+
+/// Names become directory and file names: keep them plain.
+fn check_name(path: FieldPath, name: &str) -> Result<(), Problem> {
+    if name.is_empty() || name.len() > 63 {
+        return at(path, "a name has 1 to 63 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return at(
+            path,
+            format!("`{name}` may only use letters, digits, `-`, `_` and `.` (it names files of the run)"),
+        );
+    }
+    Ok(())
+}
+
+fn check_range(path: FieldPath, value: f64, low: f64, high: f64, what: &str) -> Result<(), Problem> {
+    if !value.is_finite() || value < low || value > high {
+        return at(path, format!("{value} is out of range: {what}"));
+    }
+    Ok(())
+}
+
+pub fn validate(pb: &Playbook) -> Result<(), Problem> {
+    if pb.api_version != "shakedown/v1" {
+        return at(
+            root().key("apiVersion"),
+            format!("`{}` is not a version this shakedown reads: write `apiVersion: shakedown/v1`", pb.api_version),
+        );
+    }
+    check_name(root().key("name"), &pb.name)?;
+    let run = pb.duration.0;
+    if run.is_zero() {
+        return at(root().key("duration"), "the run needs a duration above zero, such as `90s`");
+    }
+    if run.as_secs() > 24 * 3600 {
+        return at(root().key("duration"), "a run lasts at most 24h");
+    }
+
+    if pb.stacks.is_empty() {
+        return at(root().key("stacks"), "list at least one stack to test");
+    }
+    let mut names = BTreeSet::new();
+    for (i, stack) in pb.stacks.iter().enumerate() {
+        let path = root().key("stacks").index(i);
+        check_name(path.clone().key("name"), &stack.name)?;
+        if !names.insert(stack.name.as_str()) {
+            return at(path.key("name"), format!("two stacks are named `{}`: stack names must differ", stack.name));
+        }
+        validate_stack(path, stack)?;
+    }
+
+    validate_load(&pb.load)?;
+    validate_steady_state(pb)?;
+
+    let mut fault_names = BTreeSet::new();
+    for (i, fault) in pb.faults.iter().enumerate() {
+        let path = root().key("faults").index(i);
+        check_name(path.clone().key("name"), &fault.name)?;
+        if !fault_names.insert(fault.name.as_str()) {
+            return at(path.key("name"), format!("two faults are named `{}`: fault names must differ", fault.name));
+        }
+        validate_fault(pb, path, fault)?;
+    }
+
+    if pb.abort.is_some() {
+        return at(
+            root().key("abort"),
+            "the `abort` rule is not built yet in this shakedown (it comes with safe interruption); remove it for now",
+        );
+    }
+    if let Some(gate) = &pb.gate {
+        let path = root().key("gate");
+        if let Some(a) = gate.availability {
+            check_range(path.clone().key("availability"), a, 0.0, 1.0, "availability is a fraction from 0 to 1, such as 0.99")?;
+        }
+        if let Some(r) = gate.max_error_rate_during_fault {
+            check_range(path.clone().key("max_error_rate_during_fault"), r, 0.0, 1.0, "a fraction from 0 to 1, such as 0.05")?;
+        }
+        if let Some(r) = gate.ttft_p99_ratio {
+            check_range(path.key("ttft_p99_ratio"), r, 1.0, 1000.0, "a ratio of at least 1, such as 2.0")?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
+    let cluster = &stack.cluster;
+    let cpath = path.clone().key("cluster");
+    match cluster.kind {
+        ClusterKind::Kubernetes => at(
+            cpath.key("kind"),
+            "the `kubernetes` cluster kind is not built yet in this shakedown; use `kind: local` to try the playbook on the embedded cluster",
+        ),
+        ClusterKind::Local => {
+            for (field, set) in [("context", cluster.context.is_some()), ("namespace", cluster.namespace.is_some())] {
+                if set {
+                    return at(cpath.key(field), format!("`{field}` belongs to `kind: kubernetes`; a local cluster has none"));
+                }
+            }
+            if stack.endpoint.is_some() {
+                return at(
+                    path.key("endpoint"),
+                    "a local cluster serves its own endpoint (its router's front port): remove `endpoint`",
+                );
+            }
+            if !stack.roles.is_empty() {
+                return at(
+                    path.key("roles"),
+                    "a local cluster has two fixed roles, `engine` and `router`: remove `roles`",
+                );
+            }
+            let nodes = cluster.nodes.unwrap_or(1);
+            let gpus = cluster.gpus_per_node.unwrap_or(1);
+            if !(1..=64).contains(&nodes) {
+                return at(cpath.key("nodes"), format!("{nodes} nodes: a local cluster has 1 to 64"));
+            }
+            if !(1..=16).contains(&gpus) {
+                return at(cpath.key("gpus_per_node"), format!("{gpus} GPUs per node: use 1 to 16"));
+            }
+            let engine = cluster.engine.clone().unwrap_or_default();
+            let epath = cpath.clone().key("engine");
+            if engine.replicas == 0 || engine.replicas > 64 {
+                return at(epath.key("replicas"), format!("{} replicas: a local cluster runs 1 to 64 engines", engine.replicas));
+            }
+            if engine.replicas > nodes * gpus {
+                return at(
+                    epath.key("replicas"),
+                    format!(
+                        "{} replicas need {} GPUs but the cluster has {nodes} nodes × {gpus} GPUs = {}: raise `nodes` or `gpus_per_node`",
+                        engine.replicas,
+                        engine.replicas,
+                        nodes * gpus
+                    ),
+                );
+            }
+            if engine.max_num_seqs == 0 || engine.max_num_seqs > 4096 {
+                return at(epath.clone().key("max_num_seqs"), "max_num_seqs is from 1 to 4096");
+            }
+            if engine.startup.0.as_secs() > 600 {
+                return at(epath.clone().key("startup"), "a startup of more than 10m would outlast any run");
+            }
+            if engine.decode_per_token.0.as_secs() >= 1 {
+                return at(epath.key("decode_per_token"), "decode_per_token is below 1s, such as `10ms`");
+            }
+            let router = cluster.router.clone().unwrap_or_default();
+            let rpath = cpath.key("router");
+            if router.retries > 10 {
+                return at(rpath.key("retries"), "retries is from 0 to 10");
+            }
+            if router.discovery == Discovery::HealthCheck {
+                if router.health_interval.is_zero() {
+                    return at(rpath.key("health_interval"), "the probe period is above zero, such as `1s`");
+                }
+                if router.failure_threshold == 0 {
+                    return at(rpath.key("failure_threshold"), "failure_threshold is at least 1");
+                }
+            }
+            if router.policy == RoutingPolicy::Session && router.session_header.is_none() {
+                return at(rpath.key("policy"), "policy `session` pins on a header: set `session_header`, such as `x-user-id`");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn validate_load(load: &Load) -> Result<(), Problem> {
+    let path = root().key("load");
+    check_range(path.clone().key("rate"), load.rate, 0.001, 100_000.0, "the rate is in requests per second, above 0 and at most 100000")?;
+    if load.rate <= 0.0 {
+        return at(path.key("rate"), "the rate is above 0");
+    }
+    if load.max_in_flight == 0 || load.max_in_flight > 1_000_000 {
+        return at(path.key("max_in_flight"), "max_in_flight is from 1 to 1000000");
+    }
+    match (load.arrival, load.burstiness) {
+        (Arrival::Gamma, Some(b)) => check_range(path.clone().key("burstiness"), b, 0.01, 100.0, "burstiness is above 0: 1 is Poisson, below 1 is burstier")?,
+        (Arrival::Gamma, None) => {}
+        (_, Some(_)) => return at(path.key("burstiness"), "burstiness shapes `arrival: gamma` only"),
+        _ => {}
+    }
+    if load.timeout.is_zero() {
+        return at(path.key("timeout"), "the request timeout is above zero, such as `60s`");
+    }
+    let rpath = path.key("request");
+    if !(1..=1_000_000).contains(&load.request.prompt_tokens) {
+        return at(rpath.key("prompt_tokens"), "prompt_tokens is from 1 to 1000000");
+    }
+    if !(1..=1_000_000).contains(&load.request.max_tokens) {
+        return at(rpath.key("max_tokens"), "max_tokens is from 1 to 1000000");
+    }
+    Ok(())
+}
+
+fn validate_steady_state(pb: &Playbook) -> Result<(), Problem> {
+    let path = root().key("steady_state");
+    let ss = &pb.steady_state;
+    if ss.warmup >= pb.duration {
+        return at(path.key("warmup"), format!("the warmup ({}) must end before the run does ({})", ss.warmup, pb.duration));
+    }
+    if ss.baseline.is_zero() {
+        return at(path.key("baseline"), "the baseline window is above zero, such as `10s`");
+    }
+    let rw = path.key("recovered_when");
+    check_range(rw.clone().key("success_rate"), ss.recovered_when.success_rate, 0.01, 1.0, "a fraction above 0 and at most 1, such as 0.99")?;
+    if let Some(r) = ss.recovered_when.ttft_p99_ratio {
+        check_range(rw.clone().key("ttft_p99_ratio"), r, 1.0, 1000.0, "a ratio of at least 1, such as 2.0")?;
+    }
+    if ss.recovered_when.hold.is_zero() {
+        return at(rw.key("hold"), "hold is above zero, such as `5s`");
+    }
+    Ok(())
+}
+
+fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), Problem> {
+    let ss = &pb.steady_state;
+    if fault.at >= pb.duration {
+        return at(
+            path.key("at"),
+            format!("the fault starts at {} but the run lasts {}: a fault starts inside the run", fault.at, pb.duration),
+        );
+    }
+    let baseline_end = ss.warmup.0 + ss.baseline.0;
+    if fault.at.0 < baseline_end {
+        return at(
+            path.key("at"),
+            format!(
+                "the fault at {} starts before the baseline is measured (warmup {} + baseline {} end at {}): move it later or shorten `steady_state`",
+                fault.at,
+                ss.warmup,
+                ss.baseline,
+                super::HumanDuration(baseline_end)
+            ),
+        );
+    }
+    let applies_to: Vec<&Stack> = match &fault.stacks {
+        None => pb.stacks.iter().collect(),
+        Some(names) => {
+            let mut chosen = Vec::new();
+            for (j, name) in names.iter().enumerate() {
+                match pb.stacks.iter().find(|s| &s.name == name) {
+                    Some(s) => chosen.push(s),
+                    None => {
+                        let known: Vec<_> = pb.stacks.iter().map(|s| format!("`{}`", s.name)).collect();
+                        return at(path.key("stacks").index(j), format!("no stack is named `{name}`: the stacks are {}", known.join(", ")));
+                    }
+                }
+            }
+            chosen
+        }
+    };
+    for stack in applies_to {
+        let roles: Vec<String> = match stack.cluster.kind {
+            ClusterKind::Local => vec!["engine".into(), "router".into()],
+            ClusterKind::Kubernetes => stack.roles.keys().cloned().collect(),
+        };
+        if !roles.iter().any(|r| r == &fault.target) {
+            return at(
+                path.key("target"),
+                format!(
+                    "stack `{}` has no role `{}`: its roles are {}",
+                    stack.name,
+                    fault.target,
+                    roles.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    }
+
+    let owned: &[&str] = match fault.action {
+        FaultAction::PodKill => &["count", "percent", "grace_period"],
+        FaultAction::NodeDrain => &["node", "uncordon_after", "max_unavailable", "timeout", "grace_period"],
+        FaultAction::NetworkDelay => &["delay", "jitter", "duration", "loss"],
+    };
+    let set: [(&str, bool); 11] = [
+        ("count", fault.count.is_some()),
+        ("percent", fault.percent.is_some()),
+        ("grace_period", fault.grace_period.is_some()),
+        ("node", fault.node.is_some()),
+        ("uncordon_after", fault.uncordon_after.is_some()),
+        ("max_unavailable", fault.max_unavailable.is_some()),
+        ("timeout", fault.timeout.is_some()),
+        ("delay", fault.delay.is_some()),
+        ("jitter", fault.jitter.is_some()),
+        ("duration", fault.duration.is_some()),
+        ("loss", fault.loss.is_some()),
+    ];
+    for (field, is_set) in set {
+        if is_set && !owned.contains(&field) {
+            return at(
+                path.key(field),
+                format!(
+                    "`{field}` does not apply to `action: {}`; its fields are {}",
+                    fault.action.as_str(),
+                    owned.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    }
+
+    match fault.action {
+        FaultAction::PodKill => {
+            if fault.count.is_some() && fault.percent.is_some() {
+                return at(path.key("percent"), "give `count` or `percent`, not both");
+            }
+            if let Some(count) = fault.count
+                && count == 0
+            {
+                return at(path.key("count"), "count is at least 1");
+            }
+            if let Some(percent) = fault.percent {
+                check_range(path.clone().key("percent"), percent, 0.001, 100.0, "percent is above 0 and at most 100")?;
+            }
+            Ok(())
+        }
+        FaultAction::NodeDrain | FaultAction::NetworkDelay => at(
+            path.key("action"),
+            format!(
+                "`{}` is not built yet in this shakedown; `pod-kill` is",
+                fault.action.as_str()
+            ),
+        ),
+    }
+}

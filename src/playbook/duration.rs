@@ -59,7 +59,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "m" => 60.0,
             "h" => 3600.0,
             "" => return Err(format!("`{text}` has no unit: {hint}")),
-            other => return Err(format!("`{other}` is not a unit of time in `{text}`: {hint}")),
+            other => {
+                return Err(format!(
+                    "`{other}` is not a unit of time in `{text}`: {hint}"
+                ));
+            }
         };
         rest = &rest[unit_len..];
         total += number * scale;
@@ -103,7 +107,10 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 )))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                Err(E::custom(format!("`{v}` is not a duration: durations are positive, with a unit, such as `{}s`", v.unsigned_abs())))
+                Err(E::custom(format!(
+                    "`{v}` is not a duration: durations are positive, with a unit, such as `{}s`",
+                    v.unsigned_abs()
+                )))
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
                 Err(E::custom(format!("`{v}` has no unit: write `{v}s`")))
@@ -137,7 +144,11 @@ mod tests {
     fn refuses_what_it_cannot_read_and_says_why() {
         assert!(parse_duration("60").unwrap_err().contains("no unit"));
         assert!(parse_duration("3 days").unwrap_err().contains("not a"));
-        assert!(parse_duration("5d").unwrap_err().contains("`d` is not a unit"));
+        assert!(
+            parse_duration("5d")
+                .unwrap_err()
+                .contains("`d` is not a unit")
+        );
         assert!(parse_duration("").unwrap_err().contains("empty"));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("9999h").unwrap_err().contains("week"));
@@ -145,7 +156,10 @@ mod tests {
 
     #[test]
     fn displays_in_the_same_notation() {
-        assert_eq!(HumanDuration(Duration::from_millis(200)).to_string(), "200ms");
+        assert_eq!(
+            HumanDuration(Duration::from_millis(200)).to_string(),
+            "200ms"
+        );
         assert_eq!(HumanDuration(Duration::from_secs(90)).to_string(), "90s");
         assert_eq!(HumanDuration(Duration::from_secs(300)).to_string(), "5m");
     }

@@ -80,7 +80,9 @@ impl<'de> Visitor<'de> for Seek<'_> {
         };
         while let Some(key) = map.next_key::<serde_yaml::Value>()? {
             if key.as_str() == Some(wanted.as_str()) {
-                return map.next_value_seed(Seek { path: &self.path[1..] });
+                return map.next_value_seed(Seek {
+                    path: &self.path[1..],
+                });
             }
             map.next_value::<IgnoredAny>()?;
         }
@@ -97,7 +99,9 @@ impl<'de> Visitor<'de> for Seek<'_> {
                 return Err(de::Error::custom(HERE));
             }
         }
-        match seq.next_element_seed(Seek { path: &self.path[1..] })? {
+        match seq.next_element_seed(Seek {
+            path: &self.path[1..],
+        })? {
             Some(()) => Ok(()),
             None => Err(de::Error::custom(HERE)),
         }
@@ -128,7 +132,8 @@ impl<'de> Visitor<'de> for Seek<'_> {
 mod tests {
     use super::*;
 
-    const DOC: &str = "name: x\nfaults:\n  - { name: a, at: 5s }\n  - name: b\n    at: 90s\nload:\n  rate: 3\n";
+    const DOC: &str =
+        "name: x\nfaults:\n  - { name: a, at: 5s }\n  - name: b\n    at: 90s\nload:\n  rate: 3\n";
 
     #[test]
     fn finds_block_and_flow_fields() {

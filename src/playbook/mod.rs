@@ -134,7 +134,9 @@ fn explain_serde(message: &str) -> String {
         None => message,
     };
     let message = message.strip_prefix(": ").unwrap_or(message);
-    if message.starts_with("invalid type: unit value") || message.contains("expected struct") && message.contains("unit") {
+    if message.starts_with("invalid type: unit value")
+        || message.contains("expected struct") && message.contains("unit")
+    {
         return format!("{message} (the field is there but has no value)");
     }
     message.to_string()

@@ -34,13 +34,21 @@ fn check_name(path: FieldPath, name: &str) -> Result<(), Problem> {
     {
         return at(
             path,
-            format!("`{name}` may only use letters, digits, `-`, `_` and `.` (it names files of the run)"),
+            format!(
+                "`{name}` may only use letters, digits, `-`, `_` and `.` (it names files of the run)"
+            ),
         );
     }
     Ok(())
 }
 
-fn check_range(path: FieldPath, value: f64, low: f64, high: f64, what: &str) -> Result<(), Problem> {
+fn check_range(
+    path: FieldPath,
+    value: f64,
+    low: f64,
+    high: f64,
+    what: &str,
+) -> Result<(), Problem> {
     if !value.is_finite() || value < low || value > high {
         return at(path, format!("{value} is out of range: {what}"));
     }
@@ -51,13 +59,19 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
     if pb.api_version != "shakedown/v1" {
         return at(
             root().key("apiVersion"),
-            format!("`{}` is not a version this shakedown reads: write `apiVersion: shakedown/v1`", pb.api_version),
+            format!(
+                "`{}` is not a version this shakedown reads: write `apiVersion: shakedown/v1`",
+                pb.api_version
+            ),
         );
     }
     check_name(root().key("name"), &pb.name)?;
     let run = pb.duration.0;
     if run.is_zero() {
-        return at(root().key("duration"), "the run needs a duration above zero, such as `90s`");
+        return at(
+            root().key("duration"),
+            "the run needs a duration above zero, such as `90s`",
+        );
     }
     if run.as_secs() > 24 * 3600 {
         return at(root().key("duration"), "a run lasts at most 24h");
@@ -71,7 +85,13 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
         let path = root().key("stacks").index(i);
         check_name(path.clone().key("name"), &stack.name)?;
         if !names.insert(stack.name.as_str()) {
-            return at(path.key("name"), format!("two stacks are named `{}`: stack names must differ", stack.name));
+            return at(
+                path.key("name"),
+                format!(
+                    "two stacks are named `{}`: stack names must differ",
+                    stack.name
+                ),
+            );
         }
         validate_stack(path, stack)?;
     }
@@ -84,7 +104,13 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
         let path = root().key("faults").index(i);
         check_name(path.clone().key("name"), &fault.name)?;
         if !fault_names.insert(fault.name.as_str()) {
-            return at(path.key("name"), format!("two faults are named `{}`: fault names must differ", fault.name));
+            return at(
+                path.key("name"),
+                format!(
+                    "two faults are named `{}`: fault names must differ",
+                    fault.name
+                ),
+            );
         }
         validate_fault(pb, path, fault)?;
     }
@@ -98,13 +124,31 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
     if let Some(gate) = &pb.gate {
         let path = root().key("gate");
         if let Some(a) = gate.availability {
-            check_range(path.clone().key("availability"), a, 0.0, 1.0, "availability is a fraction from 0 to 1, such as 0.99")?;
+            check_range(
+                path.clone().key("availability"),
+                a,
+                0.0,
+                1.0,
+                "availability is a fraction from 0 to 1, such as 0.99",
+            )?;
         }
         if let Some(r) = gate.max_error_rate_during_fault {
-            check_range(path.clone().key("max_error_rate_during_fault"), r, 0.0, 1.0, "a fraction from 0 to 1, such as 0.05")?;
+            check_range(
+                path.clone().key("max_error_rate_during_fault"),
+                r,
+                0.0,
+                1.0,
+                "a fraction from 0 to 1, such as 0.05",
+            )?;
         }
         if let Some(r) = gate.ttft_p99_ratio {
-            check_range(path.key("ttft_p99_ratio"), r, 1.0, 1000.0, "a ratio of at least 1, such as 2.0")?;
+            check_range(
+                path.key("ttft_p99_ratio"),
+                r,
+                1.0,
+                1000.0,
+                "a ratio of at least 1, such as 2.0",
+            )?;
         }
     }
     Ok(())
@@ -119,9 +163,17 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
             "the `kubernetes` cluster kind is not built yet in this shakedown; use `kind: local` to try the playbook on the embedded cluster",
         ),
         ClusterKind::Local => {
-            for (field, set) in [("context", cluster.context.is_some()), ("namespace", cluster.namespace.is_some())] {
+            for (field, set) in [
+                ("context", cluster.context.is_some()),
+                ("namespace", cluster.namespace.is_some()),
+            ] {
                 if set {
-                    return at(cpath.key(field), format!("`{field}` belongs to `kind: kubernetes`; a local cluster has none"));
+                    return at(
+                        cpath.key(field),
+                        format!(
+                            "`{field}` belongs to `kind: kubernetes`; a local cluster has none"
+                        ),
+                    );
                 }
             }
             if stack.endpoint.is_some() {
@@ -139,15 +191,27 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
             let nodes = cluster.nodes.unwrap_or(1);
             let gpus = cluster.gpus_per_node.unwrap_or(1);
             if !(1..=64).contains(&nodes) {
-                return at(cpath.key("nodes"), format!("{nodes} nodes: a local cluster has 1 to 64"));
+                return at(
+                    cpath.key("nodes"),
+                    format!("{nodes} nodes: a local cluster has 1 to 64"),
+                );
             }
             if !(1..=16).contains(&gpus) {
-                return at(cpath.key("gpus_per_node"), format!("{gpus} GPUs per node: use 1 to 16"));
+                return at(
+                    cpath.key("gpus_per_node"),
+                    format!("{gpus} GPUs per node: use 1 to 16"),
+                );
             }
             let engine = cluster.engine.clone().unwrap_or_default();
             let epath = cpath.clone().key("engine");
             if engine.replicas == 0 || engine.replicas > 64 {
-                return at(epath.key("replicas"), format!("{} replicas: a local cluster runs 1 to 64 engines", engine.replicas));
+                return at(
+                    epath.key("replicas"),
+                    format!(
+                        "{} replicas: a local cluster runs 1 to 64 engines",
+                        engine.replicas
+                    ),
+                );
             }
             if engine.replicas > nodes * gpus {
                 return at(
@@ -161,13 +225,22 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
                 );
             }
             if engine.max_num_seqs == 0 || engine.max_num_seqs > 4096 {
-                return at(epath.clone().key("max_num_seqs"), "max_num_seqs is from 1 to 4096");
+                return at(
+                    epath.clone().key("max_num_seqs"),
+                    "max_num_seqs is from 1 to 4096",
+                );
             }
             if engine.startup.0.as_secs() > 600 {
-                return at(epath.clone().key("startup"), "a startup of more than 10m would outlast any run");
+                return at(
+                    epath.clone().key("startup"),
+                    "a startup of more than 10m would outlast any run",
+                );
             }
             if engine.decode_per_token.0.as_secs() >= 1 {
-                return at(epath.key("decode_per_token"), "decode_per_token is below 1s, such as `10ms`");
+                return at(
+                    epath.key("decode_per_token"),
+                    "decode_per_token is below 1s, such as `10ms`",
+                );
             }
             let router = cluster.router.clone().unwrap_or_default();
             let rpath = cpath.key("router");
@@ -176,14 +249,23 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
             }
             if router.discovery == Discovery::HealthCheck {
                 if router.health_interval.is_zero() {
-                    return at(rpath.key("health_interval"), "the probe period is above zero, such as `1s`");
+                    return at(
+                        rpath.key("health_interval"),
+                        "the probe period is above zero, such as `1s`",
+                    );
                 }
                 if router.failure_threshold == 0 {
-                    return at(rpath.key("failure_threshold"), "failure_threshold is at least 1");
+                    return at(
+                        rpath.key("failure_threshold"),
+                        "failure_threshold is at least 1",
+                    );
                 }
             }
             if router.policy == RoutingPolicy::Session && router.session_header.is_none() {
-                return at(rpath.key("policy"), "policy `session` pins on a header: set `session_header`, such as `x-user-id`");
+                return at(
+                    rpath.key("policy"),
+                    "policy `session` pins on a header: set `session_header`, such as `x-user-id`",
+                );
             }
             Ok(())
         }
@@ -192,25 +274,51 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
 
 fn validate_load(load: &Load) -> Result<(), Problem> {
     let path = root().key("load");
-    check_range(path.clone().key("rate"), load.rate, 0.001, 100_000.0, "the rate is in requests per second, above 0 and at most 100000")?;
+    check_range(
+        path.clone().key("rate"),
+        load.rate,
+        0.001,
+        100_000.0,
+        "the rate is in requests per second, above 0 and at most 100000",
+    )?;
     if load.rate <= 0.0 {
         return at(path.key("rate"), "the rate is above 0");
     }
     if load.max_in_flight == 0 || load.max_in_flight > 1_000_000 {
-        return at(path.key("max_in_flight"), "max_in_flight is from 1 to 1000000");
+        return at(
+            path.key("max_in_flight"),
+            "max_in_flight is from 1 to 1000000",
+        );
     }
     match (load.arrival, load.burstiness) {
-        (Arrival::Gamma, Some(b)) => check_range(path.clone().key("burstiness"), b, 0.01, 100.0, "burstiness is above 0: 1 is Poisson, below 1 is burstier")?,
+        (Arrival::Gamma, Some(b)) => check_range(
+            path.clone().key("burstiness"),
+            b,
+            0.01,
+            100.0,
+            "burstiness is above 0: 1 is Poisson, below 1 is burstier",
+        )?,
         (Arrival::Gamma, None) => {}
-        (_, Some(_)) => return at(path.key("burstiness"), "burstiness shapes `arrival: gamma` only"),
+        (_, Some(_)) => {
+            return at(
+                path.key("burstiness"),
+                "burstiness shapes `arrival: gamma` only",
+            );
+        }
         _ => {}
     }
     if load.timeout.is_zero() {
-        return at(path.key("timeout"), "the request timeout is above zero, such as `60s`");
+        return at(
+            path.key("timeout"),
+            "the request timeout is above zero, such as `60s`",
+        );
     }
     let rpath = path.key("request");
     if !(1..=1_000_000).contains(&load.request.prompt_tokens) {
-        return at(rpath.key("prompt_tokens"), "prompt_tokens is from 1 to 1000000");
+        return at(
+            rpath.key("prompt_tokens"),
+            "prompt_tokens is from 1 to 1000000",
+        );
     }
     if !(1..=1_000_000).contains(&load.request.max_tokens) {
         return at(rpath.key("max_tokens"), "max_tokens is from 1 to 1000000");
@@ -222,15 +330,36 @@ fn validate_steady_state(pb: &Playbook) -> Result<(), Problem> {
     let path = root().key("steady_state");
     let ss = &pb.steady_state;
     if ss.warmup >= pb.duration {
-        return at(path.key("warmup"), format!("the warmup ({}) must end before the run does ({})", ss.warmup, pb.duration));
+        return at(
+            path.key("warmup"),
+            format!(
+                "the warmup ({}) must end before the run does ({})",
+                ss.warmup, pb.duration
+            ),
+        );
     }
     if ss.baseline.is_zero() {
-        return at(path.key("baseline"), "the baseline window is above zero, such as `10s`");
+        return at(
+            path.key("baseline"),
+            "the baseline window is above zero, such as `10s`",
+        );
     }
     let rw = path.key("recovered_when");
-    check_range(rw.clone().key("success_rate"), ss.recovered_when.success_rate, 0.01, 1.0, "a fraction above 0 and at most 1, such as 0.99")?;
+    check_range(
+        rw.clone().key("success_rate"),
+        ss.recovered_when.success_rate,
+        0.01,
+        1.0,
+        "a fraction above 0 and at most 1, such as 0.99",
+    )?;
     if let Some(r) = ss.recovered_when.ttft_p99_ratio {
-        check_range(rw.clone().key("ttft_p99_ratio"), r, 1.0, 1000.0, "a ratio of at least 1, such as 2.0")?;
+        check_range(
+            rw.clone().key("ttft_p99_ratio"),
+            r,
+            1.0,
+            1000.0,
+            "a ratio of at least 1, such as 2.0",
+        )?;
     }
     if ss.recovered_when.hold.is_zero() {
         return at(rw.key("hold"), "hold is above zero, such as `5s`");
@@ -243,7 +372,10 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
     if fault.at >= pb.duration {
         return at(
             path.key("at"),
-            format!("the fault starts at {} but the run lasts {}: a fault starts inside the run", fault.at, pb.duration),
+            format!(
+                "the fault starts at {} but the run lasts {}: a fault starts inside the run",
+                fault.at, pb.duration
+            ),
         );
     }
     let baseline_end = ss.warmup.0 + ss.baseline.0;
@@ -267,8 +399,15 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
                 match pb.stacks.iter().find(|s| &s.name == name) {
                     Some(s) => chosen.push(s),
                     None => {
-                        let known: Vec<_> = pb.stacks.iter().map(|s| format!("`{}`", s.name)).collect();
-                        return at(path.key("stacks").index(j), format!("no stack is named `{name}`: the stacks are {}", known.join(", ")));
+                        let known: Vec<_> =
+                            pb.stacks.iter().map(|s| format!("`{}`", s.name)).collect();
+                        return at(
+                            path.key("stacks").index(j),
+                            format!(
+                                "no stack is named `{name}`: the stacks are {}",
+                                known.join(", ")
+                            ),
+                        );
                     }
                 }
             }
@@ -287,7 +426,11 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
                     "stack `{}` has no role `{}`: its roles are {}",
                     stack.name,
                     fault.target,
-                    roles.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ")
+                    roles
+                        .iter()
+                        .map(|r| format!("`{r}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }
@@ -295,7 +438,13 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
 
     let owned: &[&str] = match fault.action {
         FaultAction::PodKill => &["count", "percent", "grace_period"],
-        FaultAction::NodeDrain => &["node", "uncordon_after", "max_unavailable", "timeout", "grace_period"],
+        FaultAction::NodeDrain => &[
+            "node",
+            "uncordon_after",
+            "max_unavailable",
+            "timeout",
+            "grace_period",
+        ],
         FaultAction::NetworkDelay => &["delay", "jitter", "duration", "loss"],
     };
     let set: [(&str, bool); 11] = [
@@ -318,7 +467,11 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
                 format!(
                     "`{field}` does not apply to `action: {}`; its fields are {}",
                     fault.action.as_str(),
-                    owned.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+                    owned
+                        .iter()
+                        .map(|f| format!("`{f}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }
@@ -335,7 +488,13 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
                 return at(path.key("count"), "count is at least 1");
             }
             if let Some(percent) = fault.percent {
-                check_range(path.clone().key("percent"), percent, 0.001, 100.0, "percent is above 0 and at most 100")?;
+                check_range(
+                    path.clone().key("percent"),
+                    percent,
+                    0.001,
+                    100.0,
+                    "percent is above 0 and at most 100",
+                )?;
             }
             Ok(())
         }

@@ -1,0 +1,151 @@
+//! What happened during a run, other than requests: the ground truth of
+//! `events.jsonl`. Faults injected and reverted, and what the cluster did
+//! about them (pods exiting, rescheduled, turning Ready), each stamped on
+//! the stack's clock so the measurement can put them beside the requests.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::jsonl::JsonlSink;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Seconds since the stack's clock started (its cluster being set up).
+    pub t_s: f64,
+    pub utc: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<String>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    RunStarted {
+        run_id: String,
+        playbook: String,
+    },
+    RunFinished {
+        status: RunStatus,
+    },
+    StackStarting,
+    StackReady {
+        endpoint: String,
+    },
+    LoadStarted {
+        duration_s: f64,
+    },
+    LoadFinished {
+        requests: u64,
+    },
+    StackStopped,
+    FaultInjected {
+        fault: String,
+        action: String,
+        targets: Vec<String>,
+    },
+    FaultReverted {
+        fault: String,
+    },
+    FaultFailed {
+        fault: String,
+        error: String,
+    },
+    /// A pod was given a node (engines) or a place to run (the router).
+    PodScheduled {
+        pod: String,
+        role: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replaces: Option<String>,
+    },
+    /// No node could take the pod.
+    PodPending {
+        pod: String,
+        role: String,
+        reason: String,
+    },
+    PodStarted {
+        pod: String,
+        role: String,
+        pid: u32,
+    },
+    PodReady {
+        pod: String,
+        role: String,
+    },
+    PodNotReady {
+        pod: String,
+        role: String,
+    },
+    /// Asked to stop: out of the endpoints from here on, as in Kubernetes.
+    PodTerminating {
+        pod: String,
+        role: String,
+        signal: String,
+    },
+    PodExited {
+        pod: String,
+        role: String,
+        status: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Completed,
+    Interrupted,
+    Failed,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Completed => "completed",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Failed => "failed",
+        }
+    }
+}
+
+/// Stamps and writes events for one stack (or for the run, with no stack).
+#[derive(Clone)]
+pub struct EventLog {
+    sink: JsonlSink<Event>,
+    stack: Option<Arc<str>>,
+    origin: Instant,
+}
+
+impl EventLog {
+    pub fn new(sink: JsonlSink<Event>, stack: Option<&str>, origin: Instant) -> Self {
+        Self {
+            sink,
+            stack: stack.map(Arc::from),
+            origin,
+        }
+    }
+
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
+    /// Seconds on this log's clock.
+    pub fn now_s(&self) -> f64 {
+        self.origin.elapsed().as_secs_f64()
+    }
+
+    pub fn emit(&self, kind: EventKind) {
+        self.sink.send(Event {
+            t_s: self.now_s(),
+            utc: Utc::now(),
+            stack: self.stack.as_deref().map(str::to_string),
+            kind,
+        });
+    }
+}

@@ -1,0 +1,156 @@
+//! Appends JSON lines to a file from a thread of its own, so that request
+//! tasks never wait on the disk, and flushes whenever it has caught up, so
+//! that a run killed at any moment keeps what it had measured.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use serde::Serialize;
+
+/// Where values go; clone it freely. The file closes when every sink is dropped.
+pub struct JsonlSink<T>(mpsc::Sender<T>);
+
+impl<T> Clone for JsonlSink<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> JsonlSink<T> {
+    /// Queues a value; if the writer has failed the value is lost, and the
+    /// failure is reported when the writer is joined.
+    pub fn send(&self, value: T) {
+        let _ = self.0.send(value);
+    }
+}
+
+/// The thread that writes; [`JsonlWriter::finish`] waits for it.
+pub struct JsonlWriter(JoinHandle<anyhow::Result<u64>>);
+
+impl JsonlWriter {
+    /// Waits until every sink is dropped and everything is on disk; returns
+    /// how many lines were written.
+    pub fn finish(self) -> anyhow::Result<u64> {
+        self.0
+            .join()
+            .map_err(|_| anyhow::anyhow!("the JSONL writer thread panicked"))?
+    }
+}
+
+/// Opens `path` for appending.
+pub fn open<T: Serialize + Send + 'static>(
+    path: &Path,
+) -> anyhow::Result<(JsonlSink<T>, JsonlWriter)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {} for writing", path.display()))?;
+    let (tx, rx) = mpsc::channel::<T>();
+    let shown = path.display().to_string();
+    let handle = std::thread::Builder::new()
+        .name("jsonl-writer".into())
+        .spawn(move || write_all(file, rx).with_context(|| format!("writing {shown}")))
+        .context("cannot start the writer thread")?;
+    Ok((JsonlSink(tx), JsonlWriter(handle)))
+}
+
+fn write_all<T: Serialize>(file: File, rx: mpsc::Receiver<T>) -> anyhow::Result<u64> {
+    let mut out = BufWriter::with_capacity(1 << 16, file);
+    let mut lines = 0u64;
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(value) = next {
+            serde_json::to_writer(&mut out, &value)?;
+            out.write_all(b"\n")?;
+            lines += 1;
+            next = rx.try_recv().ok();
+        }
+        out.flush()?;
+    }
+    out.flush()?;
+    Ok(lines)
+}
+
+/// Reads a JSONL file line by line, calling `each` on every value. A last
+/// line cut by a crash is skipped: it is what a killed run leaves.
+pub fn read_each<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    mut each: impl FnMut(T),
+) -> anyhow::Result<ReadStats> {
+    use std::io::BufRead;
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut line = String::new();
+    let mut stats = ReadStats::default();
+    let mut number = 0usize;
+    loop {
+        line.clear();
+        let read = reader
+            .read_line(&mut line)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        number += 1;
+        let text = line.trim_end();
+        if text.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<T>(text) {
+            Ok(value) => {
+                each(value);
+                stats.lines += 1;
+            }
+            Err(err) if !line.ends_with('\n') => {
+                // The last line of a killed run, cut mid-way.
+                stats.cut_last_line = true;
+                tracing::warn!(
+                    "{}:{number}: skipping a last line cut short: {err}",
+                    path.display()
+                );
+            }
+            Err(err) => anyhow::bail!("{}:{number}: not a valid line: {err}", path.display()),
+        }
+    }
+    Ok(stats)
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReadStats {
+    pub lines: u64,
+    pub cut_last_line: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_then_reads_back_and_tolerates_a_cut_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        let (sink, writer) = open::<serde_json::Value>(&path).unwrap();
+        for i in 0..100 {
+            sink.send(serde_json::json!({"i": i}));
+        }
+        drop(sink);
+        assert_eq!(writer.finish().unwrap(), 100);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"i\": 10")
+            .unwrap();
+        let mut sum = 0;
+        let stats =
+            read_each::<serde_json::Value>(&path, |v| sum += v["i"].as_i64().unwrap()).unwrap();
+        assert_eq!(sum, 4950);
+        assert_eq!(stats.lines, 100);
+        assert!(stats.cut_last_line);
+    }
+}

@@ -1,0 +1,167 @@
+//! The load generator: open-loop LLM traffic against one endpoint.
+//!
+//! Start at [`run_load`]. Send times come from the arrival process alone
+//! ([`arrival`]), never from when earlier requests finished, so a stalled
+//! stack cannot slow the load down and hide its own outage. When
+//! `max_in_flight` requests are outstanding, the next one is recorded as
+//! `dropped` instead of waiting. Each request ends as one record
+//! ([`client`]), sent to the writer as it completes.
+
+pub mod arrival;
+pub mod client;
+pub mod sse;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::jsonl::JsonlSink;
+use crate::measure::record::{Outcome, Record};
+use crate::playbook::Arrival;
+use arrival::Arrivals;
+use client::RequestTemplate;
+
+/// One stack's load for one run.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    pub template: RequestTemplate,
+    pub arrival: Arrival,
+    pub rate: f64,
+    pub burstiness: Option<f64>,
+    pub max_in_flight: usize,
+    pub duration: Duration,
+    pub seed: u64,
+}
+
+/// Counters the progress display and the runner read while the load runs.
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    pub sent: AtomicU64,
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub dropped: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+impl LiveStats {
+    fn count(&self, record: &Record) {
+        let counter = match record.outcome {
+            Outcome::Ok => &self.ok,
+            Outcome::Dropped => &self.dropped,
+            _ => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How long requests still in flight get once the run is interrupted.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+
+/// A client fit for load: no pool limit below the load's own, no timeout of
+/// its own (each request has its deadline), Nagle off for small SSE frames.
+pub fn http_client(max_in_flight: usize) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context;
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(max_in_flight)
+        .tcp_nodelay(true)
+        .build()
+        .context("cannot build the load's HTTP client")
+}
+
+/// Sends the planned load, starting at `start`, until its duration is over
+/// and every request has ended (or, after `stop` turns true, for at most a
+/// short grace). Times in records are seconds since `origin`. Returns the
+/// number of records made.
+pub async fn run_load(
+    plan: LoadPlan,
+    client: reqwest::Client,
+    origin: Instant,
+    start: Instant,
+    sink: JsonlSink<Record>,
+    live: Arc<LiveStats>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<u64> {
+    let mut arrivals = Arrivals::new(plan.arrival, plan.rate, plan.burstiness, plan.seed)?;
+    let slots = Arc::new(Semaphore::new(plan.max_in_flight.max(1)));
+    let template = Arc::new(plan.template);
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let end = plan.duration.as_secs_f64();
+    let mut offset = 0.0f64;
+    let mut id = 0u64;
+    let mut interrupted = false;
+    loop {
+        offset += arrivals.next_gap();
+        if offset >= end {
+            break;
+        }
+        let due = start + Duration::from_secs_f64(offset);
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = stop.wait_for(|s| *s) => { interrupted = true; break; }
+        }
+        let scheduled_s = due.saturating_duration_since(origin).as_secs_f64();
+        id += 1;
+        live.sent.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let record = Record {
+                stack: template.stack.clone(),
+                id,
+                scheduled_s,
+                sent_s: None,
+                done_s: scheduled_s,
+                outcome: Outcome::Dropped,
+                status: None,
+                ttft_ms: None,
+                latency_ms: None,
+                itl: None,
+                output_tokens: 0,
+                error: Some(format!(
+                    "{} requests already in flight (max_in_flight)",
+                    plan.max_in_flight
+                )),
+            };
+            live.count(&record);
+            sink.send(record);
+            continue;
+        };
+        let (client, template, sink, live) =
+            (client.clone(), template.clone(), sink.clone(), live.clone());
+        let mut cancel = cancel_rx.clone();
+        live.in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::select! {
+                record = client::send(&client, &template, origin, id, scheduled_s) => {
+                    live.count(&record);
+                    sink.send(record);
+                }
+                _ = cancel.wait_for(|c| *c) => {}
+            }
+            live.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    // Wait for the requests still in flight: all of them normally (each has
+    // its own deadline), a short grace when interrupted.
+    let all = u32::try_from(plan.max_in_flight.max(1)).unwrap_or(u32::MAX);
+    let drained = slots.acquire_many(all);
+    if interrupted {
+        if tokio::time::timeout(INTERRUPT_GRACE, drained)
+            .await
+            .is_err()
+        {
+            let _ = cancel_tx.send(true);
+        }
+    } else {
+        tokio::select! {
+            _ = drained => {}
+            _ = stop.wait_for(|s| *s) => {
+                let _ = tokio::time::timeout(INTERRUPT_GRACE, slots.acquire_many(all)).await;
+                let _ = cancel_tx.send(true);
+            }
+        }
+    }
+    Ok(id)
+}

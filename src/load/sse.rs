@@ -1,0 +1,311 @@
+//! Reads an OpenAI-compatible server-sent event stream as it arrives and
+//! decides how it ended, without I/O: the client feeds it bytes and times.
+//!
+//! Timing follows `vllm bench serve`: the first message with `choices` is
+//! the first token; each later one adds an inter-token gap; output tokens
+//! come from `usage` when the server sends it, else one per such message.
+//! Unlike the usual benchmarks, a stream that ends without `[DONE]` (and
+//! without a finish reason) is `truncated`, and an error object inside the
+//! stream is `error_event`: under chaos these are the failures that matter.
+
+use crate::measure::record::{Gaps, Outcome};
+
+/// A line longer than this is not SSE from an LLM server: stop buffering.
+const MAX_LINE: usize = 1 << 20;
+
+#[derive(Debug, Default)]
+pub struct StreamReader {
+    line: Vec<u8>,
+    data: String,
+    has_data: bool,
+    first_ms: Option<f64>,
+    last_ms: Option<f64>,
+    gap_count: u32,
+    gap_sum_ms: f64,
+    gap_max_ms: f64,
+    content_messages: u32,
+    usage_tokens: Option<u32>,
+    finish_seen: bool,
+    done: bool,
+    error_event: Option<String>,
+    malformed: Option<String>,
+}
+
+/// What a finished stream amounts to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamResult {
+    pub outcome: Outcome,
+    pub ttft_ms: Option<f64>,
+    pub latency_ms: Option<f64>,
+    pub itl: Option<Gaps>,
+    pub output_tokens: u32,
+    pub error: Option<String>,
+}
+
+impl StreamReader {
+    /// True once `[DONE]` came or the stream went wrong: nothing more to read.
+    pub fn is_finished(&self) -> bool {
+        self.done || self.error_event.is_some() || self.malformed.is_some()
+    }
+
+    /// Feeds bytes that arrived `now_ms` after the request was sent.
+    pub fn feed(&mut self, bytes: &[u8], now_ms: f64) {
+        for &byte in bytes {
+            if self.is_finished() {
+                return;
+            }
+            if byte == b'\n' {
+                let line = std::mem::take(&mut self.line);
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                self.line_complete(line, now_ms);
+            } else if self.line.len() >= MAX_LINE {
+                self.malformed = Some("an SSE line longer than 1 MiB".into());
+            } else {
+                self.line.push(byte);
+            }
+        }
+    }
+
+    fn line_complete(&mut self, line: &[u8], now_ms: f64) {
+        if line.is_empty() {
+            if self.has_data {
+                let data = std::mem::take(&mut self.data);
+                self.has_data = false;
+                self.event(&data, now_ms);
+            }
+            return;
+        }
+        if line[0] == b':' {
+            return; // a comment, used as keep-alive
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, &b""[..]),
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        if field == b"data" {
+            let Ok(value) = std::str::from_utf8(value) else {
+                self.malformed = Some("an SSE data line that is not UTF-8".into());
+                return;
+            };
+            if self.has_data {
+                self.data.push('\n');
+            }
+            self.data.push_str(value);
+            self.has_data = true;
+        }
+    }
+
+    fn event(&mut self, data: &str, now_ms: f64) {
+        if data.trim() == "[DONE]" {
+            self.done = true;
+            return;
+        }
+        let value: serde_json::Value = match serde_json::from_str(data) {
+            Ok(value) => value,
+            Err(err) => {
+                let shown: String = data.chars().take(120).collect();
+                self.malformed = Some(format!("an SSE event that is not JSON ({err}): {shown}"));
+                return;
+            }
+        };
+        if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
+            let message = error
+                .get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| error.to_string());
+            self.error_event = Some(message);
+            return;
+        }
+        if value.get("object").and_then(|o| o.as_str()) == Some("error") {
+            let message = value
+                .get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("error event");
+            self.error_event = Some(message.to_string());
+            return;
+        }
+        if let Some(choices) = value.get("choices").and_then(|c| c.as_array())
+            && let Some(choice) = choices.first()
+        {
+            match self.last_ms {
+                None => self.first_ms = Some(now_ms),
+                Some(last) => {
+                    let gap = now_ms - last;
+                    self.gap_count += 1;
+                    self.gap_sum_ms += gap;
+                    self.gap_max_ms = self.gap_max_ms.max(gap);
+                }
+            }
+            self.last_ms = Some(now_ms);
+            self.content_messages += 1;
+            if choice.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                self.finish_seen = true;
+            }
+        }
+        if let Some(tokens) = value
+            .pointer("/usage/completion_tokens")
+            .and_then(|t| t.as_u64())
+        {
+            self.usage_tokens = Some(tokens.min(u64::from(u32::MAX)) as u32);
+        }
+    }
+
+    /// The verdict once the body has ended: cleanly, by `cut` (a transport
+    /// error's text), or by the deadline (`timed_out`).
+    pub fn finish(mut self, cut: Option<String>, timed_out: bool) -> StreamResult {
+        // A last event not followed by a blank line still counts if complete.
+        if !self.is_finished() && !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            let now = self.last_ms.unwrap_or(0.0);
+            self.line_complete(&line, now);
+        }
+        if self.has_data && !self.is_finished() {
+            let data = std::mem::take(&mut self.data);
+            let now = self.last_ms.unwrap_or(0.0);
+            self.event(&data, now);
+        }
+        let (outcome, error) = if let Some(message) = self.error_event.take() {
+            (Outcome::ErrorEvent, Some(message))
+        } else if let Some(message) = self.malformed.take() {
+            (Outcome::Malformed, Some(message))
+        } else if self.done || self.finish_seen {
+            (Outcome::Ok, None)
+        } else if timed_out {
+            let what = if self.first_ms.is_none() {
+                "no first token"
+            } else {
+                "no end of stream"
+            };
+            (Outcome::Timeout, Some(format!("{what} before the timeout")))
+        } else {
+            let how = match cut {
+                Some(err) => format!("stream cut after {} messages: {err}", self.content_messages),
+                None => format!(
+                    "stream closed after {} messages without [DONE]",
+                    self.content_messages
+                ),
+            };
+            (Outcome::Truncated, Some(how))
+        };
+        let itl = (self.gap_count > 0).then(|| Gaps {
+            count: self.gap_count,
+            mean_ms: self.gap_sum_ms / f64::from(self.gap_count),
+            max_ms: self.gap_max_ms,
+        });
+        StreamResult {
+            outcome,
+            ttft_ms: self.first_ms,
+            latency_ms: self.last_ms,
+            itl,
+            output_tokens: self.usage_tokens.unwrap_or(self.content_messages),
+            error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(content: &str, finish: Option<&str>) -> String {
+        let finish = finish.map(|f| format!("\"{f}\"")).unwrap_or("null".into());
+        format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":{finish}}}]}}\n\n"
+        )
+    }
+
+    #[test]
+    fn a_complete_stream_is_ok_with_vllm_bench_timings() {
+        let mut r = StreamReader::default();
+        r.feed(chunk("a", None).as_bytes(), 100.0);
+        r.feed(chunk("b", None).as_bytes(), 110.0);
+        r.feed(chunk("c", Some("length")).as_bytes(), 130.0);
+        r.feed(
+            b"data: {\"choices\":[],\"usage\":{\"completion_tokens\":3}}\n\ndata: [DONE]\n\n",
+            131.0,
+        );
+        assert!(r.is_finished());
+        let res = r.finish(None, false);
+        assert_eq!(res.outcome, Outcome::Ok);
+        assert_eq!(res.ttft_ms, Some(100.0));
+        assert_eq!(res.latency_ms, Some(130.0));
+        assert_eq!(res.output_tokens, 3);
+        let itl = res.itl.unwrap();
+        assert_eq!((itl.count, itl.mean_ms, itl.max_ms), (2, 15.0, 20.0));
+    }
+
+    #[test]
+    fn events_split_across_reads_are_reassembled() {
+        let text = format!(
+            "{}{}data: [DONE]\r\n\r\n",
+            chunk("x", None),
+            chunk("y", Some("stop"))
+        );
+        let mut r = StreamReader::default();
+        for (i, piece) in text.as_bytes().chunks(7).enumerate() {
+            r.feed(piece, i as f64);
+        }
+        let res = r.finish(None, false);
+        assert_eq!(res.outcome, Outcome::Ok);
+        assert_eq!(res.output_tokens, 2);
+    }
+
+    #[test]
+    fn a_clean_close_without_done_is_truncated_not_ok() {
+        let mut r = StreamReader::default();
+        r.feed(chunk("a", None).as_bytes(), 5.0);
+        let res = r.finish(None, false);
+        assert_eq!(res.outcome, Outcome::Truncated);
+        assert!(res.error.unwrap().contains("without [DONE]"));
+    }
+
+    #[test]
+    fn a_cut_stream_is_truncated() {
+        let mut r = StreamReader::default();
+        r.feed(chunk("a", None).as_bytes(), 5.0);
+        let res = r.finish(Some("connection reset".into()), false);
+        assert_eq!(res.outcome, Outcome::Truncated);
+    }
+
+    #[test]
+    fn an_error_inside_a_200_stream_is_an_error_event() {
+        let mut r = StreamReader::default();
+        r.feed(chunk("a", None).as_bytes(), 5.0);
+        r.feed(
+            b"data: {\"error\":{\"message\":\"engine died\",\"code\":500}}\n\ndata: [DONE]\n\n",
+            6.0,
+        );
+        let res = r.finish(None, false);
+        assert_eq!(res.outcome, Outcome::ErrorEvent);
+        assert_eq!(res.error.as_deref(), Some("engine died"));
+    }
+
+    #[test]
+    fn bad_json_is_malformed() {
+        let mut r = StreamReader::default();
+        r.feed(b"data: {not json\n\n", 1.0);
+        assert_eq!(r.finish(None, false).outcome, Outcome::Malformed);
+    }
+
+    #[test]
+    fn comments_and_role_only_chunks_follow_vllm_bench() {
+        let mut r = StreamReader::default();
+        r.feed(b": keep-alive\n\n", 1.0);
+        r.feed(chunk("", None).as_bytes(), 2.0);
+        r.feed(chunk("a", Some("stop")).as_bytes(), 3.0);
+        r.feed(b"data: [DONE]\n\n", 3.0);
+        let res = r.finish(None, false);
+        assert_eq!(res.ttft_ms, Some(2.0));
+        assert_eq!(res.output_tokens, 2);
+    }
+
+    #[test]
+    fn a_deadline_before_the_first_token_is_a_timeout() {
+        let r = StreamReader::default();
+        let res = r.finish(None, true);
+        assert_eq!(res.outcome, Outcome::Timeout);
+        assert!(res.error.unwrap().contains("no first token"));
+    }
+}

@@ -1,0 +1,111 @@
+//! One request as the client saw it: the line format of `requests.jsonl`.
+
+use serde::{Deserialize, Serialize};
+
+/// How a request ended, as DESIGN.md "What is measured" defines the classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    /// A non-2xx status (429, 5xx, 4xx); the status is in the record.
+    Http,
+    /// Refused or unreachable.
+    Connect,
+    /// Closed before any byte of the response.
+    Reset,
+    /// No first token in time, or no end in time.
+    Timeout,
+    /// A response that started and ended without `[DONE]` or a finish reason.
+    Truncated,
+    /// An error object sent inside a 200 stream.
+    ErrorEvent,
+    /// Bad SSE framing or JSON.
+    Malformed,
+    /// Never sent: the client was at `max_in_flight`.
+    Dropped,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Ok,
+        Outcome::Http,
+        Outcome::Connect,
+        Outcome::Reset,
+        Outcome::Timeout,
+        Outcome::Truncated,
+        Outcome::ErrorEvent,
+        Outcome::Malformed,
+        Outcome::Dropped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Http => "http",
+            Outcome::Connect => "connect",
+            Outcome::Reset => "reset",
+            Outcome::Timeout => "timeout",
+            Outcome::Truncated => "truncated",
+            Outcome::ErrorEvent => "error_event",
+            Outcome::Malformed => "malformed",
+            Outcome::Dropped => "dropped",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Summary of the gaps between consecutive content messages of a stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Gaps {
+    pub count: u32,
+    pub mean_ms: f64,
+    pub max_ms: f64,
+}
+
+/// One request. Times are seconds from the start of the stack's load;
+/// durations are milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub stack: String,
+    pub id: u64,
+    /// When the arrival process said to send it.
+    pub scheduled_s: f64,
+    /// When it was actually sent; absent for `dropped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_s: Option<f64>,
+    /// When its outcome was known.
+    pub done_s: f64,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub itl: Option<Gaps>,
+    #[serde(default)]
+    pub output_tokens: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Record {
+    /// The time the measurement files it under: when it was sent, or meant to be.
+    pub fn at_s(&self) -> f64 {
+        self.sent_s.unwrap_or(self.scheduled_s)
+    }
+
+    /// Time per output token after the first, as `vllm bench serve` defines it.
+    pub fn tpot_ms(&self) -> Option<f64> {
+        match (self.latency_ms, self.ttft_ms) {
+            (Some(latency), Some(ttft)) if self.output_tokens > 1 => {
+                Some((latency - ttft) / f64::from(self.output_tokens - 1))
+            }
+            _ => None,
+        }
+    }
+}

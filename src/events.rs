@@ -43,6 +43,8 @@ pub enum EventKind {
         requests: u64,
     },
     StackStopped,
+    /// The stack could not be tested further; what was measured stays.
+    StackFailed { error: String },
     FaultInjected {
         fault: String,
         action: String,

@@ -1,4 +1,18 @@
-//! shakedown finds out how LLM serving stacks hold up when things break.
+//! shakedown finds out how LLM serving stacks on Kubernetes hold up when
+//! things break: it sustains LLM load on a stack while it injects faults,
+//! and measures what users felt.
+//!
+//! Where to start:
+//! - [`run::run`] runs a playbook: the playbook engine.
+//! - [`playbook`] reads and checks playbooks.
+//! - [`load`] sends open-loop LLM traffic and records every request.
+//! - [`measure`] and [`report`] turn records into recovery times and tables,
+//!   without I/O in `measure`.
+//! - [`cluster`] is where faults land ([`cluster::local`] today), and
+//!   [`faults`] has one file per fault.
+//! - [`engine`] and [`router`] are the emulated vLLM engine and router that
+//!   the local cluster runs.
+
 pub mod cluster;
 pub mod engine;
 pub mod events;
@@ -7,5 +21,14 @@ pub mod jsonl;
 pub mod load;
 pub mod measure;
 pub mod playbook;
+pub mod progress;
+pub mod report;
 pub mod router;
+pub mod run;
 pub mod tokens;
+
+/// Resolves once a stop flag turns true (or its sender is gone): the one
+/// way every loop here learns that the run is ending.
+pub async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}

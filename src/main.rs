@@ -1,1 +1,170 @@
-fn main() {}
+//! The `shakedown` command line. Each subcommand is a thin layer over the
+//! library: `run` over [`shakedown::run`], `validate` over
+//! [`shakedown::playbook`], `report` over [`shakedown::report`], `engine` and
+//! `router` over the emulated servers.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shakedown::events::RunStatus;
+use shakedown::{engine, playbook, report, router, run};
+
+#[derive(Parser)]
+#[command(name = "shakedown", version, about = "Chaos and availability testing for LLM serving stacks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a chaos playbook and write a run directory under reports/.
+    Run {
+        playbook: PathBuf,
+        /// Where run directories are made.
+        #[arg(long, default_value = "reports")]
+        reports: PathBuf,
+        /// No live progress.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check playbooks without running anything.
+    Validate {
+        #[arg(required = true)]
+        playbooks: Vec<PathBuf>,
+    },
+    /// Rebuild summary.json and report.md of run directories from their records.
+    Report {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
+    /// Run the emulated vLLM engine (an OpenAI-compatible server).
+    Engine(engine::EngineArgs),
+    /// Run the emulated router in front of engines.
+    Router(router::RouterArgs),
+}
+
+/// Exit codes: 0 done, 1 the run or a command failed, 2 bad input, 130 interrupted.
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Engine(_) | Command::Router(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // reqwest is built without a default TLS provider: pick ring, once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("shakedown: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("shakedown: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Validate { playbooks } => {
+            let mut bad = false;
+            for path in playbooks {
+                match playbook::load(&path) {
+                    Ok(loaded) => println!("{}: ok ({} stacks, {} faults)", path.display(), loaded.playbook.stacks.len(), loaded.playbook.faults.len()),
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        bad = true;
+                    }
+                }
+            }
+            Ok(if bad { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        }
+        Command::Run { playbook: path, reports, quiet } => {
+            let loaded = match playbook::load(&path) {
+                Ok(loaded) => loaded,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let exe = std::env::current_exe().context("cannot find the shakedown binary to start engines and routers")?;
+            let options = run::RunOptions { reports_dir: reports, quiet, exe };
+            let result = run::run(&loaded, &options).await?;
+            println!("{}", report::terminal(&result.summary));
+            println!("run directory: {}", result.dir.display());
+            println!("report:        {}", result.dir.join("report.md").display());
+            for err in &result.errors {
+                eprintln!("error: {err}");
+            }
+            Ok(match result.status {
+                RunStatus::Completed => ExitCode::SUCCESS,
+                RunStatus::Failed => ExitCode::from(1),
+                RunStatus::Interrupted => ExitCode::from(130),
+            })
+        }
+        Command::Report { runs } => {
+            for dir in runs {
+                let summary = report::rebuild(&dir)?;
+                println!("{}", report::terminal(&summary));
+                println!("report: {}", dir.join("report.md").display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Engine(args) => {
+            let listener = bind(&args.host, args.port).await?;
+            eprintln!("shakedown engine: serving {} on http://{}", args.model, listener.local_addr()?);
+            serve_until_signalled(engine::serve(listener, args, first_signal())).await
+        }
+        Command::Router(args) => {
+            let listener = bind(&args.host, args.port).await?;
+            eprintln!("shakedown router: listening on http://{}", listener.local_addr()?);
+            serve_until_signalled(router::serve(listener, args, first_signal())).await
+        }
+    }
+}
+
+async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}: is another server there? pick another --port"))
+}
+
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn first_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    signal()
+}
+
+/// Serves until done; the first signal drains (inside `serve`), a second one
+/// exits at once.
+async fn serve_until_signalled(serve: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<ExitCode> {
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => { result?; Ok(ExitCode::SUCCESS) }
+        _ = async { signal().await; signal().await } => Ok(ExitCode::from(130)),
+    }
+}

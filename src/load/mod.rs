@@ -100,7 +100,7 @@ pub async fn run_load(
         let due = start + Duration::from_secs_f64(offset);
         tokio::select! {
             _ = tokio::time::sleep_until(due) => {}
-            _ = stop.wait_for(|s| *s) => { interrupted = true; break; }
+            _ = crate::stopped(&mut stop) => { interrupted = true; break; }
         }
         let scheduled_s = due.saturating_duration_since(origin).as_secs_f64();
         id += 1;
@@ -137,7 +137,7 @@ pub async fn run_load(
                     live.count(&record);
                     sink.send(record);
                 }
-                _ = cancel.wait_for(|c| *c) => {}
+                _ = crate::stopped(&mut cancel) => {}
             }
             live.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
@@ -157,7 +157,7 @@ pub async fn run_load(
     } else {
         tokio::select! {
             _ = drained => {}
-            _ = stop.wait_for(|s| *s) => {
+            _ = crate::stopped(&mut stop) => {
                 let _ = tokio::time::timeout(INTERRUPT_GRACE, slots.acquire_many(all)).await;
                 let _ = cancel_tx.send(true);
             }

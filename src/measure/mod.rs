@@ -146,6 +146,9 @@ pub struct StackSummary {
     pub baseline: Window,
     pub faults: Vec<FaultSummary>,
     pub series: Vec<Second>,
+    /// Why the stack could not be tested to the end, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn ratio(num: u64, den: u64) -> Option<f64> {
@@ -304,7 +307,7 @@ pub fn summarize_stack(
                 replacement_ready_s: None,
                 error: error
                     .clone()
-                    .or_else(|| Some("not injected: the run ended first".into())),
+                    .or_else(|| Some("not injected".into())),
             });
             continue;
         }
@@ -373,6 +376,10 @@ pub fn summarize_stack(
         baseline,
         faults,
         series,
+        error: events.iter().find_map(|e| match &e.kind {
+            EventKind::StackFailed { error } => Some(error.clone()),
+            _ => None,
+        }),
     }
 }
 

@@ -90,6 +90,10 @@ pub struct ClusterSpec {
     pub engine: Option<LocalEngine>,
     #[serde(default)]
     pub router: Option<LocalRouter>,
+    /// How long the pods may take to turn Ready before the stack is given
+    /// up (a real `vllm serve` loading a large model needs minutes).
+    #[serde(default)]
+    pub ready_timeout: Option<HumanDuration>,
     // kind: kubernetes
     #[serde(default)]
     pub context: Option<String>,

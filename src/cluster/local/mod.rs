@@ -160,7 +160,7 @@ impl LocalCluster {
         tasks.push(tokio::spawn(async move {
             let _ = axum::serve(discovery, app)
                 .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
+                    let _ = crate::stopped(&mut stop).await;
                 })
                 .await;
         }));
@@ -508,7 +508,7 @@ async fn run_slot(
                 }
                 tokio::select! {
                     _ = freed => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = crate::stopped(&mut shutdown) => return,
                 }
             }
         } else {
@@ -548,7 +548,7 @@ async fn run_slot(
                 set(&|st| st.phase = Phase::Exited);
                 tokio::select! {
                     _ = tokio::time::sleep(restart_delay.max(Duration::from_millis(500))) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = crate::stopped(&mut shutdown) => return,
                 }
                 replaces = Some(pod);
                 continue;
@@ -603,7 +603,7 @@ async fn run_slot(
                     let _ = child.start_kill();
                     kill_at = None;
                 }
-                _ = shutdown.wait_for(|s| *s), if !stopping => {
+                _ = crate::stopped(&mut shutdown), if !stopping => {
                     stopping = true;
                     let _ = child.start_kill();
                 }
@@ -627,7 +627,7 @@ async fn run_slot(
         }
         tokio::select! {
             _ = tokio::time::sleep(restart_delay) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = crate::stopped(&mut shutdown) => return,
         }
         replaces = Some(pod);
     }

@@ -1,0 +1,24 @@
+# shakedown: the two commands of the README, and the checks behind them.
+CARGO ?= cargo
+
+.PHONY: run test lint build clean
+
+## make run: build shakedown and run the quick-start playbook on the local cluster.
+run:
+	$(CARGO) build --release
+	./target/release/shakedown run playbooks/quickstart.yaml
+
+## make test: formatting, lints, then every test (unit, integration, end to end).
+test: lint
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+build:
+	$(CARGO) build --release
+
+clean:
+	$(CARGO) clean

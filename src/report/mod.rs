@@ -1,0 +1,107 @@
+//! The availability report, rebuilt from a run directory's files.
+//!
+//! Start at [`rebuild`]: it reads `playbook.yaml`, `events.jsonl` and
+//! `requests.jsonl`, summarises every stack with [`crate::measure`], and
+//! writes `summary.json` and `report.md`. It works on a finished run, an
+//! interrupted one, and one that was killed (its last line cut short).
+//! [`markdown`] and [`terminal`] are pure renderings of a [`Summary`].
+
+mod tables;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::events::{Event, EventKind, RunStatus};
+use crate::jsonl;
+use crate::measure::record::Record;
+use crate::measure::{MeasureSettings, Sample, Summary, summarize_stack};
+use crate::playbook::{self, Playbook};
+
+pub use tables::{markdown, terminal};
+
+/// What the measurement needs from a playbook, for one stack.
+pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
+    let ss = &pb.steady_state;
+    MeasureSettings {
+        duration_s: pb.duration.as_secs_f64(),
+        warmup_s: ss.warmup.as_secs_f64(),
+        baseline_s: ss.baseline.as_secs_f64(),
+        success_rate: ss.recovered_when.success_rate,
+        hold_s: ss.recovered_when.hold.as_secs_f64(),
+        ttft_p99_ratio: ss.recovered_when.ttft_p99_ratio,
+        faults: pb
+            .faults
+            .iter()
+            .filter(|f| f.stacks.as_ref().is_none_or(|names| names.iter().any(|n| n == stack)))
+            .map(|f| (f.name.clone(), f.action.as_str().to_string(), f.at.as_secs_f64()))
+            .collect(),
+    }
+}
+
+/// Reads a run directory and summarises it, without writing anything.
+pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
+    let playbook_path = dir.join("playbook.yaml");
+    let pb = playbook::load(&playbook_path)
+        .map_err(|err| anyhow::anyhow!("{err}"))
+        .with_context(|| format!("{} is not a run directory shakedown can read", dir.display()))?
+        .playbook;
+
+    let mut events: Vec<Event> = Vec::new();
+    jsonl::read_each(&dir.join("events.jsonl"), |e: Event| events.push(e))?;
+    let mut by_stack: HashMap<String, Vec<Event>> = HashMap::new();
+    let mut run_id = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    // A run killed before it could say how it ended was interrupted.
+    let mut status = RunStatus::Interrupted;
+    for event in events {
+        match &event.kind {
+            EventKind::RunStarted { run_id: id, .. } => run_id = id.clone(),
+            EventKind::RunFinished { status: s } => status = *s,
+            _ => {}
+        }
+        if let Some(stack) = &event.stack {
+            by_stack.entry(stack.clone()).or_default().push(event);
+        }
+    }
+    let load_start = |stack: &str| {
+        by_stack
+            .get(stack)
+            .and_then(|evs| evs.iter().find_map(|e| matches!(e.kind, EventKind::LoadStarted { .. }).then_some(e.t_s)))
+            .unwrap_or(0.0)
+    };
+    let starts: HashMap<String, f64> = pb.stacks.iter().map(|s| (s.name.clone(), load_start(&s.name))).collect();
+    let mut samples: HashMap<String, Vec<Sample>> = HashMap::new();
+    let requests = dir.join("requests.jsonl");
+    if requests.exists() {
+        jsonl::read_each(&requests, |r: Record| {
+            let start = starts.get(&r.stack).copied().unwrap_or(0.0);
+            samples.entry(r.stack.clone()).or_default().push(Sample::from_record(&r, start));
+        })?;
+    }
+    let stacks = pb
+        .stacks
+        .iter()
+        .map(|stack| {
+            let events = by_stack.remove(&stack.name).unwrap_or_default();
+            let samples = samples.remove(&stack.name).unwrap_or_default();
+            summarize_stack(&stack.name, samples, &events, &settings_for(&pb, &stack.name))
+        })
+        .collect();
+    Ok(Summary {
+        run_id,
+        playbook: pb.name,
+        status,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        stacks,
+    })
+}
+
+/// Summarises a run directory and writes `summary.json` and `report.md` in it.
+pub fn rebuild(dir: &Path) -> anyhow::Result<Summary> {
+    let summary = summarize_dir(dir)?;
+    let json = serde_json::to_vec_pretty(&summary)?;
+    std::fs::write(dir.join("summary.json"), json).context("cannot write summary.json")?;
+    std::fs::write(dir.join("report.md"), markdown(&summary)).context("cannot write report.md")?;
+    Ok(summary)
+}

@@ -44,7 +44,9 @@ pub enum EventKind {
     },
     StackStopped,
     /// The stack could not be tested further; what was measured stays.
-    StackFailed { error: String },
+    StackFailed {
+        error: String,
+    },
     FaultInjected {
         fault: String,
         action: String,

@@ -12,7 +12,11 @@ use shakedown::events::RunStatus;
 use shakedown::{engine, playbook, report, router, run};
 
 #[derive(Parser)]
-#[command(name = "shakedown", version, about = "Chaos and availability testing for LLM serving stacks")]
+#[command(
+    name = "shakedown",
+    version,
+    about = "Chaos and availability testing for LLM serving stacks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,12 +59,11 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    // reqwest is built without a default TLS provider: pick ring, once.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -84,16 +87,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let mut bad = false;
             for path in playbooks {
                 match playbook::load(&path) {
-                    Ok(loaded) => println!("{}: ok ({} stacks, {} faults)", path.display(), loaded.playbook.stacks.len(), loaded.playbook.faults.len()),
+                    Ok(loaded) => println!(
+                        "{}: ok ({} stacks, {} faults)",
+                        path.display(),
+                        loaded.playbook.stacks.len(),
+                        loaded.playbook.faults.len()
+                    ),
                     Err(err) => {
                         eprintln!("error: {err}");
                         bad = true;
                     }
                 }
             }
-            Ok(if bad { ExitCode::from(2) } else { ExitCode::SUCCESS })
+            Ok(if bad {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
-        Command::Run { playbook: path, reports, quiet } => {
+        Command::Run {
+            playbook: path,
+            reports,
+            quiet,
+        } => {
             let loaded = match playbook::load(&path) {
                 Ok(loaded) => loaded,
                 Err(err) => {
@@ -101,8 +117,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(2));
                 }
             };
-            let exe = std::env::current_exe().context("cannot find the shakedown binary to start engines and routers")?;
-            let options = run::RunOptions { reports_dir: reports, quiet, exe };
+            let exe = std::env::current_exe()
+                .context("cannot find the shakedown binary to start engines and routers")?;
+            let options = run::RunOptions {
+                reports_dir: reports,
+                quiet,
+                exe,
+            };
             let result = run::run(&loaded, &options).await?;
             println!("{}", report::terminal(&result.summary));
             println!("run directory: {}", result.dir.display());
@@ -126,12 +147,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Engine(args) => {
             let listener = bind(&args.host, args.port).await?;
-            eprintln!("shakedown engine: serving {} on http://{}", args.model, listener.local_addr()?);
+            eprintln!(
+                "shakedown engine: serving {} on http://{}",
+                args.model,
+                listener.local_addr()?
+            );
             serve_until_signalled(engine::serve(listener, args, first_signal())).await
         }
         Command::Router(args) => {
             let listener = bind(&args.host, args.port).await?;
-            eprintln!("shakedown router: listening on http://{}", listener.local_addr()?);
+            eprintln!(
+                "shakedown router: listening on http://{}",
+                listener.local_addr()?
+            );
             serve_until_signalled(router::serve(listener, args, first_signal())).await
         }
     }
@@ -140,12 +168,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind((host, port))
         .await
-        .with_context(|| format!("cannot listen on {host}:{port}: is another server there? pick another --port"))
+        .with_context(|| {
+            format!("cannot listen on {host}:{port}: is another server there? pick another --port")
+        })
 }
 
 async fn signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -161,7 +194,9 @@ fn first_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
 
 /// Serves until done; the first signal drains (inside `serve`), a second one
 /// exits at once.
-async fn serve_until_signalled(serve: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<ExitCode> {
+async fn serve_until_signalled(
+    serve: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<ExitCode> {
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => { result?; Ok(ExitCode::SUCCESS) }

@@ -21,13 +21,21 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn start(stack: &str, duration: Duration, live: Arc<LiveStats>, fault: CurrentFault, quiet: bool) -> Self {
+    pub fn start(
+        stack: &str,
+        duration: Duration,
+        live: Arc<LiveStats>,
+        fault: CurrentFault,
+        quiet: bool,
+    ) -> Self {
         let terminal = std::io::stderr().is_terminal() && !quiet;
         let bar = terminal.then(|| {
             let bar = ProgressBar::new(duration.as_secs().max(1));
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>16} {bar:30.cyan/blue} {pos:>4}/{len}s {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{prefix:>16} {bar:30.cyan/blue} {pos:>4}/{len}s {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.set_prefix(stack.to_string());
             bar
@@ -42,12 +50,18 @@ impl Progress {
                 tick.tick().await;
                 let elapsed = started.elapsed().as_secs();
                 let ok = live.ok.load(Ordering::Relaxed);
-                let done = ok + live.failed.load(Ordering::Relaxed) + live.dropped.load(Ordering::Relaxed);
+                let done =
+                    ok + live.failed.load(Ordering::Relaxed) + live.dropped.load(Ordering::Relaxed);
                 let rate = match done - last_done {
                     0 => "  –  ".to_string(),
                     n => format!("{:5.1}%", 100.0 * (ok - last_ok) as f64 / n as f64),
                 };
-                let fault = fault.lock().ok().and_then(|f| f.clone()).map(|f| format!("  ⚡ {f}")).unwrap_or_default();
+                let fault = fault
+                    .lock()
+                    .ok()
+                    .and_then(|f| f.clone())
+                    .map(|f| format!("  ⚡ {f}"))
+                    .unwrap_or_default();
                 let message = format!(
                     "sent {:>6}  ok(1s) {rate}  in flight {:>4}{fault}",
                     live.sent.load(Ordering::Relaxed),

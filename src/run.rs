@@ -61,18 +61,25 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     let pb = &loaded.playbook;
     let run_id = format!("{}-{}", Utc::now().format("%Y%m%dT%H%M%SZ"), pb.name);
     let dir = options.reports_dir.join(&run_id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the run directory {}", dir.display()))?;
-    std::fs::write(dir.join("playbook.yaml"), &loaded.text).context("cannot write playbook.yaml")?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    std::fs::write(dir.join("playbook.yaml"), &loaded.text)
+        .context("cannot write playbook.yaml")?;
     let (events, events_writer) = jsonl::open::<Event>(&dir.join("events.jsonl"))?;
     let (records, records_writer) = jsonl::open::<Record>(&dir.join("requests.jsonl"))?;
     let run_log = EventLog::new(events.clone(), None, Instant::now());
-    run_log.emit(EventKind::RunStarted { run_id: run_id.clone(), playbook: pb.name.clone() });
+    run_log.emit(EventKind::RunStarted {
+        run_id: run_id.clone(),
+        playbook: pb.name.clone(),
+    });
 
     let (stop_tx, stop) = watch::channel(false);
     let shown_dir = dir.display().to_string();
     let signals = tokio::spawn(async move {
         wait_for_signal().await;
-        eprintln!("\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)");
+        eprintln!(
+            "\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)"
+        );
         stop_tx.send_replace(true);
         wait_for_signal().await;
         eprintln!("shakedown: forced exit; `shakedown report {shown_dir}` rebuilds the report");
@@ -91,7 +98,9 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         };
         async move {
             let name = ctx.stack.name.clone();
-            ctx.run().await.map_err(|err| format!("stack `{name}`: {err:#}"))
+            ctx.run()
+                .await
+                .map_err(|err| format!("stack `{name}`: {err:#}"))
         }
     };
     let mut errors = Vec::new();
@@ -130,12 +139,20 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     events_writer.finish()?;
     records_writer.finish()?;
     let summary = crate::report::rebuild(&dir)?;
-    Ok(RunResult { dir, status, summary, errors })
+    Ok(RunResult {
+        dir,
+        status,
+        summary,
+        errors,
+    })
 }
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -157,7 +174,10 @@ struct StackRun<'a> {
 
 impl StackRun<'_> {
     fn model(&self) -> String {
-        self.stack.model.clone().unwrap_or_else(|| DEFAULT_LOCAL_MODEL.to_string())
+        self.stack
+            .model
+            .clone()
+            .unwrap_or_else(|| DEFAULT_LOCAL_MODEL.to_string())
     }
 
     async fn run(mut self) -> anyhow::Result<()> {
@@ -186,7 +206,9 @@ impl StackRun<'_> {
         };
         let result = self.drive(&cluster, &log).await;
         if let Err(err) = &result {
-            log.emit(EventKind::StackFailed { error: format!("{err:#}") });
+            log.emit(EventKind::StackFailed {
+                error: format!("{err:#}"),
+            });
         }
         cluster.shutdown().await;
         log.emit(EventKind::StackStopped);
@@ -201,7 +223,9 @@ impl StackRun<'_> {
         }
         let endpoint = cluster.endpoint().to_string();
         preflight(&endpoint).await?;
-        log.emit(EventKind::StackReady { endpoint: endpoint.clone() });
+        log.emit(EventKind::StackReady {
+            endpoint: endpoint.clone(),
+        });
 
         let pb = self.pb;
         let path = match pb.load.request.api {
@@ -230,16 +254,36 @@ impl StackRun<'_> {
         };
         let live = Arc::new(LiveStats::default());
         let current_fault: CurrentFault = Default::default();
-        let progress = Progress::start(&self.stack.name, pb.duration.0, live.clone(), current_fault.clone(), self.options.quiet);
+        let progress = Progress::start(
+            &self.stack.name,
+            pb.duration.0,
+            live.clone(),
+            current_fault.clone(),
+            self.options.quiet,
+        );
         let client = load::http_client(plan.max_in_flight)?;
         let load_start = Instant::now();
-        log.emit(EventKind::LoadStarted { duration_s: pb.duration.as_secs_f64() });
-        let load = tokio::spawn(load::run_load(plan, client, log.origin(), load_start, self.records.clone(), live, self.stop.clone()));
+        log.emit(EventKind::LoadStarted {
+            duration_s: pb.duration.as_secs_f64(),
+        });
+        let load = tokio::spawn(load::run_load(
+            plan,
+            client,
+            log.origin(),
+            load_start,
+            self.records.clone(),
+            live,
+            self.stop.clone(),
+        ));
 
         let mut faults: Vec<_> = pb
             .faults
             .iter()
-            .filter(|f| f.stacks.as_ref().is_none_or(|names| names.contains(&self.stack.name)))
+            .filter(|f| {
+                f.stacks
+                    .as_ref()
+                    .is_none_or(|names| names.contains(&self.stack.name))
+            })
             .collect();
         faults.sort_by_key(|f| f.at);
         let mut injected: Vec<(String, Box<dyn FaultAction>, Injected)> = Vec::new();
@@ -248,29 +292,49 @@ impl StackRun<'_> {
                 _ = tokio::time::sleep_until(load_start + fault.at.0) => {}
                 _ = crate::stopped(&mut self.stop) => break,
             }
-            let seed = crate::tokens::mix(pb.seed ^ fault.name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))));
+            let seed = crate::tokens::mix(
+                pb.seed
+                    ^ fault
+                        .name
+                        .bytes()
+                        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
+            );
             let action = faults::from_spec(fault)?;
             match action.inject(cluster, seed).await {
                 Ok(done) => {
-                    log.emit(EventKind::FaultInjected { fault: fault.name.clone(), action: fault.action.as_str().into(), targets: done.targets.clone() });
+                    log.emit(EventKind::FaultInjected {
+                        fault: fault.name.clone(),
+                        action: fault.action.as_str().into(),
+                        targets: done.targets.clone(),
+                    });
                     if let Ok(mut current) = current_fault.lock() {
                         *current = Some(format!("{} {}", fault.name, done.targets.join(",")));
                     }
                     injected.push((fault.name.clone(), action, done));
                 }
                 Err(err) => {
-                    log.emit(EventKind::FaultFailed { fault: fault.name.clone(), error: format!("{err:#}") });
+                    log.emit(EventKind::FaultFailed {
+                        fault: fault.name.clone(),
+                        error: format!("{err:#}"),
+                    });
                     tracing::warn!("fault `{}` could not be injected: {err:#}", fault.name);
                 }
             }
         }
-        let sent = load.await.context("the load generator stopped unexpectedly")??;
+        let sent = load
+            .await
+            .context("the load generator stopped unexpectedly")??;
         progress.finish();
         for (name, action, done) in &injected {
             if action.needs_revert() {
                 match action.revert(cluster, done).await {
-                    Ok(()) => log.emit(EventKind::FaultReverted { fault: name.clone() }),
-                    Err(err) => log.emit(EventKind::FaultFailed { fault: name.clone(), error: format!("revert failed: {err:#}") }),
+                    Ok(()) => log.emit(EventKind::FaultReverted {
+                        fault: name.clone(),
+                    }),
+                    Err(err) => log.emit(EventKind::FaultFailed {
+                        fault: name.clone(),
+                        error: format!("revert failed: {err:#}"),
+                    }),
                 }
             }
         }
@@ -286,13 +350,18 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The endpoint must serve `/v1/models` before any fault is injected.
 async fn preflight(endpoint: &str) -> anyhow::Result<()> {
     let url = format!("{}/v1/models", endpoint.trim_end_matches('/'));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let client = crate::http::client_builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
     let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
     loop {
         let problem = match client.get(&url).send().await {
             Ok(response) if response.status().is_success() => return Ok(()),
             Ok(response) => format!("answered {}", response.status()),
-            Err(err) => format!("does not answer: {}", crate::load::client::error_chain(&err)),
+            Err(err) => format!(
+                "does not answer: {}",
+                crate::load::client::error_chain(&err)
+            ),
         };
         if Instant::now() >= deadline {
             bail!(

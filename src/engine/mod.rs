@@ -276,31 +276,31 @@ struct Job {
     include_usage: bool,
 }
 
-fn read_job(engine: &Engine, api: Api, body: &[u8]) -> Result<(Job, bool), Response> {
-    let request: serde_json::Value = serde_json::from_slice(body).map_err(|err| {
-        error(
-            StatusCode::BAD_REQUEST,
-            &format!("the body is not JSON: {err}"),
-            "BadRequestError",
-        )
-    })?;
+/// Why a request was turned away, before any work.
+struct Rejection(StatusCode, String, &'static str);
+
+impl Rejection {
+    fn bad(message: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, message.into(), "BadRequestError")
+    }
+}
+
+fn read_job(engine: &Engine, api: Api, body: &[u8]) -> Result<(Job, bool), Rejection> {
+    let request: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|err| Rejection::bad(format!("the body is not JSON: {err}")))?;
     if let Some(model) = request.get("model").and_then(|m| m.as_str())
         && model != engine.args.model
     {
-        return Err(error(
+        return Err(Rejection(
             StatusCode::NOT_FOUND,
-            &format!("The model `{model}` does not exist."),
+            format!("The model `{model}` does not exist."),
             "NotFoundError",
         ));
     }
     let prompt_tokens = match api {
         Api::Chat => {
             let Some(messages) = request.get("messages").and_then(|m| m.as_array()) else {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "`messages` is required",
-                    "BadRequestError",
-                ));
+                return Err(Rejection::bad("`messages` is required"));
             };
             let chars: String = messages
                 .iter()
@@ -311,11 +311,7 @@ fn read_job(engine: &Engine, api: Api, body: &[u8]) -> Result<(Job, bool), Respo
         Api::Completions => match request.get("prompt").and_then(|p| p.as_str()) {
             Some(prompt) => approx_tokens(prompt),
             None => {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "`prompt` is required",
-                    "BadRequestError",
-                ));
+                return Err(Rejection::bad("`prompt` is required"));
             }
         },
     };
@@ -369,7 +365,7 @@ async fn handle(engine: Arc<Engine>, api: Api, body: Bytes) -> Response {
     }
     let (job, stream) = match read_job(&engine, api, &body) {
         Ok(job) => job,
-        Err(response) => return response,
+        Err(Rejection(status, message, kind)) => return error(status, &message, kind),
     };
     if stream {
         // A small buffer: a client that stops reading slows generation down,

@@ -64,7 +64,7 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 /// its own (each request has its deadline), Nagle off for small SSE frames.
 pub fn http_client(max_in_flight: usize) -> anyhow::Result<reqwest::Client> {
     use anyhow::Context;
-    reqwest::Client::builder()
+    crate::http::client_builder()
         .pool_max_idle_per_host(max_in_flight)
         .tcp_nodelay(true)
         .build()

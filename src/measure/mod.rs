@@ -305,9 +305,7 @@ pub fn summarize_stack(
                 ttft_degradation: None,
                 replacement_scheduled_s: None,
                 replacement_ready_s: None,
-                error: error
-                    .clone()
-                    .or_else(|| Some("not injected".into())),
+                error: error.clone().or_else(|| Some("not injected".into())),
             });
             continue;
         }
@@ -345,7 +343,7 @@ pub fn summarize_stack(
             action: action.clone(),
             targets: targets.clone(),
             injected_at_s: Some(at),
-            first_impact_s: first_impact.is_finite().then(|| first_impact - at),
+            first_impact_s: first_impact.is_finite().then_some(first_impact - at),
             recovered_at_s: recovered,
             recovery_s: recovered.map(|r| r - at),
             unrecovered: recovered.is_none(),

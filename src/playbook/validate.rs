@@ -189,7 +189,10 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
                 );
             }
             if cluster.ready_timeout.is_some_and(|t| t.is_zero()) {
-                return at(cpath.key("ready_timeout"), "ready_timeout is above zero, such as `2m`");
+                return at(
+                    cpath.key("ready_timeout"),
+                    "ready_timeout is above zero, such as `2m`",
+                );
             }
             let nodes = cluster.nodes.unwrap_or(1);
             let gpus = cluster.gpus_per_node.unwrap_or(1);

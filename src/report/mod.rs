@@ -34,8 +34,18 @@ pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
         faults: pb
             .faults
             .iter()
-            .filter(|f| f.stacks.as_ref().is_none_or(|names| names.iter().any(|n| n == stack)))
-            .map(|f| (f.name.clone(), f.action.as_str().to_string(), f.at.as_secs_f64()))
+            .filter(|f| {
+                f.stacks
+                    .as_ref()
+                    .is_none_or(|names| names.iter().any(|n| n == stack))
+            })
+            .map(|f| {
+                (
+                    f.name.clone(),
+                    f.action.as_str().to_string(),
+                    f.at.as_secs_f64(),
+                )
+            })
             .collect(),
     }
 }
@@ -45,13 +55,21 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     let playbook_path = dir.join("playbook.yaml");
     let pb = playbook::load(&playbook_path)
         .map_err(|err| anyhow::anyhow!("{err}"))
-        .with_context(|| format!("{} is not a run directory shakedown can read", dir.display()))?
+        .with_context(|| {
+            format!(
+                "{} is not a run directory shakedown can read",
+                dir.display()
+            )
+        })?
         .playbook;
 
     let mut events: Vec<Event> = Vec::new();
     jsonl::read_each(&dir.join("events.jsonl"), |e: Event| events.push(e))?;
     let mut by_stack: HashMap<String, Vec<Event>> = HashMap::new();
-    let mut run_id = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let mut run_id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     // A run killed before it could say how it ended was interrupted.
     let mut status = RunStatus::Interrupted;
     for event in events {
@@ -67,16 +85,26 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     let load_start = |stack: &str| {
         by_stack
             .get(stack)
-            .and_then(|evs| evs.iter().find_map(|e| matches!(e.kind, EventKind::LoadStarted { .. }).then_some(e.t_s)))
+            .and_then(|evs| {
+                evs.iter()
+                    .find_map(|e| matches!(e.kind, EventKind::LoadStarted { .. }).then_some(e.t_s))
+            })
             .unwrap_or(0.0)
     };
-    let starts: HashMap<String, f64> = pb.stacks.iter().map(|s| (s.name.clone(), load_start(&s.name))).collect();
+    let starts: HashMap<String, f64> = pb
+        .stacks
+        .iter()
+        .map(|s| (s.name.clone(), load_start(&s.name)))
+        .collect();
     let mut samples: HashMap<String, Vec<Sample>> = HashMap::new();
     let requests = dir.join("requests.jsonl");
     if requests.exists() {
         jsonl::read_each(&requests, |r: Record| {
             let start = starts.get(&r.stack).copied().unwrap_or(0.0);
-            samples.entry(r.stack.clone()).or_default().push(Sample::from_record(&r, start));
+            samples
+                .entry(r.stack.clone())
+                .or_default()
+                .push(Sample::from_record(&r, start));
         })?;
     }
     let stacks = pb
@@ -85,7 +113,12 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
         .map(|stack| {
             let events = by_stack.remove(&stack.name).unwrap_or_default();
             let samples = samples.remove(&stack.name).unwrap_or_default();
-            summarize_stack(&stack.name, samples, &events, &settings_for(&pb, &stack.name))
+            summarize_stack(
+                &stack.name,
+                samples,
+                &events,
+                &settings_for(&pb, &stack.name),
+            )
         })
         .collect();
     Ok(Summary {

@@ -152,7 +152,7 @@ pub async fn serve(
         ),
         None => None,
     };
-    let client = reqwest::Client::builder()
+    let client = crate::http::client_builder()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(30))
         .build()

@@ -141,7 +141,7 @@ impl LocalCluster {
             nodes: Mutex::new(Nodes::new(spec.nodes, spec.gpus_per_node)),
             gpu_freed: Notify::new(),
             ready_engines,
-            probe: reqwest::Client::builder()
+            probe: crate::http::client_builder()
                 .timeout(Duration::from_secs(1))
                 .pool_max_idle_per_host(0)
                 .build()

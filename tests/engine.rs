@@ -1,0 +1,202 @@
+//! The emulated engine over real HTTP: SSE framing as vLLM sends it,
+//! readiness after the startup time, and a batch that slows decoding.
+
+use std::time::Duration;
+
+use shakedown::engine::{self, EngineArgs};
+use shakedown::load::client::{self, RequestTemplate};
+use shakedown::measure::record::Outcome;
+use shakedown::playbook::Api;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+async fn start(args: EngineArgs) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(engine::serve(listener, args, async move {
+        let _ = stopped.await;
+    }));
+    (url, stop)
+}
+
+fn fast() -> EngineArgs {
+    EngineArgs {
+        decode_per_token: Duration::from_millis(2),
+        ..EngineArgs::default()
+    }
+}
+
+fn template(url: &str, api: Api, max_tokens: u32) -> RequestTemplate {
+    let path = match api {
+        Api::Chat => "/v1/chat/completions",
+        Api::Completions => "/v1/completions",
+    };
+    RequestTemplate {
+        stack: "t".into(),
+        url: format!("{url}{path}"),
+        model: EngineArgs::default().model,
+        api,
+        stream: true,
+        prompt_tokens: 64,
+        max_tokens,
+        timeout: Duration::from_secs(10),
+        seed: 1,
+        headers: vec![],
+    }
+}
+
+#[tokio::test]
+async fn chat_stream_is_framed_like_vllm() {
+    let (url, _stop) = start(fast()).await;
+    let body = serde_json::json!({
+        "model": EngineArgs::default().model,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 5, "stream": true, "stream_options": {"include_usage": true},
+    });
+    let response = shakedown::http::client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    // five tokens, one usage event, [DONE]
+    assert_eq!(events.len(), 7, "{text}");
+    assert!(events.iter().all(|e| e.starts_with("data: ")));
+    assert_eq!(events[6], "data: [DONE]");
+    let first: serde_json::Value = serde_json::from_str(&events[0][6..]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let last: serde_json::Value = serde_json::from_str(&events[4][6..]).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let usage: serde_json::Value = serde_json::from_str(&events[5][6..]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+    assert_eq!(usage["usage"]["prompt_tokens"], 3); // "hello there": 11 characters
+}
+
+#[tokio::test]
+async fn the_load_client_reads_both_apis_as_ok_with_usage_tokens() {
+    let (url, _stop) = start(fast()).await;
+    let http = shakedown::http::client();
+    for api in [Api::Chat, Api::Completions] {
+        let record = client::send(&http, &template(&url, api, 12), Instant::now(), 1, 0.0).await;
+        assert_eq!(record.outcome, Outcome::Ok, "{record:?}");
+        assert_eq!(record.output_tokens, 12);
+        assert!(record.ttft_ms.unwrap() > 0.0);
+        assert_eq!(record.itl.unwrap().count, 11);
+        let mut non_streamed = template(&url, api, 4);
+        non_streamed.stream = false;
+        let record = client::send(&http, &non_streamed, Instant::now(), 2, 0.0).await;
+        assert_eq!(
+            (record.outcome, record.output_tokens),
+            (Outcome::Ok, 4),
+            "{record:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_turns_green_only_after_startup() {
+    let (url, _stop) = start(EngineArgs {
+        startup: Duration::from_millis(600),
+        ..fast()
+    })
+    .await;
+    let http = shakedown::http::client();
+    let health = || http.get(format!("{url}/health")).send();
+    assert_eq!(health().await.unwrap().status(), 503);
+    let record = client::send(&http, &template(&url, Api::Chat, 2), Instant::now(), 1, 0.0).await;
+    assert_eq!((record.outcome, record.status), (Outcome::Http, Some(503)));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(health().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_full_batch_decodes_slower_than_a_lone_request() {
+    let args = EngineArgs {
+        decode_per_token: Duration::from_millis(5),
+        batch_slowdown: 0.25,
+        ..EngineArgs::default()
+    };
+    let (url, _stop) = start(args).await;
+    let http = shakedown::http::client();
+    let t = template(&url, Api::Chat, 20);
+    let lone = client::send(&http, &t, Instant::now(), 0, 0.0).await;
+    let batch = futures_util::future::join_all(
+        (1..=8).map(|id| client::send(&http, &t, Instant::now(), id, 0.0)),
+    )
+    .await;
+    let lone_tpot = lone.tpot_ms().unwrap();
+    let batch_tpot = batch.iter().map(|r| r.tpot_ms().unwrap()).sum::<f64>() / 8.0;
+    // 8 running: each step is 1 + 0.25 × 7 = 2.75 times slower.
+    assert!(
+        batch_tpot > 2.0 * lone_tpot,
+        "lone {lone_tpot:.2} ms, batch of 8 {batch_tpot:.2} ms"
+    );
+}
+
+#[tokio::test]
+async fn max_num_seqs_queues_the_rest_and_metrics_show_it() {
+    let args = EngineArgs {
+        max_num_seqs: 2,
+        decode_per_token: Duration::from_millis(20),
+        ..EngineArgs::default()
+    };
+    let (url, _stop) = start(args).await;
+    let http = shakedown::http::client();
+    let t = template(&url, Api::Chat, 15);
+    let requests = futures_util::future::join_all(
+        (0..4).map(|id| client::send(&http, &t, Instant::now(), id, 0.0)),
+    );
+    let metrics = async {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        http.get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let (records, metrics) = tokio::join!(requests, metrics);
+    assert!(records.iter().all(|r| r.outcome == Outcome::Ok));
+    assert!(
+        metrics.contains("vllm:num_requests_running{model_name=\"shakedown/emulated-llm\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vllm:num_requests_waiting{model_name=\"shakedown/emulated-llm\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vllm:gpu_cache_usage_perc"));
+    // The queued pair started only when the first pair finished.
+    let mut ttfts: Vec<f64> = records.iter().map(|r| r.ttft_ms.unwrap()).collect();
+    ttfts.sort_by(f64::total_cmp);
+    assert!(ttfts[2] > 250.0, "{ttfts:?}");
+}
+
+#[tokio::test]
+async fn sigterm_like_shutdown_finishes_streams_in_flight() {
+    let (url, stop) = start(EngineArgs {
+        decode_per_token: Duration::from_millis(20),
+        ..EngineArgs::default()
+    })
+    .await;
+    let http = shakedown::http::client();
+    let t = template(&url, Api::Chat, 25);
+    let in_flight = tokio::spawn({
+        let (http, t) = (http.clone(), t.clone());
+        async move { client::send(&http, &t, Instant::now(), 1, 0.0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let refused = client::send(&http, &t, Instant::now(), 2, 0.0).await;
+    assert_eq!(refused.outcome, Outcome::Connect, "{refused:?}");
+    let finished = in_flight.await.unwrap();
+    assert_eq!(finished.outcome, Outcome::Ok, "{finished:?}");
+}

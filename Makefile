@@ -10,8 +10,8 @@ run:
 
 ## make test: formatting, lints, then every test (unit, integration, end to end).
 test: lint
-	$(CARGO) test --all-targets
 	$(CARGO) test --doc
+	$(CARGO) test --all-targets
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -51,6 +51,8 @@ pub enum EventKind {
         fault: String,
         action: String,
         targets: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     },
     FaultReverted {
         fault: String,
@@ -98,12 +100,24 @@ pub enum EventKind {
         role: String,
         status: String,
     },
+    NodeCordoned {
+        node: String,
+    },
+    NodeUncordoned {
+        node: String,
+    },
+    /// The `abort` rule fired: faults reverted, load stopped.
+    Aborted {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Completed,
+    /// A stack met the playbook's `abort` rule.
+    Aborted,
     Interrupted,
     Failed,
 }
@@ -112,6 +126,7 @@ impl RunStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Completed => "completed",
+            RunStatus::Aborted => "aborted",
             RunStatus::Interrupted => "interrupted",
             RunStatus::Failed => "failed",
         }

@@ -26,6 +26,7 @@ pub mod progress;
 pub mod report;
 pub mod router;
 pub mod run;
+pub mod state;
 pub mod tokens;
 
 /// Resolves once a stop flag turns true (or its sender is gone): the one

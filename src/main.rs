@@ -133,7 +133,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(match result.status {
                 RunStatus::Completed => ExitCode::SUCCESS,
-                RunStatus::Failed => ExitCode::from(1),
+                RunStatus::Failed | RunStatus::Aborted => ExitCode::from(1),
                 RunStatus::Interrupted => ExitCode::from(130),
             })
         }

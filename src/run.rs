@@ -3,14 +3,19 @@
 //!
 //! Start at [`run`]. For each stack (one after another, or all at once with
 //! `schedule: parallel`): bring its cluster up, check its endpoint answers,
-//! start the load, inject each fault at its offset, revert what needs
-//! reverting, and take the cluster down, on every path, also on Ctrl-C or
-//! SIGTERM. Records and events go to disk as they happen; the summary and
-//! report are then rebuilt from those files by [`crate::report`], the same
-//! code `shakedown report` uses.
+//! start the load, then follow the fault timeline: inject each fault at its
+//! offset and revert it after its duration. Whatever ends the stack (the end
+//! of the load, the `abort` rule, Ctrl-C or SIGTERM, an error), every fault
+//! still in force is reverted and the cluster taken down. Records and events
+//! go to disk as they happen, and `state.json` lists the live processes for
+//! `shakedown cleanup` in case shakedown itself is killed. The summary and
+//! report are rebuilt from those files by [`crate::report`], the same code
+//! `shakedown report` uses.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -27,14 +32,19 @@ use crate::load::client::RequestTemplate;
 use crate::load::{self, LiveStats, LoadPlan};
 use crate::measure::Summary;
 use crate::measure::record::Record;
-use crate::playbook::{Api, ClusterKind, LoadedPlaybook, Playbook, Schedule, Stack};
+use crate::playbook::{Abort, Api, ClusterKind, Fault, LoadedPlaybook, Playbook, Schedule, Stack};
 use crate::progress::{CurrentFault, Progress};
+use crate::state::RunState;
 
 /// The model name a local cluster serves when the playbook names none.
 pub const DEFAULT_LOCAL_MODEL: &str = "shakedown/emulated-llm";
 
 /// How long a local cluster may take to become Ready, unless the playbook says.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a stack's endpoint may take to serve once its pods are Ready:
+/// routers learn of their backends a moment after the pods turn Ready.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -54,6 +64,14 @@ pub struct RunResult {
     pub errors: Vec<String>,
 }
 
+/// How one stack's run ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StackEnd {
+    Completed,
+    Aborted,
+    Interrupted,
+}
+
 /// Runs a playbook. Returns once every stack is down and the report is
 /// written, whatever happened to the stacks; `Err` only when the run
 /// directory itself could not be made or read back.
@@ -61,28 +79,22 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     let pb = &loaded.playbook;
     let run_id = format!("{}-{}", Utc::now().format("%Y%m%dT%H%M%SZ"), pb.name);
     let dir = options.reports_dir.join(&run_id);
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
-    std::fs::write(dir.join("playbook.yaml"), &loaded.text)
-        .context("cannot write playbook.yaml")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    std::fs::write(dir.join("playbook.yaml"), &loaded.text).context("cannot write playbook.yaml")?;
+    let state = Arc::new(RunState::create(&dir)?);
     let (events, events_writer) = jsonl::open::<Event>(&dir.join("events.jsonl"))?;
     let (records, records_writer) = jsonl::open::<Record>(&dir.join("requests.jsonl"))?;
     let run_log = EventLog::new(events.clone(), None, Instant::now());
-    run_log.emit(EventKind::RunStarted {
-        run_id: run_id.clone(),
-        playbook: pb.name.clone(),
-    });
+    run_log.emit(EventKind::RunStarted { run_id: run_id.clone(), playbook: pb.name.clone() });
 
     let (stop_tx, stop) = watch::channel(false);
     let shown_dir = dir.display().to_string();
     let signals = tokio::spawn(async move {
         wait_for_signal().await;
-        eprintln!(
-            "\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)"
-        );
+        eprintln!("\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)");
         stop_tx.send_replace(true);
         wait_for_signal().await;
-        eprintln!("shakedown: forced exit; `shakedown report {shown_dir}` rebuilds the report");
+        eprintln!("shakedown: forced exit; `shakedown cleanup` stops what is left, `shakedown report {shown_dir}` rebuilds the report");
         std::process::exit(130);
     });
 
@@ -95,64 +107,60 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
             records: records.clone(),
             stop: stop.clone(),
             options: options.clone(),
+            state: state.clone(),
         };
         async move {
             let name = ctx.stack.name.clone();
-            ctx.run()
-                .await
-                .map_err(|err| format!("stack `{name}`: {err:#}"))
+            ctx.run().await.map_err(|err| format!("stack `{name}`: {err:#}"))
         }
     };
     let mut errors = Vec::new();
+    let mut ends = Vec::new();
+    let mut collect = |result: Result<StackEnd, String>| match result {
+        Ok(end) => ends.push(end),
+        Err(err) => {
+            eprintln!("shakedown: {err}");
+            errors.push(err);
+        }
+    };
     match pb.schedule {
         Schedule::Sequential => {
             for stack in &pb.stacks {
                 if *stop.borrow() {
                     break;
                 }
-                if let Err(err) = stack_run(stack).await {
-                    eprintln!("shakedown: {err}");
-                    errors.push(err);
-                }
+                collect(stack_run(stack).await);
             }
         }
         Schedule::Parallel => {
-            let all = pb.stacks.iter().map(stack_run);
-            for result in futures_util::future::join_all(all).await {
-                if let Err(err) = result {
-                    eprintln!("shakedown: {err}");
-                    errors.push(err);
-                }
+            for result in futures_util::future::join_all(pb.stacks.iter().map(stack_run)).await {
+                collect(result);
             }
         }
     }
     signals.abort();
-    let status = if *stop.borrow() {
+    let status = if *stop.borrow() || ends.contains(&StackEnd::Interrupted) {
         RunStatus::Interrupted
-    } else if errors.is_empty() {
-        RunStatus::Completed
-    } else {
+    } else if !errors.is_empty() {
         RunStatus::Failed
+    } else if ends.contains(&StackEnd::Aborted) {
+        RunStatus::Aborted
+    } else {
+        RunStatus::Completed
     };
     run_log.emit(EventKind::RunFinished { status });
     drop((run_log, events, records));
     events_writer.finish()?;
     records_writer.finish()?;
+    // Every process is down and every fault reverted: nothing to clean up.
+    state.remove()?;
     let summary = crate::report::rebuild(&dir)?;
-    Ok(RunResult {
-        dir,
-        status,
-        summary,
-        errors,
-    })
+    Ok(RunResult { dir, status, summary, errors })
 }
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -168,19 +176,25 @@ struct StackRun<'a> {
     dir: PathBuf,
     events: JsonlSink<Event>,
     records: JsonlSink<Record>,
+    /// The run's stop: Ctrl-C or SIGTERM.
     stop: watch::Receiver<bool>,
     options: RunOptions,
+    state: Arc<RunState>,
+}
+
+/// A step of the fault timeline, due at an offset from the load's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    Inject(usize),
+    Revert(usize),
 }
 
 impl StackRun<'_> {
     fn model(&self) -> String {
-        self.stack
-            .model
-            .clone()
-            .unwrap_or_else(|| DEFAULT_LOCAL_MODEL.to_string())
+        self.stack.model.clone().unwrap_or_else(|| DEFAULT_LOCAL_MODEL.to_string())
     }
 
-    async fn run(mut self) -> anyhow::Result<()> {
+    async fn run(self) -> anyhow::Result<StackEnd> {
         let log = EventLog::new(self.events.clone(), Some(&self.stack.name), Instant::now());
         log.emit(EventKind::StackStarting);
         let cluster = match self.stack.cluster.kind {
@@ -196,6 +210,8 @@ impl StackRun<'_> {
                         seed: self.pb.seed,
                         log_dir: self.dir.join("logs").join(&self.stack.name),
                         exe: self.options.exe.clone(),
+                        stack: self.stack.name.clone(),
+                        state: self.state.clone(),
                     },
                     log.clone(),
                 )
@@ -206,33 +222,129 @@ impl StackRun<'_> {
         };
         let result = self.drive(&cluster, &log).await;
         if let Err(err) = &result {
-            log.emit(EventKind::StackFailed {
-                error: format!("{err:#}"),
-            });
+            log.emit(EventKind::StackFailed { error: format!("{err:#}") });
         }
         cluster.shutdown().await;
         log.emit(EventKind::StackStopped);
         result
     }
 
-    async fn drive(&mut self, cluster: &Cluster, log: &EventLog) -> anyhow::Result<()> {
+    async fn drive(&self, cluster: &Cluster, log: &EventLog) -> anyhow::Result<StackEnd> {
+        let mut stop = self.stop.clone();
         let Cluster::Local(local) = cluster;
         tokio::select! {
             ready = local.wait_ready(self.stack.cluster.ready_timeout.map_or(READY_TIMEOUT, |t| t.0)) => ready?,
-            _ = crate::stopped(&mut self.stop) => return Ok(()),
+            _ = crate::stopped(&mut stop) => return Ok(StackEnd::Interrupted),
         }
         let endpoint = cluster.endpoint().to_string();
         preflight(&endpoint).await?;
-        log.emit(EventKind::StackReady {
-            endpoint: endpoint.clone(),
+        log.emit(EventKind::StackReady { endpoint: endpoint.clone() });
+
+        let pb = self.pb;
+        let plan = self.load_plan(&endpoint);
+        let live = Arc::new(LiveStats::default());
+        let current_fault: CurrentFault = Default::default();
+        let progress = Progress::start(&self.stack.name, pb.duration.0, live.clone(), current_fault.clone(), self.options.quiet);
+        let client = load::http_client(plan.max_in_flight)?;
+
+        // The stack stops on the run's stop, or when its abort rule fires.
+        let (stack_stop_tx, stack_stop) = watch::channel(false);
+        let forward = {
+            let (mut run_stop, tx) = (self.stop.clone(), stack_stop_tx.clone());
+            tokio::spawn(async move {
+                crate::stopped(&mut run_stop).await;
+                tx.send_replace(true);
+            })
+        };
+        let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abort_watch = pb.abort.clone().map(|rule| {
+            tokio::spawn(watch_abort(rule, live.clone(), log.clone(), stack_stop_tx.clone(), aborted.clone()))
         });
 
+        let load_start = Instant::now();
+        log.emit(EventKind::LoadStarted { duration_s: pb.duration.as_secs_f64() });
+        let mut load = tokio::spawn(load::run_load(plan, client, log.origin(), load_start, self.records.clone(), live, stack_stop.clone()));
+
+        let faults: Vec<&Fault> = pb
+            .faults
+            .iter()
+            .filter(|f| f.stacks.as_ref().is_none_or(|names| names.contains(&self.stack.name)))
+            .collect();
+        let mut timeline: BTreeMap<(Duration, Step), ()> = faults.iter().enumerate().map(|(i, f)| ((f.at.0, Step::Inject(i)), ())).collect();
+        let mut active: BTreeMap<usize, (Box<dyn FaultAction>, Injected)> = BTreeMap::new();
+        let mut load_result = None;
+        let mut stack_stop_rx = stack_stop.clone();
+        while let Some(((due, step), ())) = timeline.pop_first() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(load_start + due) => {}
+                _ = crate::stopped(&mut stack_stop_rx) => break,
+                result = &mut load => { load_result = Some(result); break; }
+            }
+            match step {
+                Step::Inject(i) => {
+                    let fault = faults[i];
+                    let action = faults::from_spec(fault)?;
+                    match action.inject(cluster, fault_seed(pb.seed, &fault.name)).await {
+                        Ok(done) => {
+                            log.emit(EventKind::FaultInjected {
+                                fault: fault.name.clone(),
+                                action: fault.action.as_str().into(),
+                                targets: done.targets.clone(),
+                                detail: done.detail.clone(),
+                            });
+                            if action.needs_revert() {
+                                if let Some(lasts) = action.lasts() {
+                                    timeline.insert((due + lasts, Step::Revert(i)), ());
+                                }
+                                active.insert(i, (action, done));
+                            }
+                        }
+                        Err(err) => {
+                            log.emit(EventKind::FaultFailed { fault: fault.name.clone(), error: format!("{err:#}") });
+                            tracing::warn!("fault `{}` could not be injected: {err:#}", fault.name);
+                        }
+                    }
+                }
+                Step::Revert(i) => {
+                    if let Some((action, done)) = active.remove(&i) {
+                        revert(cluster, log, &faults[i].name, action.as_ref(), &done).await;
+                    }
+                }
+            }
+            show_active(&current_fault, &faults, &active);
+        }
+        // However the timeline ended, nothing stays in force.
+        for (i, (action, done)) in std::mem::take(&mut active).into_iter().rev() {
+            revert(cluster, log, &faults[i].name, action.as_ref(), &done).await;
+        }
+        show_active(&current_fault, &faults, &active);
+        let sent = match load_result {
+            Some(result) => result,
+            None => load.await,
+        };
+        progress.finish();
+        forward.abort();
+        if let Some(watch) = abort_watch {
+            watch.abort();
+        }
+        let sent = sent.context("the load generator stopped unexpectedly")??;
+        log.emit(EventKind::LoadFinished { requests: sent });
+        Ok(if aborted.load(Ordering::Relaxed) {
+            StackEnd::Aborted
+        } else if *self.stop.borrow() {
+            StackEnd::Interrupted
+        } else {
+            StackEnd::Completed
+        })
+    }
+
+    fn load_plan(&self, endpoint: &str) -> LoadPlan {
         let pb = self.pb;
         let path = match pb.load.request.api {
             Api::Chat => "/v1/chat/completions",
             Api::Completions => "/v1/completions",
         };
-        let plan = LoadPlan {
+        LoadPlan {
             template: RequestTemplate {
                 stack: self.stack.name.clone(),
                 url: format!("{}{path}", endpoint.trim_end_matches('/')),
@@ -251,117 +363,76 @@ impl StackRun<'_> {
             max_in_flight: pb.load.max_in_flight as usize,
             duration: pb.duration.0,
             seed: pb.seed,
-        };
-        let live = Arc::new(LiveStats::default());
-        let current_fault: CurrentFault = Default::default();
-        let progress = Progress::start(
-            &self.stack.name,
-            pb.duration.0,
-            live.clone(),
-            current_fault.clone(),
-            self.options.quiet,
-        );
-        let client = load::http_client(plan.max_in_flight)?;
-        let load_start = Instant::now();
-        log.emit(EventKind::LoadStarted {
-            duration_s: pb.duration.as_secs_f64(),
-        });
-        let load = tokio::spawn(load::run_load(
-            plan,
-            client,
-            log.origin(),
-            load_start,
-            self.records.clone(),
-            live,
-            self.stop.clone(),
-        ));
-
-        let mut faults: Vec<_> = pb
-            .faults
-            .iter()
-            .filter(|f| {
-                f.stacks
-                    .as_ref()
-                    .is_none_or(|names| names.contains(&self.stack.name))
-            })
-            .collect();
-        faults.sort_by_key(|f| f.at);
-        let mut injected: Vec<(String, Box<dyn FaultAction>, Injected)> = Vec::new();
-        for fault in faults {
-            tokio::select! {
-                _ = tokio::time::sleep_until(load_start + fault.at.0) => {}
-                _ = crate::stopped(&mut self.stop) => break,
-            }
-            let seed = crate::tokens::mix(
-                pb.seed
-                    ^ fault
-                        .name
-                        .bytes()
-                        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
-            );
-            let action = faults::from_spec(fault)?;
-            match action.inject(cluster, seed).await {
-                Ok(done) => {
-                    log.emit(EventKind::FaultInjected {
-                        fault: fault.name.clone(),
-                        action: fault.action.as_str().into(),
-                        targets: done.targets.clone(),
-                    });
-                    if let Ok(mut current) = current_fault.lock() {
-                        *current = Some(format!("{} {}", fault.name, done.targets.join(",")));
-                    }
-                    injected.push((fault.name.clone(), action, done));
-                }
-                Err(err) => {
-                    log.emit(EventKind::FaultFailed {
-                        fault: fault.name.clone(),
-                        error: format!("{err:#}"),
-                    });
-                    tracing::warn!("fault `{}` could not be injected: {err:#}", fault.name);
-                }
-            }
         }
-        let sent = load
-            .await
-            .context("the load generator stopped unexpectedly")??;
-        progress.finish();
-        for (name, action, done) in &injected {
-            if action.needs_revert() {
-                match action.revert(cluster, done).await {
-                    Ok(()) => log.emit(EventKind::FaultReverted {
-                        fault: name.clone(),
-                    }),
-                    Err(err) => log.emit(EventKind::FaultFailed {
-                        fault: name.clone(),
-                        error: format!("revert failed: {err:#}"),
-                    }),
-                }
-            }
-        }
-        log.emit(EventKind::LoadFinished { requests: sent });
-        Ok(())
     }
 }
 
-/// How long a stack's endpoint may take to serve once its pods are Ready:
-/// routers learn of their backends a moment after the pods turn Ready.
-const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Each fault's random choices depend on the playbook's seed and its name
+/// only, so every stack sees the same choices.
+fn fault_seed(seed: u64, name: &str) -> u64 {
+    crate::tokens::mix(seed ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))))
+}
+
+async fn revert(cluster: &Cluster, log: &EventLog, name: &str, action: &dyn FaultAction, done: &Injected) {
+    match action.revert(cluster, done).await {
+        Ok(()) => log.emit(EventKind::FaultReverted { fault: name.to_string() }),
+        Err(err) => log.emit(EventKind::FaultFailed { fault: name.to_string(), error: format!("revert failed: {err:#}") }),
+    }
+}
+
+fn show_active(current: &CurrentFault, faults: &[&Fault], active: &BTreeMap<usize, (Box<dyn FaultAction>, Injected)>) {
+    if let Ok(mut shown) = current.lock() {
+        let names: Vec<&str> = active.keys().map(|&i| faults[i].name.as_str()).collect();
+        *shown = (!names.is_empty()).then(|| names.join(", "));
+    }
+}
+
+/// Fires the `abort` rule: when the share of requests ending well, second by
+/// second, stays below the threshold for the rule's time, the stack stops.
+async fn watch_abort(rule: Abort, live: Arc<LiveStats>, log: EventLog, stop: watch::Sender<bool>, aborted: Arc<std::sync::atomic::AtomicBool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let (mut last_ok, mut last_done) = (0u64, 0u64);
+    let mut below_since: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let ok = live.ok.load(Ordering::Relaxed);
+        let done = ok + live.failed.load(Ordering::Relaxed) + live.dropped.load(Ordering::Relaxed);
+        let (new_ok, new_done) = (ok - last_ok, done - last_done);
+        (last_ok, last_done) = (ok, done);
+        if new_done == 0 {
+            continue; // nothing ended this second: no evidence either way
+        }
+        let rate = new_ok as f64 / new_done as f64;
+        if rate >= rule.success_rate_below {
+            below_since = None;
+            continue;
+        }
+        let since = *below_since.get_or_insert_with(Instant::now);
+        if since.elapsed() + Duration::from_secs(1) >= rule.for_.0 {
+            let reason = format!(
+                "success rate below {:.0}% for {}: the stack is down, stopping its load and reverting its faults",
+                rule.success_rate_below * 100.0,
+                rule.for_
+            );
+            eprintln!("shakedown: abort: {reason}");
+            log.emit(EventKind::Aborted { reason });
+            aborted.store(true, Ordering::Relaxed);
+            stop.send_replace(true);
+            return;
+        }
+    }
+}
 
 /// The endpoint must serve `/v1/models` before any fault is injected.
 async fn preflight(endpoint: &str) -> anyhow::Result<()> {
     let url = format!("{}/v1/models", endpoint.trim_end_matches('/'));
-    let client = crate::http::client_builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
+    let client = crate::http::client_builder().timeout(Duration::from_secs(5)).build()?;
     let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
     loop {
         let problem = match client.get(&url).send().await {
             Ok(response) if response.status().is_success() => return Ok(()),
             Ok(response) => format!("answered {}", response.status()),
-            Err(err) => format!(
-                "does not answer: {}",
-                crate::load::client::error_chain(&err)
-            ),
+            Err(err) => format!("does not answer: {}", crate::load::client::error_chain(&err)),
         };
         if Instant::now() >= deadline {
             bail!(

@@ -1,14 +1,18 @@
 //! Faults: what a playbook does to a stack. One file per action, each
 //! implementing [`FaultAction`] for every kind of [`Cluster`].
 //!
-//! Start at [`from_spec`], which turns a playbook fault into its action.
-//! Built today: [`pod_kill`]. `node-drain` and `network-delay` are refused
-//! by the playbook validator until they are built.
+//! Start at [`from_spec`], which turns a playbook fault into its action:
+//! [`pod_kill`], [`node_drain`], [`network_delay`]. The playbook engine
+//! injects each at its offset, and reverts it after [`FaultAction::lasts`]
+//! or when the run ends, however it ends.
 
+pub mod network_delay;
+pub mod node_drain;
 pub mod pod_kill;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use crate::cluster::Cluster;
 use crate::playbook::{Fault, FaultAction as Action};
@@ -18,8 +22,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What an injection did, for `events.jsonl` and for its revert.
 #[derive(Debug, Clone, Default)]
 pub struct Injected {
-    /// The pods (or nodes) hit.
+    /// The pods hit.
     pub targets: Vec<String>,
+    /// What else was done, in words (a node cordoned, a delay's size).
+    pub detail: Option<String>,
 }
 
 pub trait FaultAction: Send + Sync {
@@ -44,12 +50,19 @@ pub trait FaultAction: Send + Sync {
     fn needs_revert(&self) -> bool {
         false
     }
+
+    /// How long after injection the fault is reverted; `None` for as long as
+    /// the run lasts.
+    fn lasts(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// The action of a validated playbook fault.
 pub fn from_spec(fault: &Fault) -> anyhow::Result<Box<dyn FaultAction>> {
     match fault.action {
         Action::PodKill => Ok(Box::new(pod_kill::PodKill::from_spec(fault))),
-        other => anyhow::bail!("`{}` is not built yet in this shakedown", other.as_str()),
+        Action::NodeDrain => Ok(Box::new(node_drain::NodeDrain::from_spec(fault))),
+        Action::NetworkDelay => Ok(Box::new(network_delay::NetworkDelay::from_spec(fault))),
     }
 }

@@ -96,8 +96,14 @@ pub struct FaultSummary {
     pub name: String,
     pub action: String,
     pub targets: Vec<String>,
+    /// What else the fault did, in words (a node cordoned, a delay's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// When it was injected; `None` if the run ended before.
     pub injected_at_s: Option<f64>,
+    /// When it was reverted, for faults that last a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverted_at_s: Option<f64>,
     /// From injection to the first failed request's end.
     pub first_impact_s: Option<f64>,
     pub recovered_at_s: Option<f64>,
@@ -264,36 +270,19 @@ pub fn summarize_stack(
         counted.len() as u64,
     );
 
-    // Injections, in the order they happened, on the load's clock.
-    let injected: Vec<(String, f64, Vec<String>, Option<String>)> = settings
-        .faults
-        .iter()
-        .map(|(fault_name, _, planned)| {
-            let found = events.iter().find_map(|e| match &e.kind {
-                EventKind::FaultInjected { fault, targets, .. } if fault == fault_name => {
-                    Some((Some(e.t_s - load_start), targets.clone(), None))
-                }
-                EventKind::FaultFailed { fault, error } if fault == fault_name => {
-                    Some((None, Vec::new(), Some(error.clone())))
-                }
-                _ => None,
-            });
-            let (at, targets, error) = found.unwrap_or((None, Vec::new(), None));
-            let _ = planned;
-            (fault_name.clone(), at.unwrap_or(f64::NAN), targets, error)
-        })
-        .collect();
+    let injections: Vec<Injection> = settings.faults.iter().map(|(name, _, _)| Injection::find(events, name, load_start)).collect();
 
     let mut faults = Vec::new();
     for (i, (fault_name, action, _)) in settings.faults.iter().enumerate() {
-        let (_, at, targets, error) = &injected[i];
-        let at = *at;
-        if !at.is_finite() {
+        let injection = &injections[i];
+        let Some(at) = injection.at else {
             faults.push(FaultSummary {
                 name: fault_name.clone(),
                 action: action.clone(),
                 targets: Vec::new(),
+                detail: None,
                 injected_at_s: None,
+                reverted_at_s: None,
                 first_impact_s: None,
                 recovered_at_s: None,
                 recovery_s: None,
@@ -305,14 +294,15 @@ pub fn summarize_stack(
                 ttft_degradation: None,
                 replacement_scheduled_s: None,
                 replacement_ready_s: None,
-                error: error.clone().or_else(|| Some("not injected".into())),
+                error: injection.error.clone().or_else(|| Some("not injected".into())),
             });
             continue;
-        }
-        let next_fault = injected
+        };
+        let targets = &injection.targets;
+        let next_fault = injections
             .iter()
-            .map(|f| f.1)
-            .filter(|&t| t.is_finite() && t > at)
+            .filter_map(|f| f.at)
+            .filter(|&t| t > at)
             .fold(f64::INFINITY, f64::min);
         let recovered = recovered_at(&samples, at, duration, &rule);
         let attribution_end = recovered.unwrap_or(duration).min(next_fault);
@@ -342,7 +332,9 @@ pub fn summarize_stack(
             name: fault_name.clone(),
             action: action.clone(),
             targets: targets.clone(),
+            detail: injection.detail.clone(),
             injected_at_s: Some(at),
+            reverted_at_s: injection.reverted_at,
             first_impact_s: first_impact.is_finite().then_some(first_impact - at),
             recovered_at_s: recovered,
             recovery_s: recovered.map(|r| r - at),
@@ -359,7 +351,7 @@ pub fn summarize_stack(
                 .map(|(d, b)| d / b),
             replacement_scheduled_s: scheduled.map(|t| t - load_start - at),
             replacement_ready_s: ready.map(|t| t - load_start - at),
-            error: error.clone(),
+            error: injection.error.clone(),
         });
     }
 
@@ -378,6 +370,38 @@ pub fn summarize_stack(
             EventKind::StackFailed { error } => Some(error.clone()),
             _ => None,
         }),
+    }
+}
+
+/// A fault as `events.jsonl` tells it, on the load's clock.
+struct Injection {
+    at: Option<f64>,
+    targets: Vec<String>,
+    detail: Option<String>,
+    reverted_at: Option<f64>,
+    error: Option<String>,
+}
+
+impl Injection {
+    fn find(events: &[Event], name: &str, load_start: f64) -> Self {
+        let mut found = Injection { at: None, targets: Vec::new(), detail: None, reverted_at: None, error: None };
+        for event in events {
+            match &event.kind {
+                EventKind::FaultInjected { fault, targets, detail, .. } if fault == name && found.at.is_none() => {
+                    found.at = Some(event.t_s - load_start);
+                    found.targets = targets.clone();
+                    found.detail = detail.clone();
+                }
+                EventKind::FaultReverted { fault } if fault == name && found.reverted_at.is_none() => {
+                    found.reverted_at = Some(event.t_s - load_start);
+                }
+                EventKind::FaultFailed { fault, error } if fault == name && found.error.is_none() => {
+                    found.error = Some(error.clone());
+                }
+                _ => {}
+            }
+        }
+        found
     }
 }
 
@@ -526,6 +550,7 @@ mod tests {
                     fault: "kill-router".into(),
                     action: "pod-kill".into(),
                     targets: vec!["router-0-0".into()],
+                    detail: None,
                 },
             ),
             event(

@@ -395,6 +395,18 @@ pub struct Fault {
     pub duration: Option<HumanDuration>,
     #[serde(default)]
     pub loss: Option<f64>,
+    /// `egress` (default): what the target sends, as `tc netem` on its
+    /// interface; `both`: also what it receives.
+    #[serde(default)]
+    pub direction: Option<Direction>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    #[default]
+    Egress,
+    Both,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -103,8 +103,9 @@ fn fault_table(summary: &Summary, fault: &str) -> Builder {
     header.extend(summary.stacks.iter().map(|s| s.name.clone()));
     b.push_record(header);
     type Cell = fn(&crate::measure::FaultSummary) -> String;
-    let rows: [(&str, Cell); 12] = [
+    let rows: [(&str, Cell); 14] = [
         ("injected at", |f| secs(f.injected_at_s)),
+        ("reverted at", |f| secs(f.reverted_at_s)),
         ("targets", |f| {
             if f.targets.is_empty() {
                 "–".into()
@@ -112,6 +113,7 @@ fn fault_table(summary: &Summary, fault: &str) -> Builder {
                 f.targets.join(", ")
             }
         }),
+        ("what it did", |f| f.detail.clone().unwrap_or_default()),
         ("first impact after", |f| secs(f.first_impact_s)),
         ("recovery (client side)", |f| {
             if f.injected_at_s.is_none() {
@@ -152,7 +154,7 @@ fn fault_table(summary: &Summary, fault: &str) -> Builder {
                     .unwrap_or_else(|| "n/a".into())
             })
             .collect();
-        if label == "error" && cells.iter().all(String::is_empty) {
+        if matches!(label, "error" | "what it did") && cells.iter().all(String::is_empty) {
             continue;
         }
         let mut row = vec![label.to_string()];

@@ -34,8 +34,9 @@ use tokio::time::Instant;
 
 use crate::events::{EventKind, EventLog};
 use crate::playbook::{Discovery, LocalEngine, LocalRouter};
-use placement::Nodes;
-use proxy::{FrontProxy, free_port};
+use crate::state::RunState;
+use placement::{Node, Nodes};
+use proxy::{FrontProxy, Shaping, free_port};
 
 /// What a local stack is made of, resolved from the playbook.
 #[derive(Debug, Clone)]
@@ -50,6 +51,10 @@ pub struct LocalClusterSpec {
     pub log_dir: PathBuf,
     /// The shakedown binary that runs `engine` and `router`.
     pub exe: PathBuf,
+    /// The stack's name, for the state file.
+    pub stack: String,
+    /// Where live processes are listed for `shakedown cleanup`.
+    pub state: Arc<RunState>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +101,7 @@ struct Slot {
     role: Role,
     status: Arc<Mutex<PodStatus>>,
     control: mpsc::Sender<KillOrder>,
+    proxy: Arc<FrontProxy>,
 }
 
 struct Shared {
@@ -111,12 +117,27 @@ struct Shared {
     watch_url: String,
 }
 
+/// A running local cluster. It derefs to [`LocalControl`], the handle that
+/// faults act through; [`LocalCluster::shutdown`] takes it all down.
 pub struct LocalCluster {
+    control: Arc<LocalControl>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What faults may do to a local cluster, shareable with background tasks
+/// (a drain evicts pods while the run goes on).
+pub struct LocalControl {
     shared: Arc<Shared>,
     slots: Vec<Slot>,
     endpoint: String,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::ops::Deref for LocalCluster {
+    type Target = LocalControl;
+    fn deref(&self) -> &LocalControl {
+        &self.control
+    }
 }
 
 impl LocalCluster {
@@ -184,25 +205,35 @@ impl LocalCluster {
                 shared.clone(),
                 role,
                 index,
-                proxy,
+                proxy.clone(),
                 status.clone(),
                 orders,
                 shutdown.subscribe(),
             )));
-            slots.push(Slot {
-                role,
-                status,
-                control,
-            });
+            slots.push(Slot { role, status, control, proxy });
         }
         Ok(Self {
-            shared,
-            slots,
-            endpoint: router_proxy.url(),
+            control: Arc::new(LocalControl { shared, slots, endpoint: router_proxy.url() }),
             shutdown,
             tasks,
         })
     }
+
+    /// A handle for tasks that outlive a borrow of the cluster.
+    pub fn control(&self) -> Arc<LocalControl> {
+        self.control.clone()
+    }
+
+    /// Stops every process and waits until all are reaped.
+    pub async fn shutdown(mut self) {
+        self.shutdown.send_replace(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl LocalControl {
 
     /// The stack's OpenAI-compatible base URL: the router's front port.
     pub fn endpoint(&self) -> &str {
@@ -272,12 +303,62 @@ impl LocalCluster {
         answer.await.context("the pod's supervisor has stopped")?
     }
 
-    /// Stops every process and waits until all are reaped.
-    pub async fn shutdown(mut self) {
-        self.shutdown.send_replace(true);
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
+    /// The nodes as they are now.
+    pub fn nodes(&self) -> Vec<Node> {
+        self.shared.nodes.lock().map(|n| n.0.clone()).unwrap_or_default()
+    }
+
+    /// Marks a node unschedulable. Returns false if it already was (then it
+    /// is not ours to uncordon).
+    pub fn cordon(&self, node: &str) -> anyhow::Result<bool> {
+        let mut nodes = self.shared.nodes.lock().map_err(|_| anyhow::anyhow!("node table poisoned"))?;
+        let known: Vec<String> = nodes.0.iter().map(|n| n.name.clone()).collect();
+        let entry = nodes
+            .0
+            .iter_mut()
+            .find(|n| n.name == node)
+            .with_context(|| format!("no node `{node}`; the nodes are {}", known.join(", ")))?;
+        if entry.cordoned {
+            return Ok(false);
         }
+        entry.cordoned = true;
+        self.shared.events.emit(EventKind::NodeCordoned { node: node.to_string() });
+        Ok(true)
+    }
+
+    /// Makes a node schedulable again; pods Pending for a GPU may go there.
+    pub fn uncordon(&self, node: &str) {
+        let changed = self
+            .shared
+            .nodes
+            .lock()
+            .ok()
+            .and_then(|mut nodes| nodes.0.iter_mut().find(|n| n.name == node).map(|n| std::mem::replace(&mut n.cordoned, false)))
+            .unwrap_or(false);
+        if changed {
+            self.shared.events.emit(EventKind::NodeUncordoned { node: node.to_string() });
+            self.shared.gpu_freed.notify_waiters();
+        }
+    }
+
+    /// Puts a network fault in force on the proxies of a role's pods (or
+    /// lifts it, with `Shaping::default()`); returns the pods it covers.
+    pub fn shape(&self, role: Role, shaping: Shaping) -> Vec<String> {
+        self.slots
+            .iter()
+            .filter(|s| s.role == role)
+            .map(|s| {
+                s.proxy.shape(shaping);
+                s.status.lock().map(|st| st.pod.clone()).unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// How many pods the role should have, and how many are Ready now.
+    pub fn availability(&self, role: Role) -> (usize, usize) {
+        let pods = self.pods(Some(role));
+        let ready = pods.iter().filter(|p| p.phase == Phase::Ready).count();
+        (pods.len(), ready)
     }
 }
 
@@ -440,6 +521,16 @@ fn spawn_child(
     command.spawn().context("cannot start the process")
 }
 
+/// SIGKILL to the pod's whole process group (it leads its own), so that
+/// the children of a real engine die with it.
+fn kill_group(pid: u32, child: &mut tokio::process::Child) -> anyhow::Result<()> {
+    use nix::sys::signal::{Signal, killpg};
+    if pid != 0 && killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
+        return Ok(());
+    }
+    child.start_kill().context("cannot send SIGKILL")
+}
+
 fn describe(status: &std::io::Result<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
@@ -564,6 +655,7 @@ async fn run_slot(
             role: role_name.clone(),
             pid,
         });
+        shared.spec.state.started(pid, &shared.spec.stack, &pod);
         let probe = tokio::spawn(probe(
             shared.clone(),
             role,
@@ -575,12 +667,13 @@ async fn run_slot(
         ));
 
         let mut kill_at: Option<Instant> = None;
+        let mut terminating = false;
         let mut stopping = false;
         let exit = loop {
             tokio::select! {
                 exit = child.wait() => break exit,
                 Some(order) = orders.recv() => {
-                    if order.pod != pod || kill_at.is_some() {
+                    if order.pod != pod || terminating {
                         let _ = order.reply.send(Err(anyhow::anyhow!("pod `{}` is not running", order.pod)));
                         continue;
                     }
@@ -590,8 +683,9 @@ async fn run_slot(
                     set(&|st| st.phase = Phase::Terminating);
                     let signal = if order.grace.is_zero() { "SIGKILL" } else { "SIGTERM" };
                     events.emit(EventKind::PodTerminating { pod: pod.clone(), role: role_name.clone(), signal: signal.into() });
+                    terminating = true;
                     let sent = if order.grace.is_zero() {
-                        child.start_kill().context("cannot send SIGKILL")
+                        kill_group(pid, &mut child)
                     } else {
                         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)
                             .context("cannot send SIGTERM")
@@ -600,15 +694,18 @@ async fn run_slot(
                     let _ = order.reply.send(sent);
                 }
                 _ = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
-                    let _ = child.start_kill();
+                    let _ = kill_group(pid, &mut child);
                     kill_at = None;
                 }
                 _ = crate::stopped(&mut shutdown), if !stopping => {
                     stopping = true;
-                    let _ = child.start_kill();
+                    let _ = kill_group(pid, &mut child);
                 }
             }
         };
+        // Whatever the process left in its group (a real engine's workers) goes with it.
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        shared.spec.state.ended(pid);
         probe.abort();
         proxy.down();
         shared.set_ready(role, index, &proxy.url(), false);

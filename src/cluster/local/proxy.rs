@@ -1,29 +1,61 @@
 //! The TCP proxy in front of every local process: a stable address, like a
-//! pod's, whatever process is behind it now.
+//! pod's, whatever process is behind it now, and the place where network
+//! faults act.
 //!
 //! It listens only while a process is up behind it, so a connection to a
 //! dead replica is refused as a connection to a dead pod would be. When the
 //! process behind it dies, its connections end as that process's sockets
-//! do. Network faults act here later; for now it passes bytes untouched.
+//! do: a reset is passed on as a reset, never as a clean end.
+//!
+//! [`Shaping`] delays chunks (delay ± jitter, order kept) and drops
+//! connections, on connections already open as well as new ones, like
+//! `tc netem` on the pod's interface: by default on what the process sends,
+//! with `both` also on what it receives.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::{Bytes, BytesMut};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// A network fault in force on a proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Shaping {
+    pub delay: Duration,
+    pub jitter: Duration,
+    /// Chance that a connection is dropped (reset) while the fault lasts.
+    pub loss: f64,
+    /// Also delay what the process receives, not only what it sends.
+    pub both_directions: bool,
+    pub seed: u64,
+}
+
+impl Shaping {
+    fn is_none(&self) -> bool {
+        self.delay.is_zero() && self.jitter.is_zero() && self.loss <= 0.0
+    }
+}
 
 pub struct FrontProxy {
     port: u16,
     target: watch::Sender<Option<u16>>,
+    shaping: watch::Sender<Shaping>,
     task: JoinHandle<()>,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .context("cannot find a free port on 127.0.0.1")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
     Ok(listener.local_addr()?.port())
 }
 
@@ -40,8 +72,14 @@ impl FrontProxy {
     pub fn new() -> anyhow::Result<Self> {
         let port = free_port()?;
         let (target, rx) = watch::channel(None);
-        let task = tokio::spawn(serve(port, rx));
-        Ok(Self { port, target, task })
+        let (shaping, shaping_rx) = watch::channel(Shaping::default());
+        let task = tokio::spawn(serve(port, rx, shaping_rx));
+        Ok(Self {
+            port,
+            target,
+            shaping,
+            task,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -61,6 +99,11 @@ impl FrontProxy {
     pub fn down(&self) {
         self.target.send_replace(None);
     }
+
+    /// Puts a network fault in force, or lifts it with `Shaping::default()`.
+    pub fn shape(&self, shaping: Shaping) {
+        self.shaping.send_replace(shaping);
+    }
 }
 
 impl Drop for FrontProxy {
@@ -69,7 +112,8 @@ impl Drop for FrontProxy {
     }
 }
 
-async fn serve(port: u16, mut target: watch::Receiver<Option<u16>>) {
+async fn serve(port: u16, mut target: watch::Receiver<Option<u16>>, shaping: watch::Receiver<Shaping>) {
+    let connections = Arc::new(AtomicU64::new(0));
     loop {
         let current = *target.borrow_and_update();
         let Some(inner) = current else {
@@ -90,7 +134,8 @@ async fn serve(port: u16, mut target: watch::Receiver<Option<u16>>) {
             tokio::select! {
                 accepted = listener.accept() => {
                     if let Ok((client, _)) = accepted {
-                        tokio::spawn(pipe(client, inner));
+                        let n = connections.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(pipe(client, inner, shaping.clone(), n));
                     }
                 }
                 changed = target.changed() => {
@@ -106,7 +151,48 @@ async fn serve(port: u16, mut target: watch::Receiver<Option<u16>>) {
     }
 }
 
-async fn pipe(mut client: TcpStream, inner: u16) {
+/// Resets both sides: whoever reads next sees a reset, not a clean end.
+fn reset(client: &TcpStream, upstream: &TcpStream) {
+    let _ = client.set_zero_linger();
+    let _ = upstream.set_zero_linger();
+}
+
+/// Bytes held back until their release time, in order.
+#[derive(Default)]
+struct Held {
+    queue: VecDeque<(Instant, Bytes)>,
+    last_release: Option<Instant>,
+}
+
+impl Held {
+    const LIMIT: usize = 256;
+
+    fn push(&mut self, now: Instant, bytes: Bytes, shaping: &Shaping, rng: &mut StdRng) {
+        let jitter = shaping.jitter.as_secs_f64();
+        let spread = if jitter > 0.0 { rng.random_range(-jitter..=jitter) } else { 0.0 };
+        let hold = (shaping.delay.as_secs_f64() + spread).max(0.0);
+        let mut release = now + Duration::from_secs_f64(hold);
+        // Never overtake an earlier chunk: TCP delivers in order.
+        if let Some(last) = self.last_release {
+            release = release.max(last);
+        }
+        self.last_release = Some(release);
+        self.queue.push_back((release, bytes));
+    }
+
+    fn next_release(&self) -> Option<Instant> {
+        self.queue.front().map(|(at, _)| *at)
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn pipe(mut client: TcpStream, inner: u16, mut shaping: watch::Receiver<Shaping>, connection: u64) {
     let mut upstream = match TcpStream::connect(("127.0.0.1", inner)).await {
         Ok(upstream) => upstream,
         Err(_) => {
@@ -118,13 +204,150 @@ async fn pipe(mut client: TcpStream, inner: u16) {
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    if tokio::io::copy_bidirectional(&mut client, &mut upstream)
-        .await
-        .is_err()
-    {
-        // One side was reset: reset the other too, rather than a clean close
-        // that could pass for a complete response.
-        let _ = client.set_zero_linger();
-        let _ = upstream.set_zero_linger();
+    let mut to_process = Held::default();
+    let mut from_process = Held::default();
+    let (mut client_open, mut process_open) = (true, true);
+    let (mut client_buf, mut process_buf) = (BytesMut::with_capacity(16 << 10), BytesMut::with_capacity(16 << 10));
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut loss_drawn = false;
+    let mut current = *shaping.borrow_and_update();
+    loop {
+        if !client_open && to_process.queue.is_empty() && !process_open && from_process.queue.is_empty() {
+            return;
+        }
+        tokio::select! {
+            read = client.read_buf(&mut client_buf), if client_open && to_process.queue.len() < Held::LIMIT => match read {
+                Ok(0) => {
+                    client_open = false;
+                    if to_process.queue.is_empty() {
+                        let _ = upstream.shutdown().await;
+                    }
+                }
+                Ok(_) => {
+                    let chunk = client_buf.split().freeze();
+                    if current.both_directions && !current.is_none() {
+                        to_process.push(Instant::now(), chunk, &current, &mut rng);
+                    } else if !to_process.queue.is_empty() {
+                        to_process.push(Instant::now(), chunk, &Shaping::default(), &mut rng);
+                    } else if upstream.write_all(&chunk).await.is_err() {
+                        return reset(&client, &upstream);
+                    }
+                }
+                Err(_) => return reset(&client, &upstream),
+            },
+            read = upstream.read_buf(&mut process_buf), if process_open && from_process.queue.len() < Held::LIMIT => match read {
+                Ok(0) => {
+                    process_open = false;
+                    if from_process.queue.is_empty() {
+                        let _ = client.shutdown().await;
+                    }
+                }
+                Ok(_) => {
+                    let chunk = process_buf.split().freeze();
+                    if current.loss > 0.0 && !loss_drawn {
+                        loss_drawn = true;
+                        if rng.random_bool(current.loss.clamp(0.0, 1.0)) {
+                            return reset(&client, &upstream);
+                        }
+                    }
+                    if !current.is_none() {
+                        from_process.push(Instant::now(), chunk, &current, &mut rng);
+                    } else if !from_process.queue.is_empty() {
+                        // A fault just lifted: what is held goes first.
+                        from_process.push(Instant::now(), chunk, &Shaping::default(), &mut rng);
+                    } else if client.write_all(&chunk).await.is_err() {
+                        return reset(&client, &upstream);
+                    }
+                }
+                Err(_) => return reset(&client, &upstream),
+            },
+            _ = sleep_until_some(to_process.next_release()) => {
+                if let Some((_, chunk)) = to_process.queue.pop_front() {
+                    if upstream.write_all(&chunk).await.is_err() {
+                        return reset(&client, &upstream);
+                    }
+                    if !client_open && to_process.queue.is_empty() {
+                        let _ = upstream.shutdown().await;
+                    }
+                }
+            }
+            _ = sleep_until_some(from_process.next_release()) => {
+                if let Some((_, chunk)) = from_process.queue.pop_front() {
+                    if client.write_all(&chunk).await.is_err() {
+                        return reset(&client, &upstream);
+                    }
+                    if !process_open && from_process.queue.is_empty() {
+                        let _ = client.shutdown().await;
+                    }
+                }
+            }
+            changed = shaping.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = *shaping.borrow_and_update();
+                rng = StdRng::seed_from_u64(crate::tokens::mix(current.seed ^ connection));
+                loss_drawn = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn delays_what_the_process_sends_and_keeps_the_order() {
+        // An echo server stands in for the process.
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let proxy = FrontProxy::new().unwrap();
+        proxy.up(echo_port);
+        let mut conn = loop {
+            if let Ok(c) = TcpStream::connect(("127.0.0.1", proxy.port())).await {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        async fn round_trip(conn: &mut TcpStream, byte: u8) -> Duration {
+            let started = Instant::now();
+            conn.write_all(&[byte]).await.unwrap();
+            let mut got = [0u8; 1];
+            conn.read_exact(&mut got).await.unwrap();
+            assert_eq!(got[0], byte);
+            started.elapsed()
+        }
+        assert!(round_trip(&mut conn, 1).await < Duration::from_millis(50));
+        // Put in force on a connection already open.
+        proxy.shape(Shaping { delay: Duration::from_millis(150), ..Shaping::default() });
+        let delayed = round_trip(&mut conn, 2).await;
+        assert!(delayed >= Duration::from_millis(150) && delayed < Duration::from_millis(250), "{delayed:?}");
+        proxy.shape(Shaping { delay: Duration::from_millis(100), both_directions: true, ..Shaping::default() });
+        let both = round_trip(&mut conn, 3).await;
+        assert!(both >= Duration::from_millis(200), "{both:?}");
+        proxy.shape(Shaping::default());
+        assert!(round_trip(&mut conn, 4).await < Duration::from_millis(50));
+        // Burst: order is kept under jitter.
+        proxy.shape(Shaping { delay: Duration::from_millis(20), jitter: Duration::from_millis(15), ..Shaping::default() });
+        conn.write_all(&[10, 11, 12, 13, 14, 15, 16, 17]).await.unwrap();
+        let mut got = [0u8; 8];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [10, 11, 12, 13, 14, 15, 16, 17]);
+    }
+
+    #[tokio::test]
+    async fn refuses_while_down() {
+        let proxy = FrontProxy::new().unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(TcpStream::connect(("127.0.0.1", proxy.port())).await.is_err());
     }
 }

@@ -21,6 +21,7 @@ pub mod http;
 pub mod jsonl;
 pub mod load;
 pub mod measure;
+pub mod plan;
 pub mod playbook;
 pub mod progress;
 pub mod report;

@@ -39,6 +39,14 @@ enum Command {
         #[arg(required = true)]
         playbooks: Vec<PathBuf>,
     },
+    /// Show what a playbook would do: per stack, the fault timeline and blast radius. Injects nothing.
+    Plan { playbook: PathBuf },
+    /// Stop what runs killed outright left behind (their state.json says what).
+    Cleanup {
+        /// Where run directories are.
+        #[arg(long, default_value = "reports")]
+        reports: PathBuf,
+    },
     /// Rebuild summary.json and report.md of run directories from their records.
     Report {
         #[arg(required = true)]
@@ -136,6 +144,32 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 RunStatus::Failed | RunStatus::Aborted => ExitCode::from(1),
                 RunStatus::Interrupted => ExitCode::from(130),
             })
+        }
+        Command::Plan { playbook: path } => match playbook::load(&path) {
+            Ok(loaded) => {
+                print!("{}", shakedown::plan::render(&loaded.playbook));
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Cleanup { reports } => {
+            let cleaned = shakedown::state::cleanup(&reports)?;
+            if cleaned.is_empty() {
+                println!("nothing to clean up under {}", reports.display());
+            }
+            for run in cleaned {
+                if run.still_running {
+                    println!("{}: still running, left alone", run.run.display());
+                } else if run.killed.is_empty() {
+                    println!("{}: nothing was left running", run.run.display());
+                } else {
+                    println!("{}: stopped {}", run.run.display(), run.killed.join(", "));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Report { runs } => {
             for dir in runs {

@@ -79,22 +79,31 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     let pb = &loaded.playbook;
     let run_id = format!("{}-{}", Utc::now().format("%Y%m%dT%H%M%SZ"), pb.name);
     let dir = options.reports_dir.join(&run_id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the run directory {}", dir.display()))?;
-    std::fs::write(dir.join("playbook.yaml"), &loaded.text).context("cannot write playbook.yaml")?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    std::fs::write(dir.join("playbook.yaml"), &loaded.text)
+        .context("cannot write playbook.yaml")?;
     let state = Arc::new(RunState::create(&dir)?);
     let (events, events_writer) = jsonl::open::<Event>(&dir.join("events.jsonl"))?;
     let (records, records_writer) = jsonl::open::<Record>(&dir.join("requests.jsonl"))?;
     let run_log = EventLog::new(events.clone(), None, Instant::now());
-    run_log.emit(EventKind::RunStarted { run_id: run_id.clone(), playbook: pb.name.clone() });
+    run_log.emit(EventKind::RunStarted {
+        run_id: run_id.clone(),
+        playbook: pb.name.clone(),
+    });
 
     let (stop_tx, stop) = watch::channel(false);
     let shown_dir = dir.display().to_string();
     let signals = tokio::spawn(async move {
         wait_for_signal().await;
-        eprintln!("\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)");
+        eprintln!(
+            "\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)"
+        );
         stop_tx.send_replace(true);
         wait_for_signal().await;
-        eprintln!("shakedown: forced exit; `shakedown cleanup` stops what is left, `shakedown report {shown_dir}` rebuilds the report");
+        eprintln!(
+            "shakedown: forced exit; `shakedown cleanup` stops what is left, `shakedown report {shown_dir}` rebuilds the report"
+        );
         std::process::exit(130);
     });
 
@@ -111,7 +120,9 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         };
         async move {
             let name = ctx.stack.name.clone();
-            ctx.run().await.map_err(|err| format!("stack `{name}`: {err:#}"))
+            ctx.run()
+                .await
+                .map_err(|err| format!("stack `{name}`: {err:#}"))
         }
     };
     let mut errors = Vec::new();
@@ -155,12 +166,20 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     // Every process is down and every fault reverted: nothing to clean up.
     state.remove()?;
     let summary = crate::report::rebuild(&dir)?;
-    Ok(RunResult { dir, status, summary, errors })
+    Ok(RunResult {
+        dir,
+        status,
+        summary,
+        errors,
+    })
 }
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -191,7 +210,10 @@ enum Step {
 
 impl StackRun<'_> {
     fn model(&self) -> String {
-        self.stack.model.clone().unwrap_or_else(|| DEFAULT_LOCAL_MODEL.to_string())
+        self.stack
+            .model
+            .clone()
+            .unwrap_or_else(|| DEFAULT_LOCAL_MODEL.to_string())
     }
 
     async fn run(self) -> anyhow::Result<StackEnd> {
@@ -222,7 +244,9 @@ impl StackRun<'_> {
         };
         let result = self.drive(&cluster, &log).await;
         if let Err(err) = &result {
-            log.emit(EventKind::StackFailed { error: format!("{err:#}") });
+            log.emit(EventKind::StackFailed {
+                error: format!("{err:#}"),
+            });
         }
         cluster.shutdown().await;
         log.emit(EventKind::StackStopped);
@@ -238,13 +262,21 @@ impl StackRun<'_> {
         }
         let endpoint = cluster.endpoint().to_string();
         preflight(&endpoint).await?;
-        log.emit(EventKind::StackReady { endpoint: endpoint.clone() });
+        log.emit(EventKind::StackReady {
+            endpoint: endpoint.clone(),
+        });
 
         let pb = self.pb;
         let plan = self.load_plan(&endpoint);
         let live = Arc::new(LiveStats::default());
         let current_fault: CurrentFault = Default::default();
-        let progress = Progress::start(&self.stack.name, pb.duration.0, live.clone(), current_fault.clone(), self.options.quiet);
+        let progress = Progress::start(
+            &self.stack.name,
+            pb.duration.0,
+            live.clone(),
+            current_fault.clone(),
+            self.options.quiet,
+        );
         let client = load::http_client(plan.max_in_flight)?;
 
         // The stack stops on the run's stop, or when its abort rule fires.
@@ -258,19 +290,43 @@ impl StackRun<'_> {
         };
         let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let abort_watch = pb.abort.clone().map(|rule| {
-            tokio::spawn(watch_abort(rule, live.clone(), log.clone(), stack_stop_tx.clone(), aborted.clone()))
+            tokio::spawn(watch_abort(
+                rule,
+                live.clone(),
+                log.clone(),
+                stack_stop_tx.clone(),
+                aborted.clone(),
+            ))
         });
 
         let load_start = Instant::now();
-        log.emit(EventKind::LoadStarted { duration_s: pb.duration.as_secs_f64() });
-        let mut load = tokio::spawn(load::run_load(plan, client, log.origin(), load_start, self.records.clone(), live, stack_stop.clone()));
+        log.emit(EventKind::LoadStarted {
+            duration_s: pb.duration.as_secs_f64(),
+        });
+        let mut load = tokio::spawn(load::run_load(
+            plan,
+            client,
+            log.origin(),
+            load_start,
+            self.records.clone(),
+            live,
+            stack_stop.clone(),
+        ));
 
         let faults: Vec<&Fault> = pb
             .faults
             .iter()
-            .filter(|f| f.stacks.as_ref().is_none_or(|names| names.contains(&self.stack.name)))
+            .filter(|f| {
+                f.stacks
+                    .as_ref()
+                    .is_none_or(|names| names.contains(&self.stack.name))
+            })
             .collect();
-        let mut timeline: BTreeMap<(Duration, Step), ()> = faults.iter().enumerate().map(|(i, f)| ((f.at.0, Step::Inject(i)), ())).collect();
+        let mut timeline: BTreeMap<(Duration, Step), ()> = faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| ((f.at.0, Step::Inject(i)), ()))
+            .collect();
         let mut active: BTreeMap<usize, (Box<dyn FaultAction>, Injected)> = BTreeMap::new();
         let mut load_result = None;
         let mut stack_stop_rx = stack_stop.clone();
@@ -284,7 +340,10 @@ impl StackRun<'_> {
                 Step::Inject(i) => {
                     let fault = faults[i];
                     let action = faults::from_spec(fault)?;
-                    match action.inject(cluster, fault_seed(pb.seed, &fault.name)).await {
+                    match action
+                        .inject(cluster, fault_seed(pb.seed, &fault.name))
+                        .await
+                    {
                         Ok(done) => {
                             log.emit(EventKind::FaultInjected {
                                 fault: fault.name.clone(),
@@ -300,7 +359,10 @@ impl StackRun<'_> {
                             }
                         }
                         Err(err) => {
-                            log.emit(EventKind::FaultFailed { fault: fault.name.clone(), error: format!("{err:#}") });
+                            log.emit(EventKind::FaultFailed {
+                                fault: fault.name.clone(),
+                                error: format!("{err:#}"),
+                            });
                             tracing::warn!("fault `{}` could not be injected: {err:#}", fault.name);
                         }
                     }
@@ -370,17 +432,36 @@ impl StackRun<'_> {
 /// Each fault's random choices depend on the playbook's seed and its name
 /// only, so every stack sees the same choices.
 fn fault_seed(seed: u64, name: &str) -> u64 {
-    crate::tokens::mix(seed ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))))
+    crate::tokens::mix(
+        seed ^ name
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
+    )
 }
 
-async fn revert(cluster: &Cluster, log: &EventLog, name: &str, action: &dyn FaultAction, done: &Injected) {
+async fn revert(
+    cluster: &Cluster,
+    log: &EventLog,
+    name: &str,
+    action: &dyn FaultAction,
+    done: &Injected,
+) {
     match action.revert(cluster, done).await {
-        Ok(()) => log.emit(EventKind::FaultReverted { fault: name.to_string() }),
-        Err(err) => log.emit(EventKind::FaultFailed { fault: name.to_string(), error: format!("revert failed: {err:#}") }),
+        Ok(()) => log.emit(EventKind::FaultReverted {
+            fault: name.to_string(),
+        }),
+        Err(err) => log.emit(EventKind::FaultFailed {
+            fault: name.to_string(),
+            error: format!("revert failed: {err:#}"),
+        }),
     }
 }
 
-fn show_active(current: &CurrentFault, faults: &[&Fault], active: &BTreeMap<usize, (Box<dyn FaultAction>, Injected)>) {
+fn show_active(
+    current: &CurrentFault,
+    faults: &[&Fault],
+    active: &BTreeMap<usize, (Box<dyn FaultAction>, Injected)>,
+) {
     if let Ok(mut shown) = current.lock() {
         let names: Vec<&str> = active.keys().map(|&i| faults[i].name.as_str()).collect();
         *shown = (!names.is_empty()).then(|| names.join(", "));
@@ -389,7 +470,13 @@ fn show_active(current: &CurrentFault, faults: &[&Fault], active: &BTreeMap<usiz
 
 /// Fires the `abort` rule: when the share of requests ending well, second by
 /// second, stays below the threshold for the rule's time, the stack stops.
-async fn watch_abort(rule: Abort, live: Arc<LiveStats>, log: EventLog, stop: watch::Sender<bool>, aborted: Arc<std::sync::atomic::AtomicBool>) {
+async fn watch_abort(
+    rule: Abort,
+    live: Arc<LiveStats>,
+    log: EventLog,
+    stop: watch::Sender<bool>,
+    aborted: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let (mut last_ok, mut last_done) = (0u64, 0u64);
     let mut below_since: Option<Instant> = None;
@@ -426,13 +513,18 @@ async fn watch_abort(rule: Abort, live: Arc<LiveStats>, log: EventLog, stop: wat
 /// The endpoint must serve `/v1/models` before any fault is injected.
 async fn preflight(endpoint: &str) -> anyhow::Result<()> {
     let url = format!("{}/v1/models", endpoint.trim_end_matches('/'));
-    let client = crate::http::client_builder().timeout(Duration::from_secs(5)).build()?;
+    let client = crate::http::client_builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
     let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
     loop {
         let problem = match client.get(&url).send().await {
             Ok(response) if response.status().is_success() => return Ok(()),
             Ok(response) => format!("answered {}", response.status()),
-            Err(err) => format!("does not answer: {}", crate::load::client::error_chain(&err)),
+            Err(err) => format!(
+                "does not answer: {}",
+                crate::load::client::error_chain(&err)
+            ),
         };
         if Instant::now() >= deadline {
             bail!(

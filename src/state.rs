@@ -38,16 +38,36 @@ pub struct RunState {
     state: Mutex<StateFile>,
 }
 
-/// When the kernel started `pid`, in clock ticks since boot (field 22 of
-/// `/proc/PID/stat`); `None` if there is no such process or it is a zombie.
-pub fn process_start(pid: u32) -> Option<u64> {
+/// A live process's group and start time (clock ticks since boot), from
+/// `/proc/PID/stat`; `None` if there is no such process or it is a zombie.
+fn stat(pid: u32) -> Option<(u32, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: parse after the last ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     if fields.first() == Some(&"Z") {
         return None;
     }
-    fields.get(19)?.parse().ok()
+    Some((fields.get(2)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+/// When the kernel started `pid`; `None` if it is not alive.
+pub fn process_start(pid: u32) -> Option<u64> {
+    stat(pid).map(|(_, start)| start)
+}
+
+/// The live processes of process group `leader` started no earlier than
+/// the leader was: the leader's own descendants, even once the leader is
+/// gone, and never an unrelated process that reused a pid.
+pub fn group_members(leader: u32, leader_start: u64) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            stat(pid).is_some_and(|(group, start)| group == leader && start >= leader_start)
+        })
+        .collect()
 }
 
 impl RunState {
@@ -67,18 +87,29 @@ impl RunState {
 
     fn write(&self) -> anyhow::Result<()> {
         let json = {
-            let state = self.state.lock().map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
+            let state = self
+                .state
+                .lock()
+                .map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
             serde_json::to_vec_pretty(&*state)?
         };
         let tmp = self.path.with_extension("json.tmp");
         std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("cannot write {}", self.path.display()))
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("cannot write {}", self.path.display()))
     }
 
     pub fn started(&self, pid: u32, stack: &str, pod: &str) {
         if let Ok(mut state) = self.state.lock() {
             let start = process_start(pid).unwrap_or(0);
-            state.processes.insert(pid, Process { start, stack: stack.into(), pod: pod.into() });
+            state.processes.insert(
+                pid,
+                Process {
+                    start,
+                    stack: stack.into(),
+                    pod: pod.into(),
+                },
+            );
         }
         if let Err(err) = self.write() {
             tracing::warn!("{err:#}");
@@ -126,20 +157,30 @@ pub fn cleanup(reports: &Path) -> anyhow::Result<Vec<Cleaned>> {
     for entry in entries {
         let run = entry?.path();
         let path = run.join(STATE_FILE);
-        let Ok(text) = std::fs::read(&path) else { continue };
-        let state: StateFile =
-            serde_json::from_slice(&text).with_context(|| format!("{} is not a state file", path.display()))?;
-        let mut done = Cleaned { run: run.clone(), ..Cleaned::default() };
+        let Ok(text) = std::fs::read(&path) else {
+            continue;
+        };
+        let state: StateFile = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a state file", path.display()))?;
+        let mut done = Cleaned {
+            run: run.clone(),
+            ..Cleaned::default()
+        };
         if process_start(state.owner_pid) == Some(state.owner_start) {
             done.still_running = true;
             cleaned.push(done);
             continue;
         }
-        for (pid, process) in &state.processes {
-            if process_start(*pid) == Some(process.start) {
-                // Each child leads its own process group: take the group.
-                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
-                done.killed.push(format!("{} {} (pid {pid})", process.stack, process.pod));
+        for (leader, process) in &state.processes {
+            // Each child led its own process group: whatever is left of the
+            // group goes, the leader's own children too.
+            for pid in group_members(*leader, process.start) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                done.killed
+                    .push(format!("{} {} (pid {pid})", process.stack, process.pod));
             }
         }
         std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
@@ -165,14 +206,30 @@ mod tests {
         let dead_run = reports.path().join("dead");
         std::fs::create_dir(&dead_run).unwrap();
         use std::os::unix::process::CommandExt;
-        let mut orphan = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+        let mut orphan = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
         let pid = orphan.id();
         let state = StateFile {
             owner_pid: u32::MAX, // long gone
             owner_start: 1,
-            processes: [(pid, Process { start: process_start(pid).unwrap(), stack: "s".into(), pod: "engine-0-0".into() })].into(),
+            processes: [(
+                pid,
+                Process {
+                    start: process_start(pid).unwrap(),
+                    stack: "s".into(),
+                    pod: "engine-0-0".into(),
+                },
+            )]
+            .into(),
         };
-        std::fs::write(dead_run.join(STATE_FILE), serde_json::to_vec(&state).unwrap()).unwrap();
+        std::fs::write(
+            dead_run.join(STATE_FILE),
+            serde_json::to_vec(&state).unwrap(),
+        )
+        .unwrap();
         let live_run = reports.path().join("live");
         std::fs::create_dir(&live_run).unwrap();
         RunState::create(&live_run).unwrap();
@@ -181,9 +238,18 @@ mod tests {
         assert_eq!(cleaned.len(), 2);
         let dead = cleaned.iter().find(|c| c.run == dead_run).unwrap();
         assert_eq!(dead.killed.len(), 1);
-        assert!(orphan.wait().unwrap().code().is_none(), "killed by a signal");
+        assert!(
+            orphan.wait().unwrap().code().is_none(),
+            "killed by a signal"
+        );
         assert!(!dead_run.join(STATE_FILE).exists());
-        assert!(cleaned.iter().find(|c| c.run == live_run).unwrap().still_running);
+        assert!(
+            cleaned
+                .iter()
+                .find(|c| c.run == live_run)
+                .unwrap()
+                .still_running
+        );
         assert!(live_run.join(STATE_FILE).exists());
     }
 }

@@ -37,9 +37,16 @@ impl NetworkDelay {
     }
 
     fn describe(&self) -> String {
-        let mut text = format!("{}ms ± {}ms", self.delay.as_millis(), self.jitter.as_millis());
+        let mut text = format!(
+            "{}ms ± {}ms",
+            self.delay.as_millis(),
+            self.jitter.as_millis()
+        );
         if self.loss > 0.0 {
-            text.push_str(&format!(", {:.1}% of connections dropped", self.loss * 100.0));
+            text.push_str(&format!(
+                ", {:.1}% of connections dropped",
+                self.loss * 100.0
+            ));
         }
         text.push_str(match self.direction {
             Direction::Egress => ", on what the pods send",
@@ -58,7 +65,11 @@ fn local_role(role: &str) -> anyhow::Result<Role> {
 }
 
 impl FaultAction for NetworkDelay {
-    fn inject<'a>(&'a self, cluster: &'a Cluster, seed: u64) -> BoxFuture<'a, anyhow::Result<Injected>> {
+    fn inject<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        seed: u64,
+    ) -> BoxFuture<'a, anyhow::Result<Injected>> {
         Box::pin(async move {
             match cluster {
                 Cluster::Local(local) => {
@@ -70,13 +81,20 @@ impl FaultAction for NetworkDelay {
                         seed,
                     };
                     let targets = local.shape(local_role(&self.role)?, shaping);
-                    Ok(Injected { targets, detail: Some(self.describe()) })
+                    Ok(Injected {
+                        targets,
+                        detail: Some(self.describe()),
+                    })
                 }
             }
         })
     }
 
-    fn revert<'a>(&'a self, cluster: &'a Cluster, _injected: &'a Injected) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn revert<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        _injected: &'a Injected,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             match cluster {
                 Cluster::Local(local) => {

@@ -58,7 +58,13 @@ impl NodeDrain {
 
 /// Evicts `pods` one by one, each only while fewer than `max_unavailable`
 /// pods of the role are unavailable.
-async fn evict(control: Arc<LocalControl>, role: Role, pods: Vec<String>, max_unavailable: usize, grace: Duration) {
+async fn evict(
+    control: Arc<LocalControl>,
+    role: Role,
+    pods: Vec<String>,
+    max_unavailable: usize,
+    grace: Duration,
+) {
     for pod in pods {
         loop {
             let (total, ready) = control.availability(role);
@@ -74,19 +80,26 @@ async fn evict(control: Arc<LocalControl>, role: Role, pods: Vec<String>, max_un
 }
 
 impl FaultAction for NodeDrain {
-    fn inject<'a>(&'a self, cluster: &'a Cluster, seed: u64) -> BoxFuture<'a, anyhow::Result<Injected>> {
+    fn inject<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        seed: u64,
+    ) -> BoxFuture<'a, anyhow::Result<Injected>> {
         Box::pin(async move {
             match cluster {
                 Cluster::Local(local) => {
                     let role = match self.role.as_str() {
                         "engine" => Role::Engine,
-                        other => bail!("only `engine` pods sit on GPU nodes in a local cluster, not `{other}`"),
+                        other => bail!(
+                            "only `engine` pods sit on GPU nodes in a local cluster, not `{other}`"
+                        ),
                     };
                     let pods = local.pods(Some(role));
                     let node = match &self.node {
                         Some(node) => node.clone(),
                         None => {
-                            let mut hosting: Vec<String> = pods.iter().filter_map(|p| p.node.clone()).collect();
+                            let mut hosting: Vec<String> =
+                                pods.iter().filter_map(|p| p.node.clone()).collect();
                             hosting.sort();
                             hosting.dedup();
                             match hosting.choose(&mut StdRng::seed_from_u64(seed)) {
@@ -98,12 +111,25 @@ impl FaultAction for NodeDrain {
                     let cordoned_by_us = local.cordon(&node)?;
                     let on_node: Vec<String> = pods
                         .into_iter()
-                        .filter(|p| p.node.as_deref() == Some(node.as_str()) && matches!(p.phase, Phase::Starting | Phase::Ready))
+                        .filter(|p| {
+                            p.node.as_deref() == Some(node.as_str())
+                                && matches!(p.phase, Phase::Starting | Phase::Ready)
+                        })
                         .map(|p| p.pod)
                         .collect();
-                    let evicting = tokio::spawn(evict(local.control(), role, on_node.clone(), self.max_unavailable, self.grace));
+                    let evicting = tokio::spawn(evict(
+                        local.control(),
+                        role,
+                        on_node.clone(),
+                        self.max_unavailable,
+                        self.grace,
+                    ));
                     if let Ok(mut drain) = self.drain.lock() {
-                        *drain = Some(Drain { node: node.clone(), cordoned_by_us, evicting });
+                        *drain = Some(Drain {
+                            node: node.clone(),
+                            cordoned_by_us,
+                            evicting,
+                        });
                     }
                     let detail = format!(
                         "node {node} cordoned{}, {} pods to evict, at most {} unavailable",
@@ -111,13 +137,20 @@ impl FaultAction for NodeDrain {
                         on_node.len(),
                         self.max_unavailable
                     );
-                    Ok(Injected { targets: on_node, detail: Some(detail) })
+                    Ok(Injected {
+                        targets: on_node,
+                        detail: Some(detail),
+                    })
                 }
             }
         })
     }
 
-    fn revert<'a>(&'a self, cluster: &'a Cluster, _injected: &'a Injected) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn revert<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        _injected: &'a Injected,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let Some(drain) = self.drain.lock().ok().and_then(|mut d| d.take()) else {
                 return Ok(());

@@ -76,7 +76,10 @@ impl FaultAction for PodKill {
                     for pod in &running {
                         local.kill(pod, self.grace).await?;
                     }
-                    Ok(Injected { targets: running, detail: None })
+                    Ok(Injected {
+                        targets: running,
+                        detail: None,
+                    })
                 }
             }
         })

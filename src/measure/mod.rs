@@ -270,7 +270,11 @@ pub fn summarize_stack(
         counted.len() as u64,
     );
 
-    let injections: Vec<Injection> = settings.faults.iter().map(|(name, _, _)| Injection::find(events, name, load_start)).collect();
+    let injections: Vec<Injection> = settings
+        .faults
+        .iter()
+        .map(|(name, _, _)| Injection::find(events, name, load_start))
+        .collect();
 
     let mut faults = Vec::new();
     for (i, (fault_name, action, _)) in settings.faults.iter().enumerate() {
@@ -294,7 +298,10 @@ pub fn summarize_stack(
                 ttft_degradation: None,
                 replacement_scheduled_s: None,
                 replacement_ready_s: None,
-                error: injection.error.clone().or_else(|| Some("not injected".into())),
+                error: injection
+                    .error
+                    .clone()
+                    .or_else(|| Some("not injected".into())),
             });
             continue;
         };
@@ -384,18 +391,33 @@ struct Injection {
 
 impl Injection {
     fn find(events: &[Event], name: &str, load_start: f64) -> Self {
-        let mut found = Injection { at: None, targets: Vec::new(), detail: None, reverted_at: None, error: None };
+        let mut found = Injection {
+            at: None,
+            targets: Vec::new(),
+            detail: None,
+            reverted_at: None,
+            error: None,
+        };
         for event in events {
             match &event.kind {
-                EventKind::FaultInjected { fault, targets, detail, .. } if fault == name && found.at.is_none() => {
+                EventKind::FaultInjected {
+                    fault,
+                    targets,
+                    detail,
+                    ..
+                } if fault == name && found.at.is_none() => {
                     found.at = Some(event.t_s - load_start);
                     found.targets = targets.clone();
                     found.detail = detail.clone();
                 }
-                EventKind::FaultReverted { fault } if fault == name && found.reverted_at.is_none() => {
+                EventKind::FaultReverted { fault }
+                    if fault == name && found.reverted_at.is_none() =>
+                {
                     found.reverted_at = Some(event.t_s - load_start);
                 }
-                EventKind::FaultFailed { fault, error } if fault == name && found.error.is_none() => {
+                EventKind::FaultFailed { fault, error }
+                    if fault == name && found.error.is_none() =>
+                {
                     found.error = Some(error.clone());
                 }
                 _ => {}

@@ -103,14 +103,15 @@ pub fn parse(file: &Path, text: &str) -> Result<Playbook, PlaybookError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     let playbook: Playbook = serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let field = err.path().to_string();
+        let field = if field == "." { String::new() } else { field };
         let inner = err.into_inner();
         let location = inner.location();
         PlaybookError {
             file: file.to_path_buf(),
             line: location.as_ref().map(|l| l.line()),
             column: location.as_ref().map(|l| l.column()),
-            field: if field == "." { String::new() } else { field },
-            message: explain_serde(&inner.to_string()),
+            message: explain_serde(&inner.to_string(), &field),
+            field,
         }
     })?;
     validate::validate(&playbook).map_err(|problem| {
@@ -126,20 +127,37 @@ pub fn parse(file: &Path, text: &str) -> Result<Playbook, PlaybookError> {
     Ok(playbook)
 }
 
-/// serde_yaml appends " at line L column C" to its messages; we print the
-/// location in front, like a compiler, so we take it off the end.
-fn explain_serde(message: &str) -> String {
-    let message = match message.rfind(" at line ") {
+/// serde_yaml's messages carry the path in front and the location at the
+/// end; we print both in front, like a compiler, so we take them off. Rust
+/// type names become what a playbook author would call them.
+fn explain_serde(message: &str, field: &str) -> String {
+    let mut message = match message.rfind(" at line ") {
         Some(i) => &message[..i],
         None => message,
     };
-    let message = message.strip_prefix(": ").unwrap_or(message);
-    if message.starts_with("invalid type: unit value")
-        || message.contains("expected struct") && message.contains("unit")
+    if let Some((head, rest)) = message.split_once(": ")
+        && !head.contains(' ')
+        && (head == "." || field.starts_with(head))
     {
-        return format!("{message} (the field is there but has no value)");
+        message = rest;
     }
-    message.to_string()
+    let mut message = message.to_string();
+    for (rust, words) in [
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected `true` or `false`"),
+        (
+            "expected a sequence",
+            "expected a list (`- item` lines, or `[a, b]`)",
+        ),
+    ] {
+        message = message.replace(rust, words);
+    }
+    if message.starts_with("invalid type: unit value") {
+        message.push_str(" (the field is there but has no value)");
+    }
+    message
 }
 
 #[cfg(test)]

@@ -125,7 +125,13 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
             "a fraction above 0 and at most 1, such as 0.1",
         )?;
         if abort.for_.is_zero() || abort.for_ > pb.duration {
-            return at(path.key("for"), format!("`for` is above zero and at most the run's duration ({}), such as `30s`", pb.duration));
+            return at(
+                path.key("for"),
+                format!(
+                    "`for` is above zero and at most the run's duration ({}), such as `30s`",
+                    pb.duration
+                ),
+            );
         }
     }
     if let Some(gate) = &pb.gate {
@@ -514,21 +520,41 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
         }
         FaultAction::NodeDrain => {
             if fault.max_unavailable == Some(0) {
-                return at(path.key("max_unavailable"), "max_unavailable is at least 1: a drain that may take nothing down never ends");
+                return at(
+                    path.key("max_unavailable"),
+                    "max_unavailable is at least 1: a drain that may take nothing down never ends",
+                );
             }
-            fits(pb, path.clone(), fault, "uncordon_after", fault.uncordon_after)?;
+            fits(
+                pb,
+                path.clone(),
+                fault,
+                "uncordon_after",
+                fault.uncordon_after,
+            )?;
             for stack in applies_to_stacks(pb, fault) {
                 if stack.cluster.kind != ClusterKind::Local {
                     continue;
                 }
                 if fault.target != "engine" {
-                    return at(path.key("target"), "in a local cluster only `engine` pods sit on GPU nodes: drain `target: engine`");
+                    return at(
+                        path.key("target"),
+                        "in a local cluster only `engine` pods sit on GPU nodes: drain `target: engine`",
+                    );
                 }
                 if let Some(node) = &fault.node {
                     let nodes = stack.cluster.nodes.unwrap_or(1);
-                    let known: Vec<String> = (0..nodes).map(|n| format!("`gpu-node-{n}`")).collect();
+                    let known: Vec<String> =
+                        (0..nodes).map(|n| format!("`gpu-node-{n}`")).collect();
                     if !known.contains(&format!("`{node}`")) {
-                        return at(path.key("node"), format!("stack `{}` has no node `{node}`: its nodes are {}", stack.name, known.join(", ")));
+                        return at(
+                            path.key("node"),
+                            format!(
+                                "stack `{}` has no node `{node}`: its nodes are {}",
+                                stack.name,
+                                known.join(", ")
+                            ),
+                        );
                     }
                 }
             }
@@ -536,20 +562,35 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
         }
         FaultAction::NetworkDelay => {
             if fault.delay.is_none() && fault.loss.is_none() {
-                return at(path.key("delay"), "a network fault needs a `delay` (such as `200ms`), a `loss`, or both");
+                return at(
+                    path.key("delay"),
+                    "a network fault needs a `delay` (such as `200ms`), a `loss`, or both",
+                );
             }
             if let Some(delay) = fault.delay
                 && delay.0 > std::time::Duration::from_secs(60)
             {
-                return at(path.key("delay"), "a delay of more than 60s would only time every request out: use at most `60s`");
+                return at(
+                    path.key("delay"),
+                    "a delay of more than 60s would only time every request out: use at most `60s`",
+                );
             }
             if let Some(jitter) = fault.jitter
                 && jitter > fault.delay.unwrap_or_default()
             {
-                return at(path.key("jitter"), "the jitter is at most the delay, so no chunk is held for less than nothing");
+                return at(
+                    path.key("jitter"),
+                    "the jitter is at most the delay, so no chunk is held for less than nothing",
+                );
             }
             if let Some(loss) = fault.loss {
-                check_range(path.clone().key("loss"), loss, 0.0, 1.0, "the share of connections dropped, from 0 to 1, such as 0.05")?;
+                check_range(
+                    path.clone().key("loss"),
+                    loss,
+                    0.0,
+                    1.0,
+                    "the share of connections dropped, from 0 to 1, such as 0.05",
+                )?;
             }
             fits(pb, path, fault, "duration", fault.duration)
         }
@@ -557,14 +598,28 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
 }
 
 fn applies_to_stacks<'a>(pb: &'a Playbook, fault: &'a Fault) -> impl Iterator<Item = &'a Stack> {
-    pb.stacks.iter().filter(|s| fault.stacks.as_ref().is_none_or(|names| names.contains(&s.name)))
+    pb.stacks.iter().filter(|s| {
+        fault
+            .stacks
+            .as_ref()
+            .is_none_or(|names| names.contains(&s.name))
+    })
 }
 
 /// A fault that lasts a while must end inside the run.
-fn fits(pb: &Playbook, path: FieldPath, fault: &Fault, field: &str, lasts: Option<super::HumanDuration>) -> Result<(), Problem> {
+fn fits(
+    pb: &Playbook,
+    path: FieldPath,
+    fault: &Fault,
+    field: &str,
+    lasts: Option<super::HumanDuration>,
+) -> Result<(), Problem> {
     let Some(lasts) = lasts else { return Ok(()) };
     if lasts.is_zero() {
-        return at(path.key(field), format!("`{field}` is above zero, such as `30s`"));
+        return at(
+            path.key(field),
+            format!("`{field}` is above zero, such as `30s`"),
+        );
     }
     if fault.at.0 + lasts.0 > pb.duration.0 {
         return at(

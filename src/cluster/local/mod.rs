@@ -210,10 +210,19 @@ impl LocalCluster {
                 orders,
                 shutdown.subscribe(),
             )));
-            slots.push(Slot { role, status, control, proxy });
+            slots.push(Slot {
+                role,
+                status,
+                control,
+                proxy,
+            });
         }
         Ok(Self {
-            control: Arc::new(LocalControl { shared, slots, endpoint: router_proxy.url() }),
+            control: Arc::new(LocalControl {
+                shared,
+                slots,
+                endpoint: router_proxy.url(),
+            }),
             shutdown,
             tasks,
         })
@@ -234,7 +243,6 @@ impl LocalCluster {
 }
 
 impl LocalControl {
-
     /// The stack's OpenAI-compatible base URL: the router's front port.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
@@ -305,13 +313,21 @@ impl LocalControl {
 
     /// The nodes as they are now.
     pub fn nodes(&self) -> Vec<Node> {
-        self.shared.nodes.lock().map(|n| n.0.clone()).unwrap_or_default()
+        self.shared
+            .nodes
+            .lock()
+            .map(|n| n.0.clone())
+            .unwrap_or_default()
     }
 
     /// Marks a node unschedulable. Returns false if it already was (then it
     /// is not ours to uncordon).
     pub fn cordon(&self, node: &str) -> anyhow::Result<bool> {
-        let mut nodes = self.shared.nodes.lock().map_err(|_| anyhow::anyhow!("node table poisoned"))?;
+        let mut nodes = self
+            .shared
+            .nodes
+            .lock()
+            .map_err(|_| anyhow::anyhow!("node table poisoned"))?;
         let known: Vec<String> = nodes.0.iter().map(|n| n.name.clone()).collect();
         let entry = nodes
             .0
@@ -322,7 +338,9 @@ impl LocalControl {
             return Ok(false);
         }
         entry.cordoned = true;
-        self.shared.events.emit(EventKind::NodeCordoned { node: node.to_string() });
+        self.shared.events.emit(EventKind::NodeCordoned {
+            node: node.to_string(),
+        });
         Ok(true)
     }
 
@@ -333,10 +351,18 @@ impl LocalControl {
             .nodes
             .lock()
             .ok()
-            .and_then(|mut nodes| nodes.0.iter_mut().find(|n| n.name == node).map(|n| std::mem::replace(&mut n.cordoned, false)))
+            .and_then(|mut nodes| {
+                nodes
+                    .0
+                    .iter_mut()
+                    .find(|n| n.name == node)
+                    .map(|n| std::mem::replace(&mut n.cordoned, false))
+            })
             .unwrap_or(false);
         if changed {
-            self.shared.events.emit(EventKind::NodeUncordoned { node: node.to_string() });
+            self.shared.events.emit(EventKind::NodeUncordoned {
+                node: node.to_string(),
+            });
             self.shared.gpu_freed.notify_waiters();
         }
     }
@@ -704,7 +730,10 @@ async fn run_slot(
             }
         };
         // Whatever the process left in its group (a real engine's workers) goes with it.
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         shared.spec.state.ended(pid);
         probe.abort();
         proxy.down();

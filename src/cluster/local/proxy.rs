@@ -55,7 +55,8 @@ pub struct FrontProxy {
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot find a free port on 127.0.0.1")?;
     Ok(listener.local_addr()?.port())
 }
 
@@ -112,7 +113,11 @@ impl Drop for FrontProxy {
     }
 }
 
-async fn serve(port: u16, mut target: watch::Receiver<Option<u16>>, shaping: watch::Receiver<Shaping>) {
+async fn serve(
+    port: u16,
+    mut target: watch::Receiver<Option<u16>>,
+    shaping: watch::Receiver<Shaping>,
+) {
     let connections = Arc::new(AtomicU64::new(0));
     loop {
         let current = *target.borrow_and_update();
@@ -169,7 +174,11 @@ impl Held {
 
     fn push(&mut self, now: Instant, bytes: Bytes, shaping: &Shaping, rng: &mut StdRng) {
         let jitter = shaping.jitter.as_secs_f64();
-        let spread = if jitter > 0.0 { rng.random_range(-jitter..=jitter) } else { 0.0 };
+        let spread = if jitter > 0.0 {
+            rng.random_range(-jitter..=jitter)
+        } else {
+            0.0
+        };
         let hold = (shaping.delay.as_secs_f64() + spread).max(0.0);
         let mut release = now + Duration::from_secs_f64(hold);
         // Never overtake an earlier chunk: TCP delivers in order.
@@ -192,7 +201,12 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
-async fn pipe(mut client: TcpStream, inner: u16, mut shaping: watch::Receiver<Shaping>, connection: u64) {
+async fn pipe(
+    mut client: TcpStream,
+    inner: u16,
+    mut shaping: watch::Receiver<Shaping>,
+    connection: u64,
+) {
     let mut upstream = match TcpStream::connect(("127.0.0.1", inner)).await {
         Ok(upstream) => upstream,
         Err(_) => {
@@ -207,12 +221,19 @@ async fn pipe(mut client: TcpStream, inner: u16, mut shaping: watch::Receiver<Sh
     let mut to_process = Held::default();
     let mut from_process = Held::default();
     let (mut client_open, mut process_open) = (true, true);
-    let (mut client_buf, mut process_buf) = (BytesMut::with_capacity(16 << 10), BytesMut::with_capacity(16 << 10));
+    let (mut client_buf, mut process_buf) = (
+        BytesMut::with_capacity(16 << 10),
+        BytesMut::with_capacity(16 << 10),
+    );
     let mut rng = StdRng::seed_from_u64(0);
     let mut loss_drawn = false;
     let mut current = *shaping.borrow_and_update();
     loop {
-        if !client_open && to_process.queue.is_empty() && !process_open && from_process.queue.is_empty() {
+        if !client_open
+            && to_process.queue.is_empty()
+            && !process_open
+            && from_process.queue.is_empty()
+        {
             return;
         }
         tokio::select! {
@@ -328,17 +349,33 @@ mod tests {
         }
         assert!(round_trip(&mut conn, 1).await < Duration::from_millis(50));
         // Put in force on a connection already open.
-        proxy.shape(Shaping { delay: Duration::from_millis(150), ..Shaping::default() });
+        proxy.shape(Shaping {
+            delay: Duration::from_millis(150),
+            ..Shaping::default()
+        });
         let delayed = round_trip(&mut conn, 2).await;
-        assert!(delayed >= Duration::from_millis(150) && delayed < Duration::from_millis(250), "{delayed:?}");
-        proxy.shape(Shaping { delay: Duration::from_millis(100), both_directions: true, ..Shaping::default() });
+        assert!(
+            delayed >= Duration::from_millis(150) && delayed < Duration::from_millis(250),
+            "{delayed:?}"
+        );
+        proxy.shape(Shaping {
+            delay: Duration::from_millis(100),
+            both_directions: true,
+            ..Shaping::default()
+        });
         let both = round_trip(&mut conn, 3).await;
         assert!(both >= Duration::from_millis(200), "{both:?}");
         proxy.shape(Shaping::default());
         assert!(round_trip(&mut conn, 4).await < Duration::from_millis(50));
         // Burst: order is kept under jitter.
-        proxy.shape(Shaping { delay: Duration::from_millis(20), jitter: Duration::from_millis(15), ..Shaping::default() });
-        conn.write_all(&[10, 11, 12, 13, 14, 15, 16, 17]).await.unwrap();
+        proxy.shape(Shaping {
+            delay: Duration::from_millis(20),
+            jitter: Duration::from_millis(15),
+            ..Shaping::default()
+        });
+        conn.write_all(&[10, 11, 12, 13, 14, 15, 16, 17])
+            .await
+            .unwrap();
         let mut got = [0u8; 8];
         conn.read_exact(&mut got).await.unwrap();
         assert_eq!(got, [10, 11, 12, 13, 14, 15, 16, 17]);
@@ -348,6 +385,10 @@ mod tests {
     async fn refuses_while_down() {
         let proxy = FrontProxy::new().unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(TcpStream::connect(("127.0.0.1", proxy.port())).await.is_err());
+        assert!(
+            TcpStream::connect(("127.0.0.1", proxy.port()))
+                .await
+                .is_err()
+        );
     }
 }

@@ -1,0 +1,118 @@
+//! Playbook checking at scale: every shipped playbook is valid, and every
+//! playbook of the bad corpus (`tests/playbooks/invalid/`, one defect each,
+//! its expected line and field in its first line) gets a located error and
+//! exit code 2 from `shakedown validate`, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shakedown");
+
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_shipped_playbook_is_valid() {
+    let files = yaml_files("playbooks");
+    assert!(files.len() >= 4);
+    for file in files {
+        if let Err(err) = shakedown::playbook::load(&file) {
+            panic!("{err}");
+        }
+    }
+}
+
+#[test]
+fn every_bad_playbook_is_refused_where_the_defect_is() {
+    let files = yaml_files("tests/playbooks/invalid");
+    assert!(
+        files.len() >= 50,
+        "the corpus has {} playbooks",
+        files.len()
+    );
+    let mut wrong = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let header = text
+            .lines()
+            .next()
+            .unwrap()
+            .strip_prefix("# expect: ")
+            .unwrap();
+        let (line, field) = header.split_once(' ').unwrap_or((header, ""));
+        let err = match shakedown::playbook::load(file) {
+            Ok(_) => {
+                wrong.push(format!("{}: accepted", file.display()));
+                continue;
+            }
+            Err(err) => err,
+        };
+        let line_ok = match line {
+            "*" => err.line.is_some(),
+            n => err.line == n.parse().ok(),
+        };
+        if !line_ok || !err.field.starts_with(field) || err.message.is_empty() {
+            wrong.push(format!("expected line {line} field `{field}`, got: {err}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn validate_exits_2_with_one_located_error_per_bad_playbook() {
+    let files = yaml_files("tests/playbooks/invalid");
+    let output = Command::new(BIN)
+        .arg("validate")
+        .args(&files)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), files.len(), "{stderr}");
+    for error in errors {
+        assert!(error.contains(".yaml:"), "not located: {error}");
+    }
+}
+
+#[test]
+fn empty_missing_and_binary_files_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "").unwrap();
+    let binary = dir.path().join("binary.yaml");
+    std::fs::write(&binary, [0x7f, b'E', b'L', b'F', 0xff, 0xfe, 0, 1, 2]).unwrap();
+    let missing = dir.path().join("missing.yaml");
+    for (file, says) in [
+        (&empty, "empty"),
+        (&binary, "not a text file"),
+        (&missing, "cannot read"),
+    ] {
+        let output = Command::new(BIN)
+            .arg("validate")
+            .arg(file)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{}", file.display());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+        let run = Command::new(BIN)
+            .args(["run", "-q"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(2), "run {}", file.display());
+    }
+}

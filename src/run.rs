@@ -375,7 +375,14 @@ impl StackRun<'_> {
             }
             show_active(&current_fault, &faults, &active);
         }
-        // However the timeline ended, nothing stays in force.
+        // Faults without an end stay in force until the load ends or stops.
+        if load_result.is_none() {
+            tokio::select! {
+                result = &mut load => load_result = Some(result),
+                _ = crate::stopped(&mut stack_stop_rx) => {}
+            }
+        }
+        // However the stack ended, nothing stays in force.
         for (i, (action, done)) in std::mem::take(&mut active).into_iter().rev() {
             revert(cluster, log, &faults[i].name, action.as_ref(), &done).await;
         }

@@ -1,141 +1,14 @@
 //! End to end: the `shakedown` binary runs playbooks on the local cluster,
 //! and every way a run can end leaves no process behind.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use shakedown::events::{Event, EventKind};
-use shakedown::measure::Summary;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use shakedown::events::EventKind;
 use shakedown::measure::record::{Outcome, Record};
-
-const BIN: &str = env!("CARGO_BIN_EXE_shakedown");
-
-struct Run {
-    _dir: tempfile::TempDir,
-    reports: PathBuf,
-    child: Child,
-}
-
-fn start(playbook: &str) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("playbook.yaml");
-    std::fs::write(&path, playbook).unwrap();
-    let reports = dir.path().join("reports");
-    let child = Command::new(BIN)
-        .args(["run", "-q", "--reports"])
-        .arg(&reports)
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    Run {
-        _dir: dir,
-        reports,
-        child,
-    }
-}
-
-impl Run {
-    fn run_dir(&self) -> PathBuf {
-        let mut dirs: Vec<_> = std::fs::read_dir(&self.reports)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert_eq!(dirs.len(), 1, "{dirs:?}");
-        dirs.pop().unwrap()
-    }
-
-    /// Waits for exit, killing the run if it outlives `limit` (a test bug).
-    fn wait(&mut self, limit: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut stderr = String::new();
-                use std::io::Read;
-                self.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut stderr)
-                    .unwrap();
-                return (status, stderr);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("shakedown did not finish within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_for_event(&self, what: impl Fn(&EventKind) -> bool, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.reports.exists() && std::fs::read_dir(&self.reports).unwrap().next().is_some() {
-                let path = self.run_dir().join("events.jsonl");
-                if path.exists() && events(&path).iter().any(|e| what(&e.kind)) {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the event did not come within {limit:?}");
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
-    }
-}
-
-fn events(path: &Path) -> Vec<Event> {
-    let mut all = Vec::new();
-    shakedown::jsonl::read_each(path, |e: Event| all.push(e)).unwrap();
-    all
-}
-
-fn records(path: &Path) -> Vec<Record> {
-    let mut all = Vec::new();
-    shakedown::jsonl::read_each(path, |r: Record| all.push(r)).unwrap();
-    all
-}
-
-/// Alive and not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            stat.rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().next())
-                != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
-/// Every process the run started is gone (within `grace` of asking).
-fn assert_no_child_left(run_dir: &Path, grace: Duration) {
-    let pids: Vec<u32> = events(&run_dir.join("events.jsonl"))
-        .iter()
-        .filter_map(|e| match e.kind {
-            EventKind::PodStarted { pid, .. } => Some(pid),
-            _ => None,
-        })
-        .collect();
-    assert!(!pids.is_empty(), "the run started no process");
-    let deadline = Instant::now() + grace;
-    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let left: Vec<u32> = pids.into_iter().filter(|&p| alive(p)).collect();
-    assert!(left.is_empty(), "processes left behind: {left:?}");
-}
-
-fn summary(run_dir: &Path) -> Summary {
-    serde_json::from_slice(&std::fs::read(run_dir.join("summary.json")).unwrap()).unwrap()
-}
 
 const ROUTER_KILL: &str = r#"
 apiVersion: shakedown/v1
@@ -217,7 +90,27 @@ load: { rate: 10, request: { prompt_tokens: 16, max_tokens: 40 }, timeout: 30s }
 steady_state: { warmup: 1s, baseline: 1s }
 faults:
   - { name: kill-engine, at: 3s, action: pod-kill, target: engine, grace_period: 5s }
+  # In force until the run ends, however it ends.
+  - { name: slow-router, at: 3s, action: network-delay, target: router, delay: 5ms }
 "#;
+
+/// The fault that stays in force until the end was in force until the end:
+/// reverted, but not before `at_least` after its injection.
+fn assert_reverted(dir: &std::path::Path, at_least: Duration) {
+    let all = events(&dir.join("events.jsonl"));
+    let at = |what: &dyn Fn(&EventKind) -> bool| all.iter().find(|e| what(&e.kind)).map(|e| e.t_s);
+    let injected =
+        at(&|k| matches!(k, EventKind::FaultInjected { fault, .. } if fault == "slow-router"))
+            .expect("injected");
+    let reverted =
+        at(&|k| matches!(k, EventKind::FaultReverted { fault } if fault == "slow-router"))
+            .expect("the delay was left in force");
+    assert!(
+        reverted - injected >= at_least.as_secs_f64(),
+        "reverted {:.2} s after injection",
+        reverted - injected
+    );
+}
 
 fn interrupted_by(signal: nix::sys::signal::Signal) {
     let mut run = start(LONG);
@@ -225,11 +118,17 @@ fn interrupted_by(signal: nix::sys::signal::Signal) {
         |k| matches!(k, EventKind::FaultInjected { .. }),
         Duration::from_secs(30),
     );
+    std::thread::sleep(Duration::from_secs(1));
     run.signal(signal);
     let (status, stderr) = run.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(130), "{stderr}");
     let dir = run.run_dir();
     assert_no_child_left(&dir, Duration::from_millis(200));
+    assert_reverted(&dir, Duration::from_millis(900));
+    assert!(
+        !dir.join("state.json").exists(),
+        "an orderly end leaves nothing to clean up"
+    );
     let summary = summary(&dir);
     assert_eq!(summary.status.as_str(), "interrupted");
     assert!(summary.stacks[0].requests_total > 10);
@@ -246,8 +145,16 @@ fn sigterm_stops_the_run_keeps_what_it_measured_and_leaves_no_process() {
 }
 
 #[test]
-fn a_killed_run_leaves_no_process_and_can_still_be_reported() {
-    let mut run = start(LONG);
+fn a_killed_run_is_cleaned_up_and_can_still_be_reported() {
+    // Each engine forks a grandchild, as a real engine's workers are: the
+    // kernel kills the children of a dead shakedown, not theirs.
+    let engine =
+        format!("sh -c 'sleep 300 & exec {BIN} engine --port {{port}} --decode-per-token 10ms'");
+    let playbook = LONG.replace(
+        "engine: { replicas: 2, startup: 200ms }",
+        &format!("engine: {{ replicas: 2, command: \"{engine}\" }}"),
+    );
+    let mut run = start(&playbook);
     run.wait_for_event(
         |k| matches!(k, EventKind::FaultInjected { .. }),
         Duration::from_secs(30),
@@ -255,8 +162,43 @@ fn a_killed_run_leaves_no_process_and_can_still_be_reported() {
     run.signal(nix::sys::signal::Signal::SIGKILL);
     run.wait(Duration::from_secs(5));
     let dir = run.run_dir();
-    // The kernel kills the children when their parent dies (PR_SET_PDEATHSIG).
+    // The children die with their parent (PR_SET_PDEATHSIG)...
     assert_no_child_left(&dir, Duration::from_secs(3));
+    // ...their own children do not, and the state file says where they are.
+    let state: shakedown::state::StateFile =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    let orphans = |state: &shakedown::state::StateFile| -> Vec<u32> {
+        state
+            .processes
+            .iter()
+            .flat_map(|(pid, p)| shakedown::state::group_members(*pid, p.start))
+            .collect()
+    };
+    assert!(
+        !orphans(&state).is_empty(),
+        "the test needs orphaned grandchildren"
+    );
+    let output = Command::new(BIN)
+        .args(["cleanup", "--reports"])
+        .arg(&run.reports)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("stopped"),
+        "{stdout}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !orphans(&state).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        orphans(&state).is_empty(),
+        "cleanup left {:?}",
+        orphans(&state)
+    );
+    assert!(!dir.join("state.json").exists());
+
     assert!(!dir.join("summary.json").exists());
     let output = Command::new(BIN).arg("report").arg(&dir).output().unwrap();
     assert!(

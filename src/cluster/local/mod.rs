@@ -201,10 +201,21 @@ impl LocalCluster {
                 pid: None,
             }));
             let (control, orders) = mpsc::channel(4);
+            // The first placement is made here, in slot order, so that the
+            // same playbook puts the same pods on the same nodes every run.
+            let first_node = match role {
+                Role::Engine => shared
+                    .nodes
+                    .lock()
+                    .ok()
+                    .and_then(|mut nodes| nodes.take_gpu()),
+                Role::Router => None,
+            };
             tasks.push(tokio::spawn(run_slot(
                 shared.clone(),
                 role,
                 index,
+                first_node,
                 proxy.clone(),
                 status.clone(),
                 orders,
@@ -578,6 +589,7 @@ async fn run_slot(
     shared: Arc<Shared>,
     role: Role,
     index: usize,
+    mut first_node: Option<String>,
     proxy: Arc<FrontProxy>,
     status: Arc<Mutex<PodStatus>>,
     mut orders: mpsc::Receiver<KillOrder>,
@@ -608,7 +620,9 @@ async fn run_slot(
         });
 
         // Scheduling: an engine needs a GPU on a schedulable node.
-        let node = if role == Role::Engine {
+        let node = if let Some(node) = first_node.take() {
+            Some(node)
+        } else if role == Role::Engine {
             let mut announced = false;
             loop {
                 let freed = shared.gpu_freed.notified();

@@ -1,0 +1,138 @@
+//! Helpers shared by the tests that run the `shakedown` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use shakedown::events::{Event, EventKind};
+use shakedown::measure::Summary;
+use shakedown::measure::record::Record;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shakedown");
+
+pub struct Run {
+    pub dir: tempfile::TempDir,
+    pub reports: PathBuf,
+    pub child: Child,
+}
+
+pub fn start(playbook: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("playbook.yaml");
+    std::fs::write(&path, playbook).unwrap();
+    let reports = dir.path().join("reports");
+    let child = Command::new(BIN)
+        .args(["run", "-q", "--reports"])
+        .arg(&reports)
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Run {
+        dir,
+        reports,
+        child,
+    }
+}
+
+impl Run {
+    pub fn run_dir(&self) -> PathBuf {
+        let mut dirs: Vec<_> = std::fs::read_dir(&self.reports)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        dirs.pop().unwrap()
+    }
+
+    /// Waits for exit, killing the run if it outlives `limit` (a test bug).
+    pub fn wait(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                use std::io::Read;
+                self.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr)
+                    .unwrap();
+                return (status, stderr);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("shakedown did not finish within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_for_event(&self, what: impl Fn(&EventKind) -> bool, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.reports.exists() && std::fs::read_dir(&self.reports).unwrap().next().is_some() {
+                let path = self.run_dir().join("events.jsonl");
+                if path.exists() && events(&path).iter().any(|e| what(&e.kind)) {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the event did not come within {limit:?}");
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+}
+
+pub fn events(path: &Path) -> Vec<Event> {
+    let mut all = Vec::new();
+    shakedown::jsonl::read_each(path, |e: Event| all.push(e)).unwrap();
+    all
+}
+
+pub fn records(path: &Path) -> Vec<Record> {
+    let mut all = Vec::new();
+    shakedown::jsonl::read_each(path, |r: Record| all.push(r)).unwrap();
+    all
+}
+
+/// Alive and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Every process the run started is gone (within `grace` of asking).
+pub fn assert_no_child_left(run_dir: &Path, grace: Duration) {
+    let pids: Vec<u32> = events(&run_dir.join("events.jsonl"))
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::PodStarted { pid, .. } => Some(pid),
+            _ => None,
+        })
+        .collect();
+    assert!(!pids.is_empty(), "the run started no process");
+    let deadline = Instant::now() + grace;
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<u32> = pids.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+pub fn summary(run_dir: &Path) -> Summary {
+    serde_json::from_slice(&std::fs::read(run_dir.join("summary.json")).unwrap()).unwrap()
+}

@@ -1,0 +1,246 @@
+//! The local cluster's faults, end to end through the binary: a drain
+//! respects its disruption budget, a delay shows in time to first token and
+//! goes away, and `abort` stops a stack that is down and reverts its faults.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use shakedown::events::{Event, EventKind};
+use shakedown::measure::record::{Outcome, Record};
+
+/// How many engine pods were Ready after each event, from the ground truth.
+fn ready_engines_over_time(events: &[Event]) -> Vec<(f64, usize)> {
+    let mut ready = std::collections::BTreeSet::new();
+    let mut over_time = Vec::new();
+    for e in events {
+        match &e.kind {
+            EventKind::PodReady { pod, role } if role == "engine" => {
+                ready.insert(pod.clone());
+            }
+            EventKind::PodNotReady { pod, .. }
+            | EventKind::PodTerminating { pod, .. }
+            | EventKind::PodExited { pod, .. } => {
+                ready.remove(pod);
+            }
+            _ => continue,
+        }
+        over_time.push((e.t_s, ready.len()));
+    }
+    over_time
+}
+
+#[test]
+fn a_drain_never_takes_both_pods_of_the_node_down_and_both_come_back_elsewhere() {
+    let playbook = r#"
+apiVersion: shakedown/v1
+name: drain
+seed: 1
+duration: 14s
+stacks:
+  - name: s
+    cluster:
+      kind: local
+      nodes: 3
+      gpus_per_node: 2
+      engine: { replicas: 4, startup: 500ms, restart_delay: 300ms }
+      router: { policy: least-request, discovery: watch, retries: 1 }
+load: { rate: 10, request: { prompt_tokens: 32, max_tokens: 16 }, timeout: 10s }
+steady_state: { warmup: 1s, baseline: 2s }
+faults:
+  - { name: drain, at: 3s, action: node-drain, target: engine, node: gpu-node-0, max_unavailable: 1, grace_period: 1s }
+"#;
+    let mut run = start(playbook);
+    let (status, stderr) = run.wait(Duration::from_secs(60));
+    assert!(status.success(), "{stderr}");
+    let dir = run.run_dir();
+    let all = events(&dir.join("events.jsonl"));
+    let injected = all
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::FaultInjected { .. }))
+        .unwrap();
+    let EventKind::FaultInjected { targets, .. } = &injected.kind else {
+        unreachable!()
+    };
+    // Placed on the freest node each time: gpu-node-0 got engines 0 and 3.
+    assert_eq!(targets, &["engine-0-0", "engine-3-0"]);
+
+    // The load's planned end: 14 s after it started.
+    let stop = all
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::LoadStarted { .. }))
+        .unwrap()
+        .t_s
+        + 14.0;
+    let during: Vec<(f64, usize)> = ready_engines_over_time(&all)
+        .into_iter()
+        .filter(|(t, _)| *t >= injected.t_s && *t < stop)
+        .collect();
+    assert!(
+        during.iter().all(|(_, n)| *n >= 3),
+        "two engines down at once: {during:?}"
+    );
+
+    for target in targets {
+        let replacement = all
+            .iter()
+            .find_map(|e| match &e.kind {
+                EventKind::PodScheduled {
+                    pod,
+                    node,
+                    replaces: Some(r),
+                    ..
+                } if r == target => Some((pod.clone(), node.clone())),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{target} was not replaced"));
+        assert_ne!(
+            replacement.1.as_deref(),
+            Some("gpu-node-0"),
+            "{target} came back on the cordoned node"
+        );
+        assert!(
+            all.iter().any(
+                |e| matches!(&e.kind, EventKind::PodReady { pod, .. } if *pod == replacement.0)
+            )
+        );
+    }
+    // No `uncordon_after`: in force until the load ended, then reverted.
+    let uncordoned = all
+        .iter()
+        .find(|e| matches!(&e.kind, EventKind::NodeUncordoned { node } if node == "gpu-node-0"))
+        .expect("never uncordoned")
+        .t_s;
+    assert!(
+        uncordoned >= stop,
+        "uncordoned at {uncordoned:.1} s, before the load ended at {stop:.1} s"
+    );
+    let summary = summary(&dir);
+    assert_eq!(
+        summary.stacks[0].faults[0].failed, 0,
+        "a graceful drain behind a watching router loses nothing"
+    );
+    assert_no_child_left(&dir, Duration::from_millis(200));
+}
+
+fn median_ttft(records: &[Record], from: f64, to: f64) -> f64 {
+    let mut ttft: Vec<f64> = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Ok && r.scheduled_s >= from && r.scheduled_s < to)
+        .filter_map(|r| r.ttft_ms)
+        .collect();
+    assert!(ttft.len() >= 10, "too few requests in [{from}, {to})");
+    ttft.sort_by(f64::total_cmp);
+    ttft[ttft.len() / 2]
+}
+
+#[test]
+fn an_engine_delay_shows_in_time_to_first_token_and_goes_away() {
+    let playbook = r#"
+apiVersion: shakedown/v1
+name: delay
+duration: 13s
+stacks:
+  - name: s
+    cluster:
+      kind: local
+      nodes: 2
+      engine: { replicas: 2, startup: 300ms }
+      router: { policy: round-robin, discovery: watch }
+load: { arrival: constant, rate: 10, request: { prompt_tokens: 32, max_tokens: 8 }, timeout: 5s }
+steady_state: { warmup: 1s, baseline: 3s }
+faults:
+  - { name: slow, at: 4s, action: network-delay, target: engine, delay: 300ms, duration: 5s }
+"#;
+    let mut run = start(playbook);
+    let (status, stderr) = run.wait(Duration::from_secs(60));
+    assert!(status.success(), "{stderr}");
+    let dir = run.run_dir();
+    let all = events(&dir.join("events.jsonl"));
+    let load_start = all
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::LoadStarted { .. }))
+        .unwrap()
+        .t_s;
+    let records = records(&dir.join("requests.jsonl"));
+    let at = |t: f64| load_start + t;
+    let before = median_ttft(&records, at(1.0), at(4.0));
+    let during = median_ttft(&records, at(4.5), at(8.5));
+    let after = median_ttft(&records, at(9.5), at(13.0));
+    let rise = during - before;
+    assert!(
+        (rise - 300.0).abs() < 60.0,
+        "TTFT rose by {rise:.0} ms (before {before:.0}, during {during:.0})"
+    );
+    assert!(
+        (after - before).abs() < 30.0,
+        "TTFT did not fall back: before {before:.0}, after {after:.0}"
+    );
+    let reverted = all
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::FaultReverted { .. }))
+        .expect("reverted")
+        .t_s;
+    assert!(
+        (reverted - at(9.0)).abs() < 0.2,
+        "reverted at {:.2} s",
+        reverted - load_start
+    );
+    assert!(
+        records.iter().all(|r| r.outcome == Outcome::Ok),
+        "a delay under the timeout fails nothing"
+    );
+}
+
+#[test]
+fn abort_stops_a_stack_that_is_down_and_reverts_its_faults() {
+    let playbook = r#"
+apiVersion: shakedown/v1
+name: abort
+duration: 40s
+stacks:
+  - name: s
+    cluster:
+      kind: local
+      engine: { replicas: 1, startup: 200ms }
+      router: { discovery: watch, restart_delay: 60s }
+load: { arrival: constant, rate: 20, request: { prompt_tokens: 16, max_tokens: 4 }, timeout: 5s }
+steady_state: { warmup: 1s, baseline: 1s }
+faults:
+  - { name: slow, at: 2s, action: network-delay, target: engine, delay: 5ms }
+  - { name: kill-router, at: 3s, action: pod-kill, target: router }
+abort: { success_rate_below: 0.5, for: 2s }
+"#;
+    let mut run = start(playbook);
+    let (status, stderr) = run.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("abort"), "{stderr}");
+    let dir = run.run_dir();
+    let all = events(&dir.join("events.jsonl"));
+    let load_start = all
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::LoadStarted { .. }))
+        .unwrap()
+        .t_s;
+    let aborted = all
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::Aborted { .. }))
+        .expect("aborted")
+        .t_s
+        - load_start;
+    assert!((4.0..9.0).contains(&aborted), "aborted at {aborted:.1} s");
+    let reverted = all
+        .iter()
+        .find(|e| matches!(&e.kind, EventKind::FaultReverted { fault } if fault == "slow"))
+        .expect("the delay was left in force")
+        .t_s
+        - load_start;
+    assert!(
+        reverted >= aborted,
+        "reverted at {reverted:.1} s, before the abort at {aborted:.1} s"
+    );
+    let summary = summary(&dir);
+    assert_eq!(summary.status.as_str(), "aborted");
+    assert_no_child_left(&dir, Duration::from_millis(200));
+}

@@ -211,13 +211,16 @@ impl LocalCluster {
                     .and_then(|mut nodes| nodes.take_gpu()),
                 Role::Router => None,
             };
-            tasks.push(tokio::spawn(run_slot(
-                shared.clone(),
+            let place = SlotPlace {
                 role,
                 index,
                 first_node,
-                proxy.clone(),
-                status.clone(),
+                proxy: proxy.clone(),
+                status: status.clone(),
+            };
+            tasks.push(tokio::spawn(run_slot(
+                shared.clone(),
+                place,
                 orders,
                 shutdown.subscribe(),
             )));
@@ -583,18 +586,31 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// What a slot is: its role and index, where its first pod goes, its
+/// stable front, and the status it keeps up to date.
+struct SlotPlace {
+    role: Role,
+    index: usize,
+    first_node: Option<String>,
+    proxy: Arc<FrontProxy>,
+    status: Arc<Mutex<PodStatus>>,
+}
+
 /// One replica slot, for the life of the cluster: place, start, probe,
 /// obey kill orders, re-create after `restart_delay`.
 async fn run_slot(
     shared: Arc<Shared>,
-    role: Role,
-    index: usize,
-    mut first_node: Option<String>,
-    proxy: Arc<FrontProxy>,
-    status: Arc<Mutex<PodStatus>>,
+    place: SlotPlace,
     mut orders: mpsc::Receiver<KillOrder>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let SlotPlace {
+        role,
+        index,
+        mut first_node,
+        proxy,
+        status,
+    } = place;
     let events = shared.events.clone();
     let role_name = role.as_str().to_string();
     let restart_delay = match role {

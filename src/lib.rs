@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod engine;
 pub mod events;
 pub mod faults;
+pub mod gate;
 pub mod http;
 pub mod jsonl;
 pub mod load;

@@ -3,7 +3,7 @@
 //! [`shakedown::playbook`], `report` over [`shakedown::report`], `engine` and
 //! `router` over the emulated servers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -33,6 +33,22 @@ enum Command {
         /// No live progress.
         #[arg(long, short)]
         quiet: bool,
+        /// Gate the run at its end with the playbook's `gate:` policy; the exit code is the gate's.
+        #[arg(long)]
+        gate: bool,
+    },
+    /// Pass or fail a run against its policy and, optionally, a baseline run. Exit 0 pass, 1 fail, 2 could not judge.
+    Gate {
+        run: PathBuf,
+        /// A good earlier run: no figure may be worse than its by more than the policy's `regression` tolerances.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// A YAML file with the fields of a playbook's `gate:` section; default: the run's playbook's.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Where to write the JUnit report; default: junit.xml in the run directory.
+        #[arg(long)]
+        junit: Option<PathBuf>,
     },
     /// Check playbooks without running anything.
     Validate {
@@ -113,10 +129,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Gate {
+            run,
+            baseline,
+            policy,
+            junit,
+        } => Ok(ExitCode::from(gate(
+            &run,
+            baseline.as_deref(),
+            policy.as_deref(),
+            junit.as_deref(),
+        ))),
         Command::Run {
             playbook: path,
             reports,
             quiet,
+            gate: with_gate,
         } => {
             let loaded = match playbook::load(&path) {
                 Ok(loaded) => loaded,
@@ -138,6 +166,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("report:        {}", result.dir.join("report.md").display());
             for err in &result.errors {
                 eprintln!("error: {err}");
+            }
+            if with_gate {
+                println!();
+                return Ok(ExitCode::from(gate(&result.dir, None, None, None)));
             }
             Ok(match result.status {
                 RunStatus::Completed => ExitCode::SUCCESS,
@@ -197,6 +229,79 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             serve_until_signalled(router::serve(listener, args, first_signal())).await
         }
     }
+}
+
+/// `shakedown gate`: judges a run directory; returns the exit code (0 pass,
+/// 1 fail, 2 could not judge), having said why.
+fn gate(run: &Path, baseline: Option<&Path>, policy: Option<&Path>, junit: Option<&Path>) -> u8 {
+    const CANNOT_JUDGE: u8 = 2;
+    let summary = match report::summarize_dir(run) {
+        Ok(summary) => summary,
+        Err(err) => {
+            eprintln!("shakedown gate: cannot read the run: {err:#}");
+            return CANNOT_JUDGE;
+        }
+    };
+    let policy = match policy {
+        Some(file) => match playbook::load_gate_policy(file) {
+            Ok(policy) => policy,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return CANNOT_JUDGE;
+            }
+        },
+        None => match playbook::load(&run.join("playbook.yaml")).map(|l| l.playbook.gate) {
+            Ok(Some(policy)) => policy,
+            Ok(None) => {
+                eprintln!(
+                    "shakedown gate: the run's playbook has no `gate:` section; add one, or give --policy FILE"
+                );
+                return CANNOT_JUDGE;
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                return CANNOT_JUDGE;
+            }
+        },
+    };
+    let baseline = match baseline.map(report::summarize_dir).transpose() {
+        Ok(baseline) => baseline,
+        Err(err) => {
+            eprintln!("shakedown gate: cannot read the baseline run: {err:#}");
+            return CANNOT_JUDGE;
+        }
+    };
+    let checks = shakedown::gate::judge(&summary, &policy, baseline.as_ref());
+    let verdict = shakedown::gate::overall(&checks);
+    println!("{}", shakedown::gate::table(&checks));
+    let junit_path = junit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| run.join("junit.xml"));
+    if let Err(err) = std::fs::write(
+        &junit_path,
+        shakedown::gate::junit(&summary.run_id, &checks),
+    ) {
+        eprintln!(
+            "shakedown gate: cannot write {}: {err}",
+            junit_path.display()
+        );
+        return CANNOT_JUDGE;
+    }
+    let failed = checks
+        .iter()
+        .filter(|c| c.verdict == shakedown::gate::Verdict::Fail)
+        .count();
+    let unknown = checks
+        .iter()
+        .filter(|c| c.verdict == shakedown::gate::Verdict::Unknown)
+        .count();
+    println!(
+        "gate: {} ({} checks, {failed} failed, {unknown} could not be judged); {}",
+        verdict.as_str(),
+        checks.len(),
+        junit_path.display()
+    );
+    verdict.exit_code()
 }
 
 async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> {

@@ -339,12 +339,18 @@ impl StackRun<'_> {
             match step {
                 Step::Inject(i) => {
                     let fault = faults[i];
-                    let action = faults::from_spec(fault)?;
-                    match action
-                        .inject(cluster, fault_seed(pb.seed, &fault.name))
-                        .await
-                    {
-                        Ok(done) => {
+                    // No `?` between an injection and the reverts below: a
+                    // step that fails is recorded, and the faults in force
+                    // are still reverted.
+                    let injected = match faults::from_spec(fault) {
+                        Ok(action) => action
+                            .inject(cluster, fault_seed(pb.seed, &fault.name))
+                            .await
+                            .map(|done| (action, done)),
+                        Err(err) => Err(err),
+                    };
+                    match injected {
+                        Ok((action, done)) => {
                             log.emit(EventKind::FaultInjected {
                                 fault: fault.name.clone(),
                                 action: fault.action.as_str().into(),

@@ -112,6 +112,12 @@ pub struct FaultSummary {
     pub unrecovered: bool,
     /// Requests that failed between injection and recovery (or the next fault).
     pub failed: u64,
+    /// Requests under way between injection and `hold` after recovery.
+    #[serde(default)]
+    pub requests_during: u64,
+    /// The share of those that failed.
+    #[serde(default)]
+    pub error_rate: Option<f64>,
     pub truncated: u64,
     pub worst_second_success_rate: Option<f64>,
     pub ttft_p99_ms: Option<f64>,
@@ -292,6 +298,8 @@ pub fn summarize_stack(
                 recovery_s: None,
                 unrecovered: false,
                 failed: 0,
+                requests_during: 0,
+                error_rate: None,
                 truncated: 0,
                 worst_second_success_rate: None,
                 ttft_p99_ms: None,
@@ -321,6 +329,20 @@ pub fn summarize_stack(
             .iter()
             .map(|s| s.done_s)
             .fold(f64::INFINITY, f64::min);
+        // The error rate is taken over the fault until its recovery was
+        // confirmed (`hold` after it), so that a fault whose only damage was
+        // the streams it cut is not judged over an empty window.
+        let rate_end = recovered
+            .map_or(duration, |r| r + settings.hold_s)
+            .min(next_fault);
+        let alive: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.done_s >= at && s.at_s < rate_end)
+            .collect();
+        let error_rate = ratio(
+            alive.iter().filter(|s| !s.ok()).count() as u64,
+            alive.len() as u64,
+        );
         let window_end = recovered.unwrap_or(duration).max(at + 1.0);
         let worst = series
             .iter()
@@ -347,6 +369,8 @@ pub fn summarize_stack(
             recovery_s: recovered.map(|r| r - at),
             unrecovered: recovered.is_none(),
             failed: caused.len() as u64,
+            requests_during: alive.len() as u64,
+            error_rate,
             truncated: caused
                 .iter()
                 .filter(|s| s.outcome == Outcome::Truncated)

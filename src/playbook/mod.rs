@@ -56,6 +56,25 @@ pub struct LoadedPlaybook {
 
 /// Reads, parses and validates a playbook file.
 pub fn load(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
+    let text = read_text(path)?;
+    let playbook = parse(path, &text)?;
+    Ok(LoadedPlaybook {
+        path: path.to_path_buf(),
+        text,
+        playbook,
+    })
+}
+
+/// Reads a gate policy file: the fields of a playbook's `gate:` section.
+pub fn load_gate_policy(path: &Path) -> Result<Gate, PlaybookError> {
+    let text = read_text(path)?;
+    let gate: Gate = deserialize_located(path, &text)?;
+    validate::validate_gate(&gate, FieldPath::default())
+        .map_err(|problem| located(path, &text, problem))?;
+    Ok(gate)
+}
+
+fn read_text(path: &Path) -> Result<String, PlaybookError> {
     let bytes = std::fs::read(path).map_err(|err| PlaybookError {
         file: path.to_path_buf(),
         line: None,
@@ -63,26 +82,49 @@ pub fn load(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
         field: String::new(),
         message: format!("cannot read the file: {err}"),
     })?;
-    let text = match String::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(err) => {
-            let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
-            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
-            return Err(PlaybookError {
-                file: path.to_path_buf(),
-                line: Some(line),
-                column: None,
-                field: String::new(),
-                message: "this is not a text file (it is not UTF-8): a playbook is YAML text; see playbooks/quickstart.yaml".into(),
-            });
+    String::from_utf8(bytes).map_err(|err| {
+        let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+        PlaybookError {
+            file: path.to_path_buf(),
+            line: Some(valid.iter().filter(|&&b| b == b'\n').count() + 1),
+            column: None,
+            field: String::new(),
+            message: "this is not a text file (it is not UTF-8): a playbook is YAML text; see playbooks/quickstart.yaml".into(),
         }
-    };
-    let playbook = parse(path, &text)?;
-    Ok(LoadedPlaybook {
-        path: path.to_path_buf(),
-        text,
-        playbook,
     })
+}
+
+/// Strict deserialisation with the field path and the line of any error.
+fn deserialize_located<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> Result<T, PlaybookError> {
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let field = err.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        let inner = err.into_inner();
+        let location = inner.location();
+        PlaybookError {
+            file: file.to_path_buf(),
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            message: explain_serde(&inner.to_string(), &field),
+            field,
+        }
+    })
+}
+
+/// A problem found after parsing, located at the field it blames.
+fn located(file: &Path, text: &str, problem: validate::Problem) -> PlaybookError {
+    let location = locate::locate(text, &problem.path);
+    PlaybookError {
+        file: file.to_path_buf(),
+        line: location.map(|l| l.0),
+        column: location.map(|l| l.1),
+        field: problem.path.to_string(),
+        message: problem.message,
+    }
 }
 
 /// Parses and validates playbook text; `file` only names it in errors.
@@ -100,30 +142,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Playbook, PlaybookError> {
             message: "the playbook is empty: it starts with `apiVersion: shakedown/v1`; see playbooks/quickstart.yaml".into(),
         });
     }
-    let deserializer = serde_yaml::Deserializer::from_str(text);
-    let playbook: Playbook = serde_path_to_error::deserialize(deserializer).map_err(|err| {
-        let field = err.path().to_string();
-        let field = if field == "." { String::new() } else { field };
-        let inner = err.into_inner();
-        let location = inner.location();
-        PlaybookError {
-            file: file.to_path_buf(),
-            line: location.as_ref().map(|l| l.line()),
-            column: location.as_ref().map(|l| l.column()),
-            message: explain_serde(&inner.to_string(), &field),
-            field,
-        }
-    })?;
-    validate::validate(&playbook).map_err(|problem| {
-        let location = locate::locate(text, &problem.path);
-        PlaybookError {
-            file: file.to_path_buf(),
-            line: location.map(|l| l.0),
-            column: location.map(|l| l.1),
-            field: problem.path.to_string(),
-            message: problem.message,
-        }
-    })?;
+    let playbook: Playbook = deserialize_located(file, text)?;
+    validate::validate(&playbook).map_err(|problem| located(file, text, problem))?;
     Ok(playbook)
 }
 

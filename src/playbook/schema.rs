@@ -430,6 +430,61 @@ pub struct Gate {
     pub max_truncated_streams: Option<u64>,
     #[serde(default)]
     pub ttft_p99_ratio: Option<f64>,
+    /// How much worse than the baseline run a figure may be (`gate --baseline`).
+    #[serde(default)]
+    pub regression: Regression,
+}
+
+/// Tolerances against a baseline run: a figure fails when it is worse than
+/// the baseline's by more than both its relative and its absolute allowance.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Regression {
+    /// Relative allowance on recovery times and truncated streams.
+    #[serde(default = "Regression::default_relative")]
+    pub relative: f64,
+    /// Availability may drop by this much (absolute).
+    #[serde(default = "Regression::default_availability_drop")]
+    pub availability_drop: f64,
+    /// A recovery may take this much longer (absolute).
+    #[serde(default = "Regression::default_recovery_slack")]
+    pub recovery_slack: HumanDuration,
+    /// A fault's error rate may rise by this much (absolute).
+    #[serde(default = "Regression::default_error_rate_rise")]
+    pub error_rate_rise: f64,
+    /// This many more truncated streams are allowed (absolute).
+    #[serde(default = "Regression::default_truncated_slack")]
+    pub truncated_slack: u64,
+}
+
+impl Regression {
+    fn default_relative() -> f64 {
+        0.25
+    }
+    fn default_availability_drop() -> f64 {
+        0.005
+    }
+    fn default_recovery_slack() -> HumanDuration {
+        HumanDuration::from_secs_f64(2.0)
+    }
+    fn default_error_rate_rise() -> f64 {
+        0.02
+    }
+    fn default_truncated_slack() -> u64 {
+        2
+    }
+}
+
+impl Default for Regression {
+    fn default() -> Self {
+        Self {
+            relative: Self::default_relative(),
+            availability_drop: Self::default_availability_drop(),
+            recovery_slack: Self::default_recovery_slack(),
+            error_rate_rise: Self::default_error_rate_rise(),
+            truncated_slack: Self::default_truncated_slack(),
+        }
+    }
 }
 
 fn one() -> u32 {

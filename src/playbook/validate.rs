@@ -135,35 +135,63 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
         }
     }
     if let Some(gate) = &pb.gate {
-        let path = root().key("gate");
-        if let Some(a) = gate.availability {
-            check_range(
-                path.clone().key("availability"),
-                a,
-                0.0,
-                1.0,
-                "availability is a fraction from 0 to 1, such as 0.99",
-            )?;
-        }
-        if let Some(r) = gate.max_error_rate_during_fault {
-            check_range(
-                path.clone().key("max_error_rate_during_fault"),
-                r,
-                0.0,
-                1.0,
-                "a fraction from 0 to 1, such as 0.05",
-            )?;
-        }
-        if let Some(r) = gate.ttft_p99_ratio {
-            check_range(
-                path.key("ttft_p99_ratio"),
-                r,
-                1.0,
-                1000.0,
-                "a ratio of at least 1, such as 2.0",
-            )?;
-        }
+        validate_gate(gate, root().key("gate"))?;
     }
+    Ok(())
+}
+
+/// A gate policy, in a playbook (`path` = `gate`) or a file of its own.
+pub fn validate_gate(gate: &Gate, path: FieldPath) -> Result<(), Problem> {
+    if let Some(a) = gate.availability {
+        check_range(
+            path.clone().key("availability"),
+            a,
+            0.0,
+            1.0,
+            "availability is a fraction from 0 to 1, such as 0.99",
+        )?;
+    }
+    if let Some(r) = gate.max_error_rate_during_fault {
+        check_range(
+            path.clone().key("max_error_rate_during_fault"),
+            r,
+            0.0,
+            1.0,
+            "a fraction from 0 to 1, such as 0.05",
+        )?;
+    }
+    if let Some(r) = gate.ttft_p99_ratio {
+        check_range(
+            path.clone().key("ttft_p99_ratio"),
+            r,
+            1.0,
+            1000.0,
+            "a ratio of at least 1, such as 2.0",
+        )?;
+    }
+    let reg = &gate.regression;
+    let rpath = path.key("regression");
+    check_range(
+        rpath.clone().key("relative"),
+        reg.relative,
+        0.0,
+        100.0,
+        "a fraction of the baseline, such as 0.25 for 25%",
+    )?;
+    check_range(
+        rpath.clone().key("availability_drop"),
+        reg.availability_drop,
+        0.0,
+        1.0,
+        "a fraction from 0 to 1, such as 0.005",
+    )?;
+    check_range(
+        rpath.key("error_rate_rise"),
+        reg.error_rate_rise,
+        0.0,
+        1.0,
+        "a fraction from 0 to 1, such as 0.02",
+    )?;
     Ok(())
 }
 

@@ -63,10 +63,14 @@ enum Command {
         #[arg(long, default_value = "reports")]
         reports: PathBuf,
     },
-    /// Rebuild summary.json and report.md of run directories from their records.
+    /// Rebuild summary.json, report.md and report.html from run directories' records; several runs side by side.
     Report {
         #[arg(required = true)]
         runs: Vec<PathBuf>,
+        /// Where the report goes: by default into the run directory, or for
+        /// several runs reports/compare-<UTC time>.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run the emulated vLLM engine (an OpenAI-compatible server).
     Engine(engine::EngineArgs),
@@ -203,12 +207,26 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { runs } => {
-            for dir in runs {
-                let summary = report::rebuild(&dir)?;
-                println!("{}", report::terminal(&summary));
-                println!("report: {}", dir.join("report.md").display());
+        Command::Report { runs, out } => {
+            let mut summaries = Vec::new();
+            for dir in &runs {
+                summaries.push(
+                    report::summarize_dir(dir)
+                        .with_context(|| format!("cannot report on {}", dir.display()))?,
+                );
             }
+            let out = match (out, runs.as_slice()) {
+                (Some(out), _) => out,
+                (None, [one]) => one.clone(),
+                (None, _) => PathBuf::from("reports").join(format!(
+                    "compare-{}",
+                    chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+                )),
+            };
+            let summary = report::combine(summaries);
+            report::write(&summary, &out)?;
+            println!("{}", report::terminal(&summary));
+            println!("report: {}", out.join("report.html").display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Engine(args) => {

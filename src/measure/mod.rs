@@ -67,6 +67,9 @@ pub struct MeasureSettings {
 pub struct Summary {
     pub run_id: String,
     pub playbook: String,
+    /// sha256 of `playbook.yaml` as run: which playbook made these numbers.
+    #[serde(default)]
+    pub playbook_sha256: String,
     pub status: RunStatus,
     pub tool_version: String,
     pub stacks: Vec<StackSummary>,

@@ -2,10 +2,13 @@
 //!
 //! Start at [`rebuild`]: it reads `playbook.yaml`, `events.jsonl` and
 //! `requests.jsonl`, summarises every stack with [`crate::measure`], and
-//! writes `summary.json` and `report.md`. It works on a finished run, an
-//! interrupted one, and one that was killed (its last line cut short).
-//! [`markdown`] and [`terminal`] are pure renderings of a [`Summary`].
+//! writes `summary.json`, `report.md` and `report.html`. It works on a
+//! finished run, an interrupted one, and one that was killed (its last line
+//! cut short). [`markdown`], [`html`] and [`terminal`] are pure renderings
+//! of a [`Summary`]; [`combine`] puts several runs side by side.
 
+mod charts;
+mod html;
 mod tables;
 
 use std::collections::HashMap;
@@ -19,6 +22,7 @@ use crate::measure::record::Record;
 use crate::measure::{MeasureSettings, Sample, Summary, summarize_stack};
 use crate::playbook::{self, Playbook};
 
+pub use html::html;
 pub use tables::{markdown, terminal};
 
 /// What the measurement needs from a playbook, for one stack.
@@ -53,6 +57,15 @@ pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
 /// Reads a run directory and summarises it, without writing anything.
 pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     let playbook_path = dir.join("playbook.yaml");
+    let playbook_sha256 = {
+        use sha2::Digest;
+        let bytes = std::fs::read(&playbook_path)
+            .with_context(|| format!("cannot read {}", playbook_path.display()))?;
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
     let pb = playbook::load(&playbook_path)
         .map_err(|err| anyhow::anyhow!("{err}"))
         .with_context(|| {
@@ -124,17 +137,73 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     Ok(Summary {
         run_id,
         playbook: pb.name,
+        playbook_sha256,
         status,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         stacks,
     })
 }
 
-/// Summarises a run directory and writes `summary.json` and `report.md` in it.
+/// Summarises a run directory and writes its report files in it.
 pub fn rebuild(dir: &Path) -> anyhow::Result<Summary> {
     let summary = summarize_dir(dir)?;
-    let json = serde_json::to_vec_pretty(&summary)?;
-    std::fs::write(dir.join("summary.json"), json).context("cannot write summary.json")?;
-    std::fs::write(dir.join("report.md"), markdown(&summary)).context("cannot write report.md")?;
+    write(&summary, dir)?;
     Ok(summary)
+}
+
+/// Writes `summary.json`, `report.md` and `report.html` into `dir`.
+pub fn write(summary: &Summary, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let json = serde_json::to_vec_pretty(summary)?;
+    std::fs::write(dir.join("summary.json"), json).context("cannot write summary.json")?;
+    std::fs::write(dir.join("report.md"), markdown(summary)).context("cannot write report.md")?;
+    std::fs::write(dir.join("report.html"), html(summary)?).context("cannot write report.html")?;
+    Ok(())
+}
+
+/// Several runs as if one: their stacks side by side, each named after its
+/// run when names would clash, and faults compared by name.
+pub fn combine(runs: Vec<Summary>) -> Summary {
+    if runs.len() == 1 {
+        return runs.into_iter().next().unwrap_or_else(|| unreachable!());
+    }
+    let mut names = std::collections::HashMap::<String, usize>::new();
+    for run in &runs {
+        for stack in &run.stacks {
+            *names.entry(stack.name.clone()).or_default() += 1;
+        }
+    }
+    let mut combined = Summary {
+        run_id: runs
+            .iter()
+            .map(|r| r.run_id.as_str())
+            .collect::<Vec<_>>()
+            .join(" + "),
+        playbook: {
+            let mut playbooks: Vec<&str> = runs.iter().map(|r| r.playbook.as_str()).collect();
+            playbooks.dedup();
+            playbooks.join(" + ")
+        },
+        playbook_sha256: {
+            let mut hashes: Vec<&str> = runs.iter().map(|r| r.playbook_sha256.as_str()).collect();
+            hashes.dedup();
+            hashes.join(" + ")
+        },
+        status: runs
+            .iter()
+            .map(|r| r.status)
+            .find(|s| *s != RunStatus::Completed)
+            .unwrap_or(RunStatus::Completed),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        stacks: Vec::new(),
+    };
+    for run in runs {
+        for mut stack in run.stacks {
+            if names.get(&stack.name).copied().unwrap_or(0) > 1 {
+                stack.name = format!("{} @ {}", stack.name, run.run_id);
+            }
+            combined.stacks.push(stack);
+        }
+    }
+    combined
 }

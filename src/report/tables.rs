@@ -1,24 +1,29 @@
-//! Tables of a summary, for `report.md` and for the terminal.
+//! The tables of a summary, as plain rows, rendered three ways: markdown
+//! for `report.md`, boxes for the terminal, HTML for `report.html`. One
+//! source of rows, so the three never disagree.
 
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
 use crate::measure::record::Outcome;
-use crate::measure::{StackSummary, Summary};
+use crate::measure::{FaultSummary, StackSummary, Summary};
 
-fn pct(value: Option<f64>) -> String {
+/// A header row, then data rows.
+pub type Rows = Vec<Vec<String>>;
+
+pub fn pct(value: Option<f64>) -> String {
     value
         .map(|v| format!("{:.2}%", v * 100.0))
         .unwrap_or_else(|| "–".into())
 }
 
-fn secs(value: Option<f64>) -> String {
+pub fn secs(value: Option<f64>) -> String {
     value
         .map(|v| format!("{v:.2} s"))
         .unwrap_or_else(|| "–".into())
 }
 
-fn ms(value: Option<f64>) -> String {
+pub fn ms(value: Option<f64>) -> String {
     value
         .map(|v| format!("{v:.0} ms"))
         .unwrap_or_else(|| "–".into())
@@ -33,9 +38,12 @@ fn failed(stack: &StackSummary) -> u64 {
         .sum()
 }
 
-fn stacks_table(summary: &Summary) -> Builder {
-    let mut b = Builder::default();
-    b.push_record([
+fn strings<const N: usize>(cells: [&str; N]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+pub fn stacks_rows(summary: &Summary) -> Rows {
+    let mut rows = vec![strings([
         "stack",
         "requests",
         "availability",
@@ -45,9 +53,9 @@ fn stacks_table(summary: &Summary) -> Builder {
         "TTFT p50 baseline",
         "TTFT p99 baseline",
         "TTFT p99 overall",
-    ]);
+    ])];
     for s in &summary.stacks {
-        b.push_record([
+        rows.push(vec![
             s.name.clone(),
             s.requests.to_string(),
             pct(s.availability),
@@ -63,14 +71,13 @@ fn stacks_table(summary: &Summary) -> Builder {
             ms(s.latency.ttft_p99_ms),
         ]);
     }
-    b
+    rows
 }
 
-fn outcomes_table(summary: &Summary) -> Builder {
-    let mut b = Builder::default();
+pub fn outcomes_rows(summary: &Summary) -> Rows {
     let mut header = vec!["stack".to_string()];
     header.extend(Outcome::ALL.iter().map(|o| o.as_str().to_string()));
-    b.push_record(header);
+    let mut rows = vec![header];
     for s in &summary.stacks {
         let mut row = vec![s.name.clone()];
         row.extend(
@@ -78,13 +85,13 @@ fn outcomes_table(summary: &Summary) -> Builder {
                 .iter()
                 .map(|o| s.outcomes.get(o.as_str()).copied().unwrap_or(0).to_string()),
         );
-        b.push_record(row);
+        rows.push(row);
     }
-    b
+    rows
 }
 
-/// Fault names in playbook order, across stacks.
-fn fault_names(summary: &Summary) -> Vec<(String, String)> {
+/// Fault names and actions in playbook order, across stacks.
+pub fn fault_names(summary: &Summary) -> Vec<(String, String)> {
     let mut names: Vec<(String, String)> = Vec::new();
     for s in &summary.stacks {
         for f in &s.faults {
@@ -96,14 +103,24 @@ fn fault_names(summary: &Summary) -> Vec<(String, String)> {
     names
 }
 
+/// The client-side recovery, as a reader should see it.
+pub fn recovery_text(f: &FaultSummary) -> String {
+    if f.injected_at_s.is_none() {
+        "not injected".into()
+    } else if f.unrecovered {
+        "unrecovered".into()
+    } else {
+        secs(f.recovery_s)
+    }
+}
+
 /// One table per fault, one column per stack, as a comparison reads.
-fn fault_table(summary: &Summary, fault: &str) -> Builder {
-    let mut b = Builder::default();
+pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
     let mut header = vec![String::new()];
     header.extend(summary.stacks.iter().map(|s| s.name.clone()));
-    b.push_record(header);
-    type Cell = fn(&crate::measure::FaultSummary) -> String;
-    let rows: [(&str, Cell); 14] = [
+    let mut rows = vec![header];
+    type Cell = fn(&FaultSummary) -> String;
+    let cells: [(&str, Cell); 15] = [
         ("injected at", |f| secs(f.injected_at_s)),
         ("reverted at", |f| secs(f.reverted_at_s)),
         ("targets", |f| {
@@ -115,20 +132,13 @@ fn fault_table(summary: &Summary, fault: &str) -> Builder {
         }),
         ("what it did", |f| f.detail.clone().unwrap_or_default()),
         ("first impact after", |f| secs(f.first_impact_s)),
-        ("recovery (client side)", |f| {
-            if f.injected_at_s.is_none() {
-                "not injected".into()
-            } else if f.unrecovered {
-                "unrecovered".into()
-            } else {
-                secs(f.recovery_s)
-            }
-        }),
+        ("recovery (client side)", recovery_text),
         ("replacement scheduled after", |f| {
             secs(f.replacement_scheduled_s)
         }),
         ("replacement Ready after", |f| secs(f.replacement_ready_s)),
         ("failed requests", |f| f.failed.to_string()),
+        ("error rate until recovered", |f| pct(f.error_rate)),
         ("truncated streams", |f| f.truncated.to_string()),
         (
             "worst second, success",
@@ -142,8 +152,8 @@ fn fault_table(summary: &Summary, fault: &str) -> Builder {
         }),
         ("error", |f| f.error.clone().unwrap_or_default()),
     ];
-    for (label, cell) in rows {
-        let cells: Vec<String> = summary
+    for (label, cell) in cells {
+        let values: Vec<String> = summary
             .stacks
             .iter()
             .map(|s| {
@@ -154,14 +164,36 @@ fn fault_table(summary: &Summary, fault: &str) -> Builder {
                     .unwrap_or_else(|| "n/a".into())
             })
             .collect();
-        if matches!(label, "error" | "what it did") && cells.iter().all(String::is_empty) {
+        if matches!(label, "error" | "what it did") && values.iter().all(String::is_empty) {
             continue;
         }
         let mut row = vec![label.to_string()];
-        row.extend(cells);
-        b.push_record(row);
+        row.extend(values);
+        rows.push(row);
     }
-    b
+    rows
+}
+
+fn render(rows: Rows, style: impl Fn(&mut tabled::Table)) -> String {
+    let mut builder = Builder::default();
+    for row in rows {
+        builder.push_record(row);
+    }
+    let mut table = builder.build();
+    style(&mut table);
+    table.to_string()
+}
+
+pub fn as_markdown(rows: Rows) -> String {
+    render(rows, |t| {
+        t.with(Style::markdown());
+    })
+}
+
+pub fn as_boxes(rows: Rows) -> String {
+    render(rows, |t| {
+        t.with(Style::rounded());
+    })
 }
 
 /// `report.md`.
@@ -169,18 +201,14 @@ pub fn markdown(summary: &Summary) -> String {
     let mut out = String::new();
     out.push_str(&format!("# Availability report: {}\n\n", summary.playbook));
     out.push_str(&format!(
-        "Run `{}`, status **{}**, shakedown {}. Times are seconds from the start of each stack's load.\n\n",
+        "Run `{}`, status **{}**, shakedown {}, playbook sha256 `{}`. Times are seconds from the start of each stack's load.\n\n",
         summary.run_id,
         summary.status.as_str(),
-        summary.tool_version
+        summary.tool_version,
+        summary.playbook_sha256
     ));
     out.push_str("## Stacks\n\n");
-    out.push_str(
-        &stacks_table(summary)
-            .build()
-            .with(Style::markdown())
-            .to_string(),
-    );
+    out.push_str(&as_markdown(stacks_rows(summary)));
     for s in summary.stacks.iter().filter(|s| s.error.is_some()) {
         out.push_str(&format!(
             "\n\n**Stack `{}` failed:** {}",
@@ -190,24 +218,14 @@ pub fn markdown(summary: &Summary) -> String {
     }
     out.push_str("\n\nAvailability is ok / all requests sent after the warmup. SLO seconds is the fraction of those seconds whose requests met `recovered_when`.\n\n");
     out.push_str("## Outcomes\n\nEvery request of the run, warmup included.\n\n");
-    out.push_str(
-        &outcomes_table(summary)
-            .build()
-            .with(Style::markdown())
-            .to_string(),
-    );
+    out.push_str(&as_markdown(outcomes_rows(summary)));
     out.push_str("\n\n");
     let faults = fault_names(summary);
     if !faults.is_empty() {
         out.push_str("## Faults\n\n");
         for (name, action) in faults {
             out.push_str(&format!("### {name} ({action})\n\n"));
-            out.push_str(
-                &fault_table(summary, &name)
-                    .build()
-                    .with(Style::markdown())
-                    .to_string(),
-            );
+            out.push_str(&as_markdown(fault_rows(summary, &name)));
             out.push_str("\n\n");
         }
         out.push_str("Recovery is client side: from injection to the first moment after which the requests sent during `hold` meet `recovered_when`. Replacement times are cluster side, from `events.jsonl`.\n");
@@ -217,18 +235,10 @@ pub fn markdown(summary: &Summary) -> String {
 
 /// The tables printed at the end of `shakedown run` and by `shakedown report`.
 pub fn terminal(summary: &Summary) -> String {
-    let mut out = stacks_table(summary)
-        .build()
-        .with(Style::rounded())
-        .to_string();
+    let mut out = as_boxes(stacks_rows(summary));
     for (name, action) in fault_names(summary) {
         out.push_str(&format!("\n\nfault {name} ({action})\n"));
-        out.push_str(
-            &fault_table(summary, &name)
-                .build()
-                .with(Style::rounded())
-                .to_string(),
-        );
+        out.push_str(&as_boxes(fault_rows(summary, &name)));
     }
     out.push('\n');
     out

@@ -1,0 +1,122 @@
+//! `report.html`: the report's tables and charts in one self-contained file
+//! (inline SVG and CSS, no scripts, nothing fetched), readable in dark mode
+//! and on paper.
+
+use super::charts;
+use super::tables::{Rows, fault_names, fault_rows, outcomes_rows, stacks_rows};
+use crate::measure::Summary;
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn table(rows: Rows) -> String {
+    let mut rows = rows.into_iter();
+    let mut out = String::from("<table>\n<thead><tr>");
+    for cell in rows.next().unwrap_or_default() {
+        out.push_str(&format!("<th>{}</th>", escape(&cell)));
+    }
+    out.push_str("</tr></thead>\n<tbody>\n");
+    for row in rows {
+        out.push_str("<tr>");
+        for (i, cell) in row.iter().enumerate() {
+            let tag = if i == 0 { "th" } else { "td" };
+            let class = match cell.as_str() {
+                "unrecovered" | "FAIL" => " class=\"bad\"",
+                _ => "",
+            };
+            out.push_str(&format!("<{tag}{class}>{}</{tag}>", escape(cell)));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</tbody>\n</table>\n");
+    out
+}
+
+const STYLE: &str = r#"
+:root { color-scheme: light dark; --fg: #1d1d1f; --bg: #ffffff; --muted: #6e6e73; --line: #d2d2d7; --bad: #c62828; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #e8e8ed; --bg: #161618; --muted: #a1a1a6; --line: #3a3a3c; --bad: #ff6b6b; }
+  /* The charts are drawn on white: turn them dark, keeping their hues. */
+  .chart svg { filter: invert(0.92) hue-rotate(180deg); }
+}
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); background: var(--bg); max-width: 1000px; margin: 2rem auto; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
+h2 { font-size: 1.2rem; margin-top: 2.2rem; border-bottom: 1px solid var(--line); padding-bottom: 0.2rem; }
+h3 { font-size: 1rem; margin-top: 1.4rem; }
+.meta, .note { color: var(--muted); }
+code { font-size: 0.92em; }
+table { border-collapse: collapse; margin: 0.6rem 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid var(--line); padding: 0.25rem 0.6rem; text-align: right; }
+thead th, tbody th { text-align: left; }
+.bad { color: var(--bad); font-weight: 600; }
+.chart svg { width: 100%; height: auto; }
+.legend span { display: inline-block; margin-right: 1rem; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; vertical-align: -0.1em; margin-right: 0.3em; }
+@media print {
+  body { max-width: none; margin: 0; }
+  .chart, table { break-inside: avoid; }
+  h2 { break-after: avoid; }
+}
+"#;
+
+/// The whole page.
+pub fn html(summary: &Summary) -> anyhow::Result<String> {
+    let mut out =
+        String::from("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+    out.push_str(&format!(
+        "<title>shakedown: {}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n",
+        escape(&summary.playbook)
+    ));
+    out.push_str(&format!(
+        "<h1>Availability report: {}</h1>\n",
+        escape(&summary.playbook)
+    ));
+    out.push_str(&format!(
+        "<p class=\"meta\">Run <code>{}</code>, status <b>{}</b>, shakedown {}, playbook sha256 <code>{}</code>. Times are seconds from the start of each stack's load.</p>\n",
+        escape(&summary.run_id),
+        summary.status.as_str(),
+        escape(&summary.tool_version),
+        escape(&summary.playbook_sha256)
+    ));
+    out.push_str("<h2>Stacks</h2>\n");
+    out.push_str(&table(stacks_rows(summary)));
+    for s in summary.stacks.iter().filter(|s| s.error.is_some()) {
+        out.push_str(&format!(
+            "<p class=\"bad\">Stack {} failed: {}</p>\n",
+            escape(&s.name),
+            escape(s.error.as_deref().unwrap_or_default())
+        ));
+    }
+    out.push_str("<p class=\"note\">Availability is ok / all requests sent after the warmup. SLO seconds is the fraction of those seconds whose requests met <code>recovered_when</code>.</p>\n");
+
+    let faults = fault_names(summary);
+    if !faults.is_empty() {
+        out.push_str("<h2>Recovery</h2>\n<div class=\"chart\">");
+        out.push_str(&charts::recovery_comparison(summary)?);
+        out.push_str("</div>\n<h2>Faults</h2>\n");
+        for (name, action) in &faults {
+            out.push_str(&format!("<h3>{} ({})</h3>\n", escape(name), escape(action)));
+            out.push_str(&table(fault_rows(summary, name)));
+        }
+        out.push_str("<p class=\"note\">Recovery is client side: from injection to the first moment after which the requests sent during <code>hold</code> meet <code>recovered_when</code>. Replacement times are cluster side, from <code>events.jsonl</code>.</p>\n");
+    }
+
+    out.push_str(
+        "<h2>Outcomes</h2>\n<p class=\"note\">Every request of the run, warmup included.</p>\n",
+    );
+    out.push_str(&table(outcomes_rows(summary)));
+
+    for stack in &summary.stacks {
+        out.push_str(&format!("<h2>{} over time</h2>\n", escape(&stack.name)));
+        out.push_str("<p class=\"legend note\"><span><span class=\"swatch\" style=\"background:rgba(230,120,0,0.35)\"></span>fault in force or not yet recovered</span><span><span class=\"swatch\" style=\"background:rgb(20,150,60)\"></span>recovered</span><span><span class=\"swatch\" style=\"background:rgb(200,30,30)\"></span>unrecovered</span></p>\n");
+        out.push_str("<div class=\"chart\">");
+        out.push_str(&charts::stack_timeline(stack)?);
+        out.push_str("</div>\n");
+    }
+    out.push_str("</body>\n</html>\n");
+    Ok(out)
+}

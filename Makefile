@@ -10,6 +10,7 @@ run:
 
 ## make test: formatting, lints, then every test (unit, integration, end to end).
 test: lint
+	.ci/install-test-tools
 	$(CARGO) test --doc
 	$(CARGO) test --all-targets
 

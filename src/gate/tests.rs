@@ -60,6 +60,7 @@ fn run(stacks: Vec<StackSummary>) -> Summary {
     Summary {
         run_id: "r".into(),
         playbook: "p".into(),
+        playbook_sha256: String::new(),
         status: RunStatus::Completed,
         tool_version: "0".into(),
         stacks,

@@ -26,7 +26,7 @@ fn drawn<T, E: std::fmt::Debug>(result: Result<T, E>) -> anyhow::Result<T> {
 }
 
 /// Contiguous runs of defined points: a gap in the data stays a gap.
-fn segments(series: &[Second], value: fn(&Second) -> Option<f64>) -> Vec<Vec<(f64, f64)>> {
+fn segments(series: &[Second], value: Value) -> Vec<Vec<(f64, f64)>> {
     let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
     let mut current = Vec::new();
     for second in series {
@@ -45,16 +45,26 @@ fn segments(series: &[Second], value: fn(&Second) -> Option<f64>) -> Vec<Vec<(f6
     runs
 }
 
+/// What a line shows of each second.
+type Value = fn(&Second) -> Option<f64>;
+
 struct Panel {
     title: &'static str,
     unit: &'static str,
-    lines: Vec<(&'static str, fn(&Second) -> Option<f64>)>,
+    lines: Vec<(&'static str, Value)>,
     /// A fixed top, such as 100 for percentages.
     top: Option<f64>,
 }
 
+/// What a timeline marks: fault windows (from, to) and recovery moments
+/// (when, whether it recovered or the run ended first).
+struct FaultMarks {
+    shaded: Vec<(f64, f64)>,
+    moments: Vec<(f64, bool)>,
+}
+
 /// The fault windows of a stack, and the moments it recovered.
-fn windows(stack: &StackSummary, end: f64) -> (Vec<(f64, f64)>, Vec<(f64, bool)>) {
+fn windows(stack: &StackSummary, end: f64) -> FaultMarks {
     let mut shaded = Vec::new();
     let mut marks = Vec::new();
     for f in &stack.faults {
@@ -70,7 +80,10 @@ fn windows(stack: &StackSummary, end: f64) -> (Vec<(f64, f64)>, Vec<(f64, bool)>
             None => {}
         }
     }
-    (shaded, marks)
+    FaultMarks {
+        shaded,
+        moments: marks,
+    }
 }
 
 /// Five panels on one time axis: success, requests, tokens, TTFT, in flight.
@@ -108,7 +121,10 @@ pub fn stack_timeline(stack: &StackSummary) -> anyhow::Result<String> {
             top: None,
         },
     ];
-    let (shaded, marks) = windows(stack, end);
+    let FaultMarks {
+        shaded,
+        moments: marks,
+    } = windows(stack, end);
     let mut svg = String::new();
     {
         let root =

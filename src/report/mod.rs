@@ -202,6 +202,13 @@ pub fn combine(runs: Vec<Summary>) -> Summary {
             if names.get(&stack.name).copied().unwrap_or(0) > 1 {
                 stack.name = format!("{} @ {}", stack.name, run.run_id);
             }
+            // The same run given twice: number the copies apart.
+            let base = stack.name.clone();
+            let mut copy = 1;
+            while combined.stacks.iter().any(|s| s.name == stack.name) {
+                copy += 1;
+                stack.name = format!("{base} #{copy}");
+            }
             combined.stacks.push(stack);
         }
     }

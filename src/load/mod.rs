@@ -84,68 +84,41 @@ pub async fn run_load(
     live: Arc<LiveStats>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<u64> {
-    let mut arrivals = Arrivals::new(plan.arrival, plan.rate, plan.burstiness, plan.seed)?;
+    let arrivals = Arrivals::new(plan.arrival, plan.rate, plan.burstiness, plan.seed)?;
     let slots = Arc::new(Semaphore::new(plan.max_in_flight.max(1)));
-    let template = Arc::new(plan.template);
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let end = plan.duration.as_secs_f64();
-    let mut offset = 0.0f64;
-    let mut id = 0u64;
-    let mut interrupted = false;
-    loop {
-        offset += arrivals.next_gap();
-        if offset >= end {
-            break;
-        }
-        let due = start + Duration::from_secs_f64(offset);
-        tokio::select! {
-            _ = tokio::time::sleep_until(due) => {}
-            _ = crate::stopped(&mut stop) => { interrupted = true; break; }
-        }
-        let scheduled_s = due.saturating_duration_since(origin).as_secs_f64();
-        id += 1;
-        live.sent.fetch_add(1, Ordering::Relaxed);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            let record = Record {
-                stack: template.stack.clone(),
-                id,
-                scheduled_s,
-                sent_s: None,
-                done_s: scheduled_s,
-                outcome: Outcome::Dropped,
-                status: None,
-                ttft_ms: None,
-                latency_ms: None,
-                itl: None,
-                output_tokens: 0,
-                error: Some(format!(
-                    "{} requests already in flight (max_in_flight)",
-                    plan.max_in_flight
-                )),
-            };
-            live.count(&record);
-            sink.send(record);
-            continue;
-        };
-        let (client, template, sink, live) =
-            (client.clone(), template.clone(), sink.clone(), live.clone());
-        let mut cancel = cancel_rx.clone();
-        live.in_flight.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            tokio::select! {
-                record = client::send(&client, &template, origin, id, scheduled_s) => {
-                    live.count(&record);
-                    sink.send(record);
-                }
-                _ = crate::stopped(&mut cancel) => {}
-            }
-            live.in_flight.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        });
-    }
+    let max_in_flight = plan.max_in_flight;
+    let schedule = Schedule {
+        arrivals,
+        template: Arc::new(plan.template),
+        end: plan.duration.as_secs_f64(),
+        origin: origin.into_std(),
+        start: start.into_std(),
+        runtime: tokio::runtime::Handle::current(),
+        client,
+        sink,
+        live,
+        slots: slots.clone(),
+        stop: stop.clone(),
+        cancel: cancel_rx,
+        max_in_flight,
+    };
+    // The schedule runs on a thread of its own: a thread's sleep wakes within
+    // tens of microseconds, the runtime's timer only on its next millisecond,
+    // and the send lag must stay well under that.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("load-schedule".into())
+        .spawn(move || {
+            let _ = done_tx.send(schedule.run());
+        })
+        .map_err(|err| anyhow::anyhow!("cannot start the load's schedule thread: {err}"))?;
+    let (id, interrupted) = done_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the load's schedule thread died"))?;
     // Wait for the requests still in flight: all of them normally (each has
     // its own deadline), a short grace when interrupted.
-    let all = u32::try_from(plan.max_in_flight.max(1)).unwrap_or(u32::MAX);
+    let all = u32::try_from(max_in_flight.max(1)).unwrap_or(u32::MAX);
     let drained = slots.acquire_many(all);
     if interrupted {
         if tokio::time::timeout(INTERRUPT_GRACE, drained)
@@ -164,4 +137,99 @@ pub async fn run_load(
         }
     }
     Ok(id)
+}
+
+/// The open-loop schedule: sends each request at its arrival time, or
+/// records it `dropped` when `max_in_flight` requests are outstanding.
+struct Schedule {
+    arrivals: Arrivals,
+    template: Arc<RequestTemplate>,
+    end: f64,
+    origin: std::time::Instant,
+    start: std::time::Instant,
+    runtime: tokio::runtime::Handle,
+    client: reqwest::Client,
+    sink: JsonlSink<Record>,
+    live: Arc<LiveStats>,
+    slots: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
+    max_in_flight: usize,
+}
+
+/// How often a waiting schedule looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+
+impl Schedule {
+    /// Returns how many requests it scheduled, and whether it was stopped.
+    fn run(mut self) -> (u64, bool) {
+        let mut offset = 0.0f64;
+        let mut id = 0u64;
+        loop {
+            offset += self.arrivals.next_gap();
+            if offset >= self.end {
+                return (id, false);
+            }
+            let due = self.start + Duration::from_secs_f64(offset);
+            loop {
+                if *self.stop.borrow() {
+                    return (id, true);
+                }
+                let now = std::time::Instant::now();
+                if now >= due {
+                    break;
+                }
+                std::thread::sleep((due - now).min(STOP_CHECK));
+            }
+            let scheduled_s = due.saturating_duration_since(self.origin).as_secs_f64();
+            id += 1;
+            self.send(id, scheduled_s);
+        }
+    }
+
+    fn send(&self, id: u64, scheduled_s: f64) {
+        self.live.sent.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            let record = Record {
+                stack: self.template.stack.clone(),
+                id,
+                scheduled_s,
+                sent_s: None,
+                done_s: scheduled_s,
+                outcome: Outcome::Dropped,
+                status: None,
+                ttft_ms: None,
+                latency_ms: None,
+                itl: None,
+                output_tokens: 0,
+                error: Some(format!(
+                    "{} requests already in flight (max_in_flight)",
+                    self.max_in_flight
+                )),
+            };
+            self.live.count(&record);
+            self.sink.send(record);
+            return;
+        };
+        let (client, template, sink, live) = (
+            self.client.clone(),
+            self.template.clone(),
+            self.sink.clone(),
+            self.live.clone(),
+        );
+        let mut cancel = self.cancel.clone();
+        let origin = Instant::from_std(self.origin);
+        live.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.runtime.spawn(async move {
+            tokio::select! {
+                record = client::send(&client, &template, origin, id, scheduled_s) => {
+                    live.count(&record);
+                    sink.send(record);
+                }
+                _ = crate::stopped(&mut cancel) => {}
+            }
+            live.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
 }

@@ -36,3 +36,21 @@ pub mod tokens;
 pub async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = flag.wait_for(|stop| *stop).await;
 }
+
+/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM: how the run and the
+/// emulated servers learn they are asked to stop.
+pub async fn interrupt_or_terminate() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handlers, only the other ways of ending remain.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -330,23 +330,8 @@ async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> 
         })
 }
 
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
-    }
-}
-
 fn first_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    signal()
+    shakedown::interrupt_or_terminate()
 }
 
 /// Serves until done; the first signal drains (inside `serve`), a second one
@@ -357,6 +342,6 @@ async fn serve_until_signalled(
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => { result?; Ok(ExitCode::SUCCESS) }
-        _ = async { signal().await; signal().await } => Ok(ExitCode::from(130)),
+        _ = async { shakedown::interrupt_or_terminate().await; shakedown::interrupt_or_terminate().await } => Ok(ExitCode::from(130)),
     }
 }

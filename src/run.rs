@@ -95,12 +95,12 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     let (stop_tx, stop) = watch::channel(false);
     let shown_dir = dir.display().to_string();
     let signals = tokio::spawn(async move {
-        wait_for_signal().await;
+        crate::interrupt_or_terminate().await;
         eprintln!(
             "\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)"
         );
         stop_tx.send_replace(true);
-        wait_for_signal().await;
+        crate::interrupt_or_terminate().await;
         eprintln!(
             "shakedown: forced exit; `shakedown cleanup` stops what is left, `shakedown report {shown_dir}` rebuilds the report"
         );
@@ -172,21 +172,6 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         summary,
         errors,
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
-    }
 }
 
 struct StackRun<'a> {

@@ -7,8 +7,6 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
-
 use super::{BoxFuture, FaultAction, Injected};
 use crate::cluster::Cluster;
 use crate::cluster::local::Role;
@@ -56,14 +54,6 @@ impl NetworkDelay {
     }
 }
 
-fn local_role(role: &str) -> anyhow::Result<Role> {
-    match role {
-        "engine" => Ok(Role::Engine),
-        "router" => Ok(Role::Router),
-        other => bail!("a local cluster has no role `{other}`"),
-    }
-}
-
 impl FaultAction for NetworkDelay {
     fn inject<'a>(
         &'a self,
@@ -80,7 +70,7 @@ impl FaultAction for NetworkDelay {
                         both_directions: self.direction == Direction::Both,
                         seed,
                     };
-                    let targets = local.shape(local_role(&self.role)?, shaping);
+                    let targets = local.shape(Role::from_target(&self.role)?, shaping);
                     Ok(Injected {
                         targets,
                         detail: Some(self.describe()),
@@ -98,7 +88,7 @@ impl FaultAction for NetworkDelay {
         Box::pin(async move {
             match cluster {
                 Cluster::Local(local) => {
-                    local.shape(local_role(&self.role)?, Shaping::default());
+                    local.shape(Role::from_target(&self.role)?, Shaping::default());
                     Ok(())
                 }
             }

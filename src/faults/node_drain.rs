@@ -88,12 +88,13 @@ impl FaultAction for NodeDrain {
         Box::pin(async move {
             match cluster {
                 Cluster::Local(local) => {
-                    let role = match self.role.as_str() {
-                        "engine" => Role::Engine,
-                        other => bail!(
-                            "only `engine` pods sit on GPU nodes in a local cluster, not `{other}`"
-                        ),
-                    };
+                    let role = Role::from_target(&self.role)?;
+                    if role != Role::Engine {
+                        bail!(
+                            "only `engine` pods sit on GPU nodes in a local cluster, not `{}`",
+                            self.role
+                        );
+                    }
                     let pods = local.pods(Some(role));
                     let node = match &self.node {
                         Some(node) => node.clone(),

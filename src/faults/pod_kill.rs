@@ -55,11 +55,7 @@ impl FaultAction for PodKill {
         Box::pin(async move {
             match cluster {
                 Cluster::Local(local) => {
-                    let role = match self.role.as_str() {
-                        "engine" => Role::Engine,
-                        "router" => Role::Router,
-                        other => bail!("a local cluster has no role `{other}`"),
-                    };
+                    let role = Role::from_target(&self.role)?;
                     let mut running: Vec<String> = local
                         .pods(Some(role))
                         .into_iter()

@@ -64,6 +64,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role a playbook's `target` names in a local cluster.
+    pub fn from_target(target: &str) -> anyhow::Result<Self> {
+        match target {
+            "engine" => Ok(Role::Engine),
+            "router" => Ok(Role::Router),
+            other => {
+                bail!("a local cluster has no role `{other}`: its roles are `engine` and `router`")
+            }
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Engine => "engine",

@@ -51,6 +51,7 @@ fn stack(availability: f64, truncated: u64, faults: Vec<FaultSummary>) -> StackS
             latency: Latency::default(),
         },
         faults,
+        phases: Vec::new(),
         series: Vec::new(),
         error: None,
     }

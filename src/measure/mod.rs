@@ -5,6 +5,7 @@
 //! All times in a summary are seconds since the stack's load started (the
 //! `load_started` event), the clock that fault offsets are written on.
 
+pub mod phases;
 pub mod record;
 pub mod recovery;
 pub mod stats;
@@ -30,6 +31,9 @@ pub struct Sample {
     pub latency_ms: f64,
     pub tpot_ms: f64,
     pub output_tokens: u32,
+    /// Inter-token gaps of a stream: their sum and number.
+    pub itl_sum_ms: f64,
+    pub itl_count: u32,
 }
 
 impl Sample {
@@ -42,6 +46,8 @@ impl Sample {
             latency_ms: record.latency_ms.unwrap_or(f64::NAN),
             tpot_ms: record.tpot_ms().unwrap_or(f64::NAN),
             output_tokens: record.output_tokens,
+            itl_sum_ms: record.itl.map_or(0.0, |g| g.mean_ms * f64::from(g.count)),
+            itl_count: record.itl.map_or(0, |g| g.count),
         }
     }
 
@@ -59,6 +65,8 @@ pub struct MeasureSettings {
     pub success_rate: f64,
     pub hold_s: f64,
     pub ttft_p99_ratio: Option<f64>,
+    /// Per-request service levels, for goodput.
+    pub slo: phases::Slo,
     /// Faults that apply to this stack: name, action, planned offset.
     pub faults: Vec<(String, String, f64)>,
 }
@@ -160,6 +168,10 @@ pub struct StackSummary {
     pub latency: Latency,
     pub baseline: Window,
     pub faults: Vec<FaultSummary>,
+    /// Latency and throughput after the warmup, at baseline, during each
+    /// fault and after the last recovery.
+    #[serde(default)]
+    pub phases: Vec<phases::Phase>,
     pub series: Vec<Second>,
     /// Why the stack could not be tested to the end, if it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -398,6 +410,14 @@ pub fn summarize_stack(
         slo_seconds,
         latency: latency_of(after_warmup.iter()),
         baseline,
+        phases: phases::phases(
+            &samples,
+            settings.warmup_s,
+            (baseline_from, baseline_to),
+            &faults,
+            duration,
+            &settings.slo,
+        ),
         faults,
         series,
         error: events.iter().find_map(|e| match &e.kind {
@@ -566,6 +586,8 @@ mod tests {
             latency_ms: ttft + 50.0,
             tpot_ms: 5.0,
             output_tokens: 10,
+            itl_sum_ms: 45.0,
+            itl_count: 9,
         }
     }
 
@@ -577,6 +599,7 @@ mod tests {
             success_rate: 0.99,
             hold_s: 3.0,
             ttft_p99_ratio: None,
+            slo: phases::Slo::default(),
             faults: vec![("kill-router".into(), "pod-kill".into(), 10.0)],
         }
     }

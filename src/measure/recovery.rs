@@ -80,6 +80,8 @@ mod tests {
                 latency_ms: 20.0,
                 tpot_ms: f64::NAN,
                 output_tokens: 4,
+                itl_sum_ms: 0.0,
+                itl_count: 0,
             })
             .collect()
     }

@@ -251,6 +251,21 @@ pub struct Load {
     pub request: RequestSpec,
     #[serde(default = "Load::default_timeout")]
     pub timeout: HumanDuration,
+    /// Per-request service levels: goodput counts the requests that meet them.
+    #[serde(default)]
+    pub slo: Option<RequestSlo>,
+}
+
+/// As `vllm bench serve --goodput ttft:… tpot:… e2el:…`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSlo {
+    #[serde(default)]
+    pub ttft: Option<HumanDuration>,
+    #[serde(default)]
+    pub tpot: Option<HumanDuration>,
+    #[serde(default)]
+    pub e2e: Option<HumanDuration>,
 }
 
 impl Load {

@@ -360,6 +360,23 @@ fn validate_load(load: &Load) -> Result<(), Problem> {
             "the request timeout is above zero, such as `60s`",
         );
     }
+    if let Some(slo) = &load.slo {
+        let spath = path.clone().key("slo");
+        if slo.ttft.is_none() && slo.tpot.is_none() && slo.e2e.is_none() {
+            return at(
+                spath,
+                "an empty `slo`: give at least one of `ttft`, `tpot`, `e2e`, such as `ttft: 500ms`",
+            );
+        }
+        for (field, value) in [("ttft", slo.ttft), ("tpot", slo.tpot), ("e2e", slo.e2e)] {
+            if value.is_some_and(|v| v.is_zero()) {
+                return at(
+                    spath.clone().key(field),
+                    "a service level above zero, such as `500ms`",
+                );
+            }
+        }
+    }
     let rpath = path.key("request");
     if !(1..=1_000_000).contains(&load.request.prompt_tokens) {
         return at(

@@ -3,7 +3,7 @@
 //! and on paper.
 
 use super::charts;
-use super::tables::{Rows, fault_names, fault_rows, outcomes_rows, stacks_rows};
+use super::tables::{Rows, fault_names, fault_rows, outcomes_rows, phase_rows, stacks_rows};
 use crate::measure::Summary;
 
 fn escape(text: &str) -> String {
@@ -105,6 +105,11 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
         out.push_str("<p class=\"note\">Recovery is client side: from injection to the first moment after which the requests sent during <code>hold</code> meet <code>recovered_when</code>. Replacement times are cluster side, from <code>events.jsonl</code>.</p>\n");
     }
 
+    out.push_str("<h2>Latency by phase</h2>\n<p class=\"note\">As <code>vllm bench serve</code> reports them, over the ok requests sent in each phase; goodput counts those that met <code>load.slo</code>.</p>\n");
+    for stack in &summary.stacks {
+        out.push_str(&format!("<h3>{}</h3>\n", escape(&stack.name)));
+        out.push_str(&table(phase_rows(stack)));
+    }
     out.push_str(
         "<h2>Outcomes</h2>\n<p class=\"note\">Every request of the run, warmup included.</p>\n",
     );

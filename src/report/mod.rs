@@ -35,6 +35,15 @@ pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
         success_rate: ss.recovered_when.success_rate,
         hold_s: ss.recovered_when.hold.as_secs_f64(),
         ttft_p99_ratio: ss.recovered_when.ttft_p99_ratio,
+        slo: pb.load.slo.as_ref().map_or_else(Default::default, |slo| {
+            let ms =
+                |d: Option<crate::playbook::HumanDuration>| d.map(|d| d.as_secs_f64() * 1000.0);
+            crate::measure::phases::Slo {
+                ttft_ms: ms(slo.ttft),
+                tpot_ms: ms(slo.tpot),
+                e2e_ms: ms(slo.e2e),
+            }
+        }),
         faults: pb
             .faults
             .iter()

@@ -90,6 +90,46 @@ pub fn outcomes_rows(summary: &Summary) -> Rows {
     rows
 }
 
+/// Latency and throughput by phase, the figures of `vllm bench serve`.
+pub fn phase_rows(stack: &StackSummary) -> Rows {
+    let mut rows = vec![strings([
+        "phase",
+        "from–to",
+        "requests",
+        "ok req/s",
+        "tokens/s",
+        "goodput/s",
+        "TTFT p50",
+        "TTFT p90",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "E2E p50",
+        "E2E p99",
+        "ITL mean",
+    ])];
+    let fixed = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into());
+    for p in &stack.phases {
+        rows.push(vec![
+            p.name.clone(),
+            format!("{:.1}–{:.1} s", p.from_s, p.to_s),
+            p.requests.to_string(),
+            format!("{:.1}", p.request_throughput),
+            format!("{:.0}", p.output_token_throughput),
+            fixed(p.goodput),
+            ms(p.ttft_ms.p50),
+            ms(p.ttft_ms.p90),
+            ms(p.ttft_ms.p99),
+            ms(p.tpot_ms.p50),
+            ms(p.tpot_ms.p99),
+            ms(p.e2e_ms.p50),
+            ms(p.e2e_ms.p99),
+            ms(p.itl_mean_ms),
+        ]);
+    }
+    rows
+}
+
 /// Fault names and actions in playbook order, across stacks.
 pub fn fault_names(summary: &Summary) -> Vec<(String, String)> {
     let mut names: Vec<(String, String)> = Vec::new();
@@ -220,6 +260,12 @@ pub fn markdown(summary: &Summary) -> String {
     out.push_str("## Outcomes\n\nEvery request of the run, warmup included.\n\n");
     out.push_str(&as_markdown(outcomes_rows(summary)));
     out.push_str("\n\n");
+    out.push_str("## Latency by phase\n\nAs `vllm bench serve` reports them, over the ok requests sent in each phase; goodput counts those that met `load.slo`.\n\n");
+    for stack in &summary.stacks {
+        out.push_str(&format!("### {}\n\n", stack.name));
+        out.push_str(&as_markdown(phase_rows(stack)));
+        out.push_str("\n\n");
+    }
     let faults = fault_names(summary);
     if !faults.is_empty() {
         out.push_str("## Faults\n\n");

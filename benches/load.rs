@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::resource::{UsageWho, getrusage};
 use shakedown::load::client::RequestTemplate;
+use shakedown::load::lengths::TokenCount;
 use shakedown::load::{LiveStats, LoadPlan, http_client, run_load};
 use shakedown::measure::record::{Outcome, Record};
 use shakedown::playbook::{Api, Arrival};
@@ -101,8 +102,8 @@ fn template(port: u16) -> RequestTemplate {
         model: "shakedown/emulated-llm".into(),
         api: Api::Chat,
         stream: true,
-        prompt_tokens: 64,
-        max_tokens: 32,
+        prompt_tokens: TokenCount::Fixed(64),
+        max_tokens: TokenCount::Fixed(32),
         timeout: Duration::from_secs(10),
         seed: 1,
         headers: vec![],
@@ -124,6 +125,7 @@ fn step(
         template: template(port),
         arrival: Arrival::Poisson,
         rate,
+        ramp_from: None,
         burstiness: None,
         max_in_flight: 4096,
         duration: Duration::from_secs_f64(seconds),

@@ -415,10 +415,16 @@ impl StackRun<'_> {
                 max_tokens: pb.load.request.max_tokens,
                 timeout: pb.load.timeout.0,
                 seed: pb.seed,
-                headers: Vec::new(),
+                headers: self
+                    .stack
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             },
             arrival: pb.load.arrival,
             rate: pb.load.rate,
+            ramp_from: pb.load.ramp_from,
             burstiness: pb.load.burstiness,
             max_in_flight: pb.load.max_in_flight as usize,
             duration: pb.duration.0,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use shakedown::engine::{self, EngineArgs};
 use shakedown::load::client::{self, RequestTemplate};
+use shakedown::load::lengths::TokenCount;
 use shakedown::measure::record::Outcome;
 use shakedown::playbook::Api;
 use tokio::net::TcpListener;
@@ -38,8 +39,8 @@ fn template(url: &str, api: Api, max_tokens: u32) -> RequestTemplate {
         model: EngineArgs::default().model,
         api,
         stream: true,
-        prompt_tokens: 64,
-        max_tokens,
+        prompt_tokens: TokenCount::Fixed(64),
+        max_tokens: TokenCount::Fixed(max_tokens),
         timeout: Duration::from_secs(10),
         seed: 1,
         headers: vec![],

@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use shakedown::engine::{self, EngineArgs};
 use shakedown::load::client::{self, RequestTemplate};
+use shakedown::load::lengths::TokenCount;
 use shakedown::measure::record::{Outcome, Record};
 use shakedown::playbook::{Api, Discovery, RoutingPolicy};
 use shakedown::router::{self, RouterArgs};
@@ -68,8 +69,8 @@ fn template(url: &str) -> RequestTemplate {
         model: EngineArgs::default().model,
         api: Api::Chat,
         stream: true,
-        prompt_tokens: 16,
-        max_tokens: 4,
+        prompt_tokens: TokenCount::Fixed(16),
+        max_tokens: TokenCount::Fixed(4),
         timeout: Duration::from_secs(5),
         seed: 0,
         headers: vec![],

@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
+use super::lengths::TokenCount;
 use super::sse::StreamReader;
 use crate::measure::record::{Outcome, Record};
 use crate::playbook::Api;
@@ -21,8 +22,8 @@ pub struct RequestTemplate {
     pub model: String,
     pub api: Api,
     pub stream: bool,
-    pub prompt_tokens: u32,
-    pub max_tokens: u32,
+    pub prompt_tokens: TokenCount,
+    pub max_tokens: TokenCount,
     pub timeout: Duration,
     pub seed: u64,
     pub headers: Vec<(String, String)>,
@@ -30,19 +31,25 @@ pub struct RequestTemplate {
 
 impl RequestTemplate {
     pub fn body(&self, id: u64) -> Vec<u8> {
-        let prompt =
-            crate::tokens::synth_prompt(self.prompt_tokens, crate::tokens::mix(self.seed ^ id));
+        use rand::SeedableRng;
+        let seed = crate::tokens::mix(self.seed ^ id);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (prompt_tokens, max_tokens) = (
+            self.prompt_tokens.sample(&mut rng),
+            self.max_tokens.sample(&mut rng),
+        );
+        let prompt = crate::tokens::synth_prompt(prompt_tokens, seed);
         let mut body = match self.api {
             Api::Chat => serde_json::json!({
                 "model": self.model,
                 "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": self.max_tokens,
+                "max_tokens": max_tokens,
                 "stream": self.stream,
             }),
             Api::Completions => serde_json::json!({
                 "model": self.model,
                 "prompt": prompt,
-                "max_tokens": self.max_tokens,
+                "max_tokens": max_tokens,
                 "stream": self.stream,
             }),
         };

@@ -9,6 +9,7 @@
 
 pub mod arrival;
 pub mod client;
+pub mod lengths;
 pub mod sse;
 
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub struct LoadPlan {
     pub template: RequestTemplate,
     pub arrival: Arrival,
     pub rate: f64,
+    /// Rise linearly from this rate to `rate` over the duration.
+    pub ramp_from: Option<f64>,
     pub burstiness: Option<f64>,
     pub max_in_flight: usize,
     pub duration: Duration,
@@ -84,7 +87,10 @@ pub async fn run_load(
     live: Arc<LiveStats>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<u64> {
-    let arrivals = Arrivals::new(plan.arrival, plan.rate, plan.burstiness, plan.seed)?;
+    let mut arrivals = Arrivals::new(plan.arrival, plan.rate, plan.burstiness, plan.seed)?;
+    if let Some(from) = plan.ramp_from {
+        arrivals = arrivals.ramp(from, plan.duration.as_secs_f64())?;
+    }
     let slots = Arc::new(Semaphore::new(plan.max_in_flight.max(1)));
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let max_in_flight = plan.max_in_flight;
@@ -166,7 +172,7 @@ impl Schedule {
         let mut offset = 0.0f64;
         let mut id = 0u64;
         loop {
-            offset += self.arrivals.next_gap();
+            offset += self.arrivals.next_gap(offset);
             if offset >= self.end {
                 return (id, false);
             }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::duration::HumanDuration;
+pub use crate::load::lengths::TokenCount;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +61,9 @@ pub struct Stack {
     /// Named target groups (Kubernetes); a local cluster has `engine` and `router`.
     #[serde(default)]
     pub roles: BTreeMap<String, Role>,
+    /// Sent with every request to this stack, such as AIBrix's `routing-strategy`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -244,8 +248,12 @@ pub struct Load {
     /// Shape of gamma arrivals: 1 is Poisson, below 1 burstier.
     #[serde(default)]
     pub burstiness: Option<f64>,
-    /// Requests per second, per stack.
+    /// Requests per second, per stack (the rate reached, with `ramp_from`).
     pub rate: f64,
+    /// Start at this rate and rise linearly to `rate` over the run, as
+    /// `vllm bench serve --ramp-up-strategy linear` does.
+    #[serde(default)]
+    pub ramp_from: Option<f64>,
     #[serde(default = "Load::default_max_in_flight")]
     pub max_in_flight: u32,
     pub request: RequestSpec,
@@ -292,8 +300,9 @@ pub struct RequestSpec {
     pub api: Api,
     #[serde(default = "yes")]
     pub stream: bool,
-    pub prompt_tokens: u32,
-    pub max_tokens: u32,
+    /// A count such as `512`, or a spread such as `{ dist: uniform, min: 128, max: 1024 }`.
+    pub prompt_tokens: TokenCount,
+    pub max_tokens: TokenCount,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

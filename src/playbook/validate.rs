@@ -93,6 +93,22 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
                 ),
             );
         }
+        for name in stack.headers.keys() {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return at(
+                    path.clone().key("headers").key(name),
+                    format!("`{name}` is not an HTTP header name"),
+                );
+            }
+        }
+        for (name, value) in &stack.headers {
+            if reqwest::header::HeaderValue::from_str(value).is_err() {
+                return at(
+                    path.clone().key("headers").key(name),
+                    "the value has characters a header cannot carry",
+                );
+            }
+        }
         validate_stack(path, stack)?;
     }
 
@@ -377,15 +393,23 @@ fn validate_load(load: &Load) -> Result<(), Problem> {
             }
         }
     }
-    let rpath = path.key("request");
-    if !(1..=1_000_000).contains(&load.request.prompt_tokens) {
-        return at(
-            rpath.key("prompt_tokens"),
-            "prompt_tokens is from 1 to 1000000",
-        );
+    if let Some(from) = load.ramp_from {
+        check_range(
+            path.clone().key("ramp_from"),
+            from,
+            0.001,
+            100_000.0,
+            "the rate the ramp starts at, above 0, in requests per second",
+        )?;
     }
-    if !(1..=1_000_000).contains(&load.request.max_tokens) {
-        return at(rpath.key("max_tokens"), "max_tokens is from 1 to 1000000");
+    let rpath = path.key("request");
+    for (field, count) in [
+        ("prompt_tokens", &load.request.prompt_tokens),
+        ("max_tokens", &load.request.max_tokens),
+    ] {
+        if let Some(problem) = count.problem() {
+            return at(rpath.clone().key(field), problem);
+        }
     }
     Ok(())
 }

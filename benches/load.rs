@@ -107,6 +107,7 @@ fn template(port: u16) -> RequestTemplate {
         timeout: Duration::from_secs(10),
         seed: 1,
         headers: vec![],
+        prompts: None,
     }
 }
 
@@ -130,6 +131,7 @@ fn step(
         max_in_flight: 4096,
         duration: Duration::from_secs_f64(seconds),
         seed: 7,
+        sessions: None,
     };
     let cpu_before = cpu_seconds();
     let started = Instant::now();
@@ -222,6 +224,7 @@ fn synthetic_run(n: usize) -> tempfile::TempDir {
             itl: None,
             output_tokens: 32,
             error: failed.then(|| "connection refused".to_string()),
+            turn: None,
         };
         serde_json::to_writer(&mut out, &record).unwrap();
         out.write_all(b"\n").unwrap();

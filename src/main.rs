@@ -268,7 +268,7 @@ fn gate(run: &Path, baseline: Option<&Path>, policy: Option<&Path>, junit: Optio
                 return CANNOT_JUDGE;
             }
         },
-        None => match playbook::load(&run.join("playbook.yaml")).map(|l| l.playbook.gate) {
+        None => match playbook::read(&run.join("playbook.yaml")).map(|pb| pb.gate) {
             Ok(Some(policy)) => policy,
             Ok(None) => {
                 eprintln!(

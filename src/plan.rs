@@ -104,18 +104,30 @@ fn describe_cluster(stack: &Stack) -> String {
 /// The plan, as printed.
 pub fn render(pb: &Playbook) -> String {
     let load = &pb.load;
+    let rate = match load.ramp_from {
+        Some(from) => format!("{from} rising to {}", load.rate),
+        None => load.rate.to_string(),
+    };
+    let questions = match &load.request.prompts {
+        Some(file) => format!("questions from {}", file.display()),
+        None => format!("{} tokens", load.request.prompt_tokens),
+    };
     let mut out = format!(
-        "playbook {}: {} stacks, {}, {} per stack, {} load at {} req/s ({}, {} → {} tokens)\n",
+        "playbook {}: {} stacks, {}, {} per stack, {} load at {rate} req/s ({}, {questions} → {} tokens)\n",
         pb.name,
         pb.stacks.len(),
         spelled(&pb.schedule),
         pb.duration,
         spelled(&load.arrival),
-        load.rate,
         spelled(&load.request.api),
-        load.request.prompt_tokens,
         load.request.max_tokens
     );
+    if let Some(s) = &load.sessions {
+        out.push_str(&format!(
+            "multi-round chat: {} users × {} rounds, {} think time, user named in `{}`\n",
+            s.users, s.rounds, s.think_time, s.user_header
+        ));
+    }
     for stack in &pb.stacks {
         out.push_str(&format!(
             "\nstack {} ({})\n",

@@ -31,6 +31,7 @@ use crate::jsonl::{self, JsonlSink};
 use crate::load::client::RequestTemplate;
 use crate::load::{self, LiveStats, LoadPlan};
 use crate::measure::Summary;
+use crate::measure::engine_metrics::MetricSample;
 use crate::measure::record::Record;
 use crate::playbook::{Abort, Api, ClusterKind, Fault, LoadedPlaybook, Playbook, Schedule, Stack};
 use crate::progress::{CurrentFault, Progress};
@@ -86,6 +87,12 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     let state = Arc::new(RunState::create(&dir)?);
     let (events, events_writer) = jsonl::open::<Event>(&dir.join("events.jsonl"))?;
     let (records, records_writer) = jsonl::open::<Record>(&dir.join("requests.jsonl"))?;
+    let (metrics, metrics_writer) = if pb.stacks.iter().any(|s| s.scrape.is_some()) {
+        let (sink, writer) = jsonl::open::<MetricSample>(&dir.join("metrics.jsonl"))?;
+        (Some(sink), Some(writer))
+    } else {
+        (None, None)
+    };
     let run_log = EventLog::new(events.clone(), None, Instant::now());
     run_log.emit(EventKind::RunStarted {
         run_id: run_id.clone(),
@@ -110,10 +117,12 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     let stack_run = |stack: &Stack| {
         let ctx = StackRun {
             pb,
+            prompts: loaded.prompts.clone(),
             stack: stack.clone(),
             dir: dir.clone(),
             events: events.clone(),
             records: records.clone(),
+            metrics: metrics.clone(),
             stop: stop.clone(),
             options: options.clone(),
             state: state.clone(),
@@ -160,9 +169,12 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         RunStatus::Completed
     };
     run_log.emit(EventKind::RunFinished { status });
-    drop((run_log, events, records));
+    drop((run_log, events, records, metrics));
     events_writer.finish()?;
     records_writer.finish()?;
+    if let Some(writer) = metrics_writer {
+        writer.finish()?;
+    }
     // Every process is down and every fault reverted: nothing to clean up.
     state.remove()?;
     let summary = crate::report::rebuild(&dir)?;
@@ -176,10 +188,13 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
 
 struct StackRun<'a> {
     pb: &'a Playbook,
+    prompts: Option<Arc<Vec<String>>>,
     stack: Stack,
     dir: PathBuf,
     events: JsonlSink<Event>,
     records: JsonlSink<Record>,
+    /// Where engine metrics go, when any stack scrapes them.
+    metrics: Option<JsonlSink<MetricSample>>,
     /// The run's stop: Ctrl-C or SIGTERM.
     stop: watch::Receiver<bool>,
     options: RunOptions,
@@ -298,6 +313,28 @@ impl StackRun<'_> {
             stack_stop.clone(),
         ));
 
+        let (scrape_stop_tx, scrape_stop) = watch::channel(false);
+        let scraper = self
+            .stack
+            .scrape
+            .as_ref()
+            .zip(self.metrics.clone())
+            .map(|(scrape, sink)| {
+                let targets = if scrape.urls.is_empty() {
+                    local.engine_metrics_urls()
+                } else {
+                    scrape.urls.clone()
+                };
+                tokio::spawn(load::scrape::scrape(
+                    self.stack.name.clone(),
+                    targets,
+                    scrape.interval.0,
+                    log.origin(),
+                    sink,
+                    scrape_stop,
+                ))
+            });
+
         let faults: Vec<&Fault> = pb
             .faults
             .iter()
@@ -383,6 +420,10 @@ impl StackRun<'_> {
             None => load.await,
         };
         progress.finish();
+        scrape_stop_tx.send_replace(true);
+        if let Some(scraper) = scraper {
+            let _ = scraper.await;
+        }
         forward.abort();
         if let Some(watch) = abort_watch {
             watch.abort();
@@ -421,6 +462,7 @@ impl StackRun<'_> {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
+                prompts: self.prompts.clone(),
             },
             arrival: pb.load.arrival,
             rate: pb.load.rate,
@@ -429,6 +471,7 @@ impl StackRun<'_> {
             max_in_flight: pb.load.max_in_flight as usize,
             duration: pb.duration.0,
             seed: pb.seed,
+            sessions: pb.load.sessions.clone(),
         }
     }
 }

@@ -44,6 +44,7 @@ fn template(url: &str, api: Api, max_tokens: u32) -> RequestTemplate {
         timeout: Duration::from_secs(10),
         seed: 1,
         headers: vec![],
+        prompts: None,
     }
 }
 

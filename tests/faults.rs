@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use shakedown::events::{Event, EventKind};
+use shakedown::measure::engine_metrics::MetricSample;
 use shakedown::measure::record::{Outcome, Record};
 
 /// How many engine pods were Ready after each event, from the ground truth.
@@ -46,6 +47,7 @@ stacks:
       gpus_per_node: 2
       engine: { replicas: 4, startup: 500ms, restart_delay: 300ms }
       router: { policy: least-request, discovery: watch, retries: 1 }
+    scrape: { interval: 250ms }
 load: { rate: 10, request: { prompt_tokens: 32, max_tokens: 16 }, timeout: 10s }
 steady_state: { warmup: 1s, baseline: 2s }
 faults:
@@ -120,6 +122,34 @@ faults:
     assert_eq!(
         summary.stacks[0].faults[0].failed, 0,
         "a graceful drain behind a watching router loses nothing"
+    );
+
+    // The engines' /metrics were scraped: all four answered before the
+    // drain, and a drained engine was seen down while it restarted.
+    let mut scraped = Vec::new();
+    shakedown::jsonl::read_each(&dir.join("metrics.jsonl"), |m: MetricSample| {
+        scraped.push(m)
+    })
+    .unwrap();
+    let targets: std::collections::BTreeSet<&str> =
+        scraped.iter().map(|m| m.target.as_str()).collect();
+    assert_eq!(targets.len(), 4, "{targets:?}");
+    assert!(
+        scraped.iter().any(|m| !m.up && m.t_s > injected.t_s),
+        "no engine seen down"
+    );
+    let series = &summary.stacks[0].series;
+    assert_eq!(series[2].engines_up, Some(4));
+    assert!(
+        series
+            .iter()
+            .any(|s| s.engine_running.is_some_and(|r| r > 0.0))
+    );
+    assert!(
+        series
+            .iter()
+            .filter_map(|s| s.kv_cache_usage)
+            .all(|u| (0.0..=1.0).contains(&u))
     );
     assert_no_child_left(&dir, Duration::from_millis(200));
 }

@@ -74,6 +74,7 @@ fn template(url: &str) -> RequestTemplate {
         timeout: Duration::from_secs(5),
         seed: 0,
         headers: vec![],
+        prompts: None,
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::lengths::TokenCount;
 use super::sse::StreamReader;
-use crate::measure::record::{Outcome, Record};
+use crate::measure::record::{Outcome, Record, Turn};
 use crate::playbook::Api;
 
 /// What every request of a stack's load shares.
@@ -27,31 +27,73 @@ pub struct RequestTemplate {
     pub timeout: Duration,
     pub seed: u64,
     pub headers: Vec<(String, String)>,
+    /// Questions read from a ShareGPT-format file, instead of synthesised.
+    pub prompts: Option<std::sync::Arc<Vec<String>>>,
 }
 
 impl RequestTemplate {
-    pub fn body(&self, id: u64) -> Vec<u8> {
-        use rand::SeedableRng;
+    /// The question of request `id` and the output length to ask for,
+    /// drawn from the request's own seed so that every stack gets the same.
+    pub fn question(&self, id: u64) -> (String, u32) {
+        use rand::{Rng, SeedableRng};
         let seed = crate::tokens::mix(self.seed ^ id);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let (prompt_tokens, max_tokens) = (
-            self.prompt_tokens.sample(&mut rng),
-            self.max_tokens.sample(&mut rng),
-        );
-        let prompt = crate::tokens::synth_prompt(prompt_tokens, seed);
+        let prompt_tokens = self.prompt_tokens.sample(&mut rng);
+        let max_tokens = self.max_tokens.sample(&mut rng);
+        let text = match self.prompts.as_deref() {
+            Some(prompts) if !prompts.is_empty() => {
+                prompts[rng.random_range(0..prompts.len())].clone()
+            }
+            _ => crate::tokens::synth_prompt(prompt_tokens, seed),
+        };
+        (text, max_tokens)
+    }
+
+    /// The body of a single-round request `id`.
+    pub fn body(&self, id: u64) -> Vec<u8> {
+        let (question, max_tokens) = self.question(id);
+        self.body_with(&[], &question, max_tokens)
+    }
+
+    /// The body of a question asked after the (question, answer) rounds of
+    /// `history`: chat gets them as messages, completions as one text.
+    pub fn body_with(
+        &self,
+        history: &[(String, String)],
+        question: &str,
+        max_tokens: u32,
+    ) -> Vec<u8> {
         let mut body = match self.api {
-            Api::Chat => serde_json::json!({
-                "model": self.model,
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens,
-                "stream": self.stream,
-            }),
-            Api::Completions => serde_json::json!({
-                "model": self.model,
-                "prompt": prompt,
-                "max_tokens": max_tokens,
-                "stream": self.stream,
-            }),
+            Api::Chat => {
+                let mut messages = Vec::with_capacity(history.len() * 2 + 1);
+                for (asked, answered) in history {
+                    messages.push(serde_json::json!({"role": "user", "content": asked}));
+                    messages.push(serde_json::json!({"role": "assistant", "content": answered}));
+                }
+                messages.push(serde_json::json!({"role": "user", "content": question}));
+                serde_json::json!({
+                    "model": self.model,
+                    "messages": messages,
+                    "max_tokens": max_tokens,
+                    "stream": self.stream,
+                })
+            }
+            Api::Completions => {
+                let mut prompt = String::new();
+                for (asked, answered) in history {
+                    prompt.push_str(asked);
+                    prompt.push('\n');
+                    prompt.push_str(answered);
+                    prompt.push('\n');
+                }
+                prompt.push_str(question);
+                serde_json::json!({
+                    "model": self.model,
+                    "prompt": prompt,
+                    "max_tokens": max_tokens,
+                    "stream": self.stream,
+                })
+            }
         };
         if self.stream {
             body["stream_options"] = serde_json::json!({"include_usage": true});
@@ -60,6 +102,16 @@ impl RequestTemplate {
         body["ignore_eos"] = serde_json::Value::Bool(true);
         serde_json::to_vec(&body).unwrap_or_default()
     }
+}
+
+/// One request as it goes out.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub id: u64,
+    pub scheduled_s: f64,
+    pub body: Vec<u8>,
+    /// For a session's turn: the user header, and the answer is kept.
+    pub session: Option<(reqwest::header::HeaderName, Turn)>,
 }
 
 /// The text of an error and all its causes: reqwest's own line alone
@@ -95,13 +147,39 @@ pub async fn send(
     id: u64,
     scheduled_s: f64,
 ) -> Record {
-    let body = template.body(id);
+    let outgoing = Outgoing {
+        id,
+        scheduled_s,
+        body: template.body(id),
+        session: None,
+    };
+    send_outgoing(client, template, origin, outgoing).await.0
+}
+
+/// Sends one request and waits for its end or its deadline; with a
+/// session, also returns the answer's text when the request succeeded.
+pub async fn send_outgoing(
+    client: &reqwest::Client,
+    template: &RequestTemplate,
+    origin: Instant,
+    outgoing: Outgoing,
+) -> (Record, Option<String>) {
+    let Outgoing {
+        id,
+        scheduled_s,
+        body,
+        session,
+    } = outgoing;
     let mut request = client
         .post(&template.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body);
     for (name, value) in &template.headers {
         request = request.header(name, value);
+    }
+    let turn = session.as_ref().map(|(_, turn)| *turn);
+    if let Some((header, turn)) = &session {
+        request = request.header(header, super::sessions::Sessions::user_name(turn.user));
     }
     let sent = Instant::now();
     let deadline = sent + template.timeout;
@@ -118,12 +196,14 @@ pub async fn send(
         itl: None,
         output_tokens: 0,
         error: None,
+        turn,
     };
+    let keep_answer = session.is_some();
     let finish = |mut record: Record, outcome: Outcome, error: Option<String>| {
         record.outcome = outcome;
         record.error = error;
         record.done_s = seconds(origin, Instant::now());
-        record
+        (record, None)
     };
 
     let response = match tokio::time::timeout_at(deadline, request.send()).await {
@@ -193,12 +273,24 @@ pub async fn send(
                     .pointer("/usage/completion_tokens")
                     .and_then(|t| t.as_u64())
                     .unwrap_or(0) as u32;
-                finish(record, Outcome::Ok, None)
+                let answer = keep_answer.then(|| {
+                    let text = value
+                        .pointer("/choices/0/message/content")
+                        .or_else(|| value.pointer("/choices/0/text"));
+                    text.and_then(|t| t.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                });
+                (finish(record, Outcome::Ok, None).0, answer)
             }
         };
     }
 
-    let mut reader = StreamReader::default();
+    let mut reader = if keep_answer {
+        StreamReader::keeping_text()
+    } else {
+        StreamReader::default()
+    };
     let mut body = response.bytes_stream();
     let mut cut = None;
     let mut timed_out = false;
@@ -226,5 +318,6 @@ pub async fn send(
     record.latency_ms = result.latency_ms;
     record.itl = result.itl;
     record.output_tokens = result.output_tokens;
-    finish(record, result.outcome, result.error)
+    let answer = result.text.filter(|_| result.outcome == Outcome::Ok);
+    (finish(record, result.outcome, result.error).0, answer)
 }

@@ -10,6 +10,9 @@
 pub mod arrival;
 pub mod client;
 pub mod lengths;
+pub mod prompts;
+pub mod scrape;
+pub mod sessions;
 pub mod sse;
 
 use std::sync::Arc;
@@ -37,6 +40,8 @@ pub struct LoadPlan {
     pub max_in_flight: usize,
     pub duration: Duration,
     pub seed: u64,
+    /// Multi-round chat instead of independent requests.
+    pub sessions: Option<crate::playbook::Sessions>,
 }
 
 /// Counters the progress display and the runner read while the load runs.
@@ -94,7 +99,12 @@ pub async fn run_load(
     let slots = Arc::new(Semaphore::new(plan.max_in_flight.max(1)));
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let max_in_flight = plan.max_in_flight;
+    let sessions = match &plan.sessions {
+        Some(spec) => Some(Arc::new(sessions::Sessions::new(spec)?)),
+        None => None,
+    };
     let schedule = Schedule {
+        sessions,
         arrivals,
         template: Arc::new(plan.template),
         end: plan.duration.as_secs_f64(),
@@ -148,6 +158,7 @@ pub async fn run_load(
 /// The open-loop schedule: sends each request at its arrival time, or
 /// records it `dropped` when `max_in_flight` requests are outstanding.
 struct Schedule {
+    sessions: Option<Arc<sessions::Sessions>>,
     arrivals: Arrivals,
     template: Arc<RequestTemplate>,
     end: f64,
@@ -196,26 +207,48 @@ impl Schedule {
     fn send(&self, id: u64, scheduled_s: f64) {
         self.live.sent.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            let record = Record {
-                stack: self.template.stack.clone(),
+            return self.drop_request(
                 id,
                 scheduled_s,
-                sent_s: None,
-                done_s: scheduled_s,
-                outcome: Outcome::Dropped,
-                status: None,
-                ttft_ms: None,
-                latency_ms: None,
-                itl: None,
-                output_tokens: 0,
-                error: Some(format!(
+                format!(
                     "{} requests already in flight (max_in_flight)",
                     self.max_in_flight
-                )),
-            };
-            self.live.count(&record);
-            self.sink.send(record);
-            return;
+                ),
+            );
+        };
+        let (outgoing, question) = match &self.sessions {
+            None => (
+                client::Outgoing {
+                    id,
+                    scheduled_s,
+                    body: self.template.body(id),
+                    session: None,
+                },
+                None,
+            ),
+            Some(sessions) => {
+                let Some(ticket) = sessions.take(scheduled_s) else {
+                    return self.drop_request(
+                        id,
+                        scheduled_s,
+                        format!(
+                            "all {} users are waiting for an answer or thinking (sessions)",
+                            sessions.user_count()
+                        ),
+                    );
+                };
+                let (question, max_tokens) = self.template.question(id);
+                let body = self
+                    .template
+                    .body_with(&ticket.history, &question, max_tokens);
+                let outgoing = client::Outgoing {
+                    id,
+                    scheduled_s,
+                    body,
+                    session: Some((sessions.header().clone(), ticket.turn)),
+                };
+                (outgoing, Some((sessions.clone(), ticket.turn, question)))
+            }
         };
         let (client, template, sink, live) = (
             self.client.clone(),
@@ -228,7 +261,10 @@ impl Schedule {
         live.in_flight.fetch_add(1, Ordering::Relaxed);
         self.runtime.spawn(async move {
             tokio::select! {
-                record = client::send(&client, &template, origin, id, scheduled_s) => {
+                (record, answer) = client::send_outgoing(&client, &template, origin, outgoing) => {
+                    if let Some((sessions, turn, question)) = question {
+                        sessions.give_back(turn, question, answer, record.done_s);
+                    }
                     live.count(&record);
                     sink.send(record);
                 }
@@ -237,5 +273,26 @@ impl Schedule {
             live.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
+    }
+
+    /// Records a request the client could not send without waiting.
+    fn drop_request(&self, id: u64, scheduled_s: f64, reason: String) {
+        let record = Record {
+            stack: self.template.stack.clone(),
+            id,
+            scheduled_s,
+            sent_s: None,
+            done_s: scheduled_s,
+            outcome: Outcome::Dropped,
+            status: None,
+            ttft_ms: None,
+            latency_ms: None,
+            itl: None,
+            output_tokens: 0,
+            error: Some(reason),
+            turn: None,
+        };
+        self.live.count(&record);
+        self.sink.send(record);
     }
 }

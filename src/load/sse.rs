@@ -8,17 +8,20 @@
 //! without a finish reason) is `truncated`, and an error object inside the
 //! stream is `error_event`: under chaos these are the failures that matter.
 
+use std::borrow::Cow;
+
 use crate::measure::record::{Gaps, Outcome};
 
 /// A line longer than this is not SSE from an LLM server: stop buffering.
 const MAX_LINE: usize = 1 << 20;
 
 /// The parts of an OpenAI-compatible stream event that matter here; the
-/// rest (the text itself, logprobs, ids) is skipped without being built.
+/// rest (logprobs, ids) is skipped without being built, and the text is
+/// borrowed from the event, not copied, unless a session keeps it.
 #[derive(serde::Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Option<Vec<Choice>>,
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<Choice<'a>>>,
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default)]
@@ -30,9 +33,21 @@ struct Chunk {
 }
 
 #[derive(serde::Deserialize)]
-struct Choice {
+struct Choice<'a> {
     #[serde(default)]
     finish_reason: Option<serde::de::IgnoredAny>,
+    /// Chat: `delta.content`.
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    /// Completions: `text`.
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -57,6 +72,8 @@ pub struct StreamReader {
     done: bool,
     error_event: Option<String>,
     malformed: Option<String>,
+    /// The answer's text, kept only when asked for (a session's history).
+    text: Option<String>,
 }
 
 /// What a finished stream amounts to.
@@ -68,9 +85,19 @@ pub struct StreamResult {
     pub itl: Option<Gaps>,
     pub output_tokens: u32,
     pub error: Option<String>,
+    /// The answer's text, when the reader was made to keep it.
+    pub text: Option<String>,
 }
 
 impl StreamReader {
+    /// A reader that also keeps the text of the answer.
+    pub fn keeping_text() -> Self {
+        Self {
+            text: Some(String::new()),
+            ..Self::default()
+        }
+    }
+
     /// True once `[DONE]` came or the stream went wrong: nothing more to read.
     pub fn is_finished(&self) -> bool {
         self.done || self.error_event.is_some() || self.malformed.is_some()
@@ -147,7 +174,7 @@ impl StreamReader {
         }
         // Only the fields the verdict needs: far cheaper than a full JSON value
         // for each of the thousands of events a second under load.
-        let chunk: Chunk = match serde_json::from_str(data) {
+        let chunk: Chunk<'_> = match serde_json::from_str(data) {
             Ok(chunk) => chunk,
             Err(err) => {
                 let shown: String = data.chars().take(120).collect();
@@ -182,6 +209,10 @@ impl StreamReader {
             self.content_messages += 1;
             if choice.finish_reason.is_some() {
                 self.finish_seen = true;
+            }
+            if let Some(text) = &mut self.text {
+                let piece = choice.delta.as_ref().and_then(|d| d.content.as_deref());
+                text.push_str(piece.or(choice.text.as_deref()).unwrap_or(""));
             }
         }
         if let Some(tokens) = chunk.usage.and_then(|u| u.completion_tokens) {
@@ -238,6 +269,7 @@ impl StreamReader {
             itl,
             output_tokens: self.usage_tokens.unwrap_or(self.content_messages),
             error,
+            text: self.text,
         }
     }
 }
@@ -271,6 +303,27 @@ mod tests {
         assert_eq!(res.output_tokens, 3);
         let itl = res.itl.unwrap();
         assert_eq!((itl.count, itl.mean_ms, itl.max_ms), (2, 15.0, 20.0));
+    }
+
+    #[test]
+    fn keeps_the_answer_only_when_asked() {
+        let events = format!(
+            "{}{}data: [DONE]\n\n",
+            chunk("Hel", None),
+            chunk("lo\\n", Some("stop"))
+        );
+        let mut keeping = StreamReader::keeping_text();
+        keeping.feed(events.as_bytes(), 1.0);
+        assert_eq!(keeping.finish(None, false).text.as_deref(), Some("Hello\n"));
+        let mut plain = StreamReader::default();
+        plain.feed(events.as_bytes(), 1.0);
+        assert_eq!(plain.finish(None, false).text, None);
+        let mut completion = StreamReader::keeping_text();
+        completion.feed(
+            b"data: {\"choices\":[{\"text\":\"abc\",\"finish_reason\":\"length\"}]}\n\n",
+            1.0,
+        );
+        assert_eq!(completion.finish(None, false).text.as_deref(), Some("abc"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! All times in a summary are seconds since the stack's load started (the
 //! `load_started` event), the clock that fault offsets are written on.
 
+pub mod engine_metrics;
 pub mod phases;
 pub mod record;
 pub mod recovery;
@@ -151,6 +152,17 @@ pub struct Second {
     pub ttft_p50_ms: Option<f64>,
     pub ttft_p99_ms: Option<f64>,
     pub in_flight: u64,
+    /// The engines' own view, when their `/metrics` were scraped: requests
+    /// running and waiting (summed over engines), KV-cache usage (mean,
+    /// 0 to 1), and how many engines answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_running: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_waiting: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_usage: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engines_up: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -522,6 +534,10 @@ fn per_second(samples: &[Sample], duration: f64) -> Vec<Second> {
             ttft_p50_ms: None,
             ttft_p99_ms: None,
             in_flight: 0,
+            engine_running: None,
+            engine_waiting: None,
+            kv_cache_usage: None,
+            engines_up: None,
         })
         .collect();
     let mut ttfts: Vec<Vec<f64>> = vec![Vec::new(); seconds];

@@ -91,6 +91,16 @@ pub struct Record {
     pub output_tokens: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Which user and round of a multi-round session sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<Turn>,
+}
+
+/// A round of a multi-round session: users count from 0, rounds from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    pub user: u32,
+    pub round: u32,
 }
 
 impl Record {

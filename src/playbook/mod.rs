@@ -52,16 +52,48 @@ pub struct LoadedPlaybook {
     pub path: PathBuf,
     pub text: String,
     pub playbook: Playbook,
+    /// The questions of `load.request.prompts`, read once.
+    pub prompts: Option<std::sync::Arc<Vec<String>>>,
 }
 
-/// Reads, parses and validates a playbook file.
+/// Reads, parses and validates a playbook file, without the data files it
+/// names: for a run directory's copy, whose data stayed where it was.
+pub fn read(path: &Path) -> Result<Playbook, PlaybookError> {
+    parse(path, &read_text(path)?)
+}
+
+/// Reads, parses and validates a playbook file and reads the data files it
+/// names, ready to run.
 pub fn load(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
     let text = read_text(path)?;
     let playbook = parse(path, &text)?;
+    let prompts = match &playbook.load.request.prompts {
+        None => None,
+        Some(file) => {
+            // Relative to the playbook, so a playbook and its data travel together.
+            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            let questions = crate::load::prompts::read_sharegpt(&file).map_err(|err| {
+                let field = FieldPath::default()
+                    .key("load")
+                    .key("request")
+                    .key("prompts");
+                located(
+                    path,
+                    &text,
+                    validate::Problem {
+                        path: field,
+                        message: format!("{err:#}"),
+                    },
+                )
+            })?;
+            Some(std::sync::Arc::new(questions))
+        }
+    };
     Ok(LoadedPlaybook {
         path: path.to_path_buf(),
         text,
         playbook,
+        prompts,
     })
 }
 

@@ -64,6 +64,25 @@ pub struct Stack {
     /// Sent with every request to this stack, such as AIBrix's `routing-strategy`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Scrape the engines' Prometheus `/metrics` during the run.
+    #[serde(default)]
+    pub scrape: Option<Scrape>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scrape {
+    #[serde(default = "Scrape::default_interval")]
+    pub interval: HumanDuration,
+    /// The `/metrics` URLs; on a local cluster, every engine's when left out.
+    #[serde(default)]
+    pub urls: Vec<String>,
+}
+
+impl Scrape {
+    fn default_interval() -> HumanDuration {
+        HumanDuration::from_secs_f64(1.0)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -262,6 +281,30 @@ pub struct Load {
     /// Per-request service levels: goodput counts the requests that meet them.
     #[serde(default)]
     pub slo: Option<RequestSlo>,
+    /// Multi-round chat, as production-stack's multi-round QA benchmark.
+    #[serde(default)]
+    pub sessions: Option<Sessions>,
+}
+
+/// Users who each hold a conversation of `rounds` questions, every round
+/// sending the whole history so far, then start a new one.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sessions {
+    pub users: u32,
+    pub rounds: u32,
+    /// How long a user reads an answer before the next question.
+    #[serde(default)]
+    pub think_time: HumanDuration,
+    /// The header that names the user, for session-affinity routers.
+    #[serde(default = "Sessions::default_user_header")]
+    pub user_header: String,
+}
+
+impl Sessions {
+    fn default_user_header() -> String {
+        "x-user-id".into()
+    }
 }
 
 /// As `vllm bench serve --goodput ttft:… tpot:… e2el:…`.
@@ -303,6 +346,11 @@ pub struct RequestSpec {
     /// A count such as `512`, or a spread such as `{ dist: uniform, min: 128, max: 1024 }`.
     pub prompt_tokens: TokenCount,
     pub max_tokens: TokenCount,
+    /// Questions from a ShareGPT-format JSON file (relative to the
+    /// playbook) instead of synthesised text; `prompt_tokens` then only
+    /// bounds nothing and is ignored.
+    #[serde(default)]
+    pub prompts: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -109,6 +109,36 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
                 );
             }
         }
+        if let Some(scrape) = &stack.scrape {
+            let spath = path.clone().key("scrape");
+            let interval = scrape.interval.0;
+            if interval < std::time::Duration::from_millis(100)
+                || interval > std::time::Duration::from_secs(60)
+            {
+                return at(
+                    spath.key("interval"),
+                    "scrape every 100ms to 60s, such as `1s`",
+                );
+            }
+            for (i, url) in scrape.urls.iter().enumerate() {
+                if !(url.starts_with("http://") || url.starts_with("https://"))
+                    || reqwest::Url::parse(url).is_err()
+                {
+                    return at(
+                        spath.clone().key("urls").index(i),
+                        format!(
+                            "`{url}` is not an http(s) URL, such as `http://10.0.0.5:8000/metrics`"
+                        ),
+                    );
+                }
+            }
+            if scrape.urls.is_empty() && stack.cluster.kind != ClusterKind::Local {
+                return at(
+                    spath.key("urls"),
+                    "give the engines' `/metrics` URLs: only a local cluster knows its engines' itself",
+                );
+            }
+        }
         validate_stack(path, stack)?;
     }
 
@@ -401,6 +431,24 @@ fn validate_load(load: &Load) -> Result<(), Problem> {
             100_000.0,
             "the rate the ramp starts at, above 0, in requests per second",
         )?;
+    }
+    if let Some(sessions) = &load.sessions {
+        let spath = path.clone().key("sessions");
+        if !(1..=100_000).contains(&sessions.users) {
+            return at(spath.key("users"), "users is from 1 to 100000");
+        }
+        if !(1..=10_000).contains(&sessions.rounds) {
+            return at(spath.key("rounds"), "rounds is from 1 to 10000");
+        }
+        if reqwest::header::HeaderName::from_bytes(sessions.user_header.as_bytes()).is_err() {
+            return at(
+                spath.key("user_header"),
+                format!(
+                    "`{}` is not an HTTP header name, such as `x-user-id`",
+                    sessions.user_header
+                ),
+            );
+        }
     }
     let rpath = path.key("request");
     for (field, count) in [

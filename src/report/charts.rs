@@ -86,10 +86,11 @@ fn windows(stack: &StackSummary, end: f64) -> FaultMarks {
     }
 }
 
-/// Five panels on one time axis: success, requests, tokens, TTFT, in flight.
+/// Panels on one time axis: success, requests, tokens, TTFT, in flight,
+/// and the engines' queues and KV cache when they were scraped.
 pub fn stack_timeline(stack: &StackSummary) -> anyhow::Result<String> {
     let end = (stack.series.len() as f64).max(1.0);
-    let panels = [
+    let mut panels = vec![
         Panel {
             title: "Success rate",
             unit: "%",
@@ -121,6 +122,24 @@ pub fn stack_timeline(stack: &StackSummary) -> anyhow::Result<String> {
             top: None,
         },
     ];
+    // The engines' own view, when their `/metrics` were scraped.
+    if stack.series.iter().any(|s| s.engines_up.is_some()) {
+        panels.push(Panel {
+            title: "Engine queues, from /metrics",
+            unit: "requests",
+            lines: vec![
+                ("running", |s| s.engine_running),
+                ("waiting", |s| s.engine_waiting),
+            ],
+            top: None,
+        });
+        panels.push(Panel {
+            title: "KV-cache usage, from /metrics",
+            unit: "%",
+            lines: vec![("KV cache", |s| s.kv_cache_usage.map(|u| u * 100.0))],
+            top: Some(100.0),
+        });
+    }
     let FaultMarks {
         shaded,
         moments: marks,

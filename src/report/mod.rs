@@ -1,8 +1,8 @@
 //! The availability report, rebuilt from a run directory's files.
 //!
-//! Start at [`rebuild`]: it reads `playbook.yaml`, `events.jsonl` and
-//! `requests.jsonl`, summarises every stack with [`crate::measure`], and
-//! writes `summary.json`, `report.md` and `report.html`. It works on a
+//! Start at [`rebuild`]: it reads `playbook.yaml`, `events.jsonl`,
+//! `requests.jsonl` and `metrics.jsonl` (when engines were scraped),
+//! summarises every stack with [`crate::measure`], and writes `summary.json`, `report.md` and `report.html`. It works on a
 //! finished run, an interrupted one, and one that was killed (its last line
 //! cut short). [`markdown`], [`html`] and [`terminal`] are pure renderings
 //! of a [`Summary`]; [`combine`] puts several runs side by side.
@@ -18,6 +18,7 @@ use anyhow::Context;
 
 use crate::events::{Event, EventKind, RunStatus};
 use crate::jsonl;
+use crate::measure::engine_metrics::{self, MetricSample};
 use crate::measure::record::Record;
 use crate::measure::{MeasureSettings, Sample, Summary, summarize_stack};
 use crate::playbook::{self, Playbook};
@@ -75,15 +76,14 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
-    let pb = playbook::load(&playbook_path)
+    let pb = playbook::read(&playbook_path)
         .map_err(|err| anyhow::anyhow!("{err}"))
         .with_context(|| {
             format!(
                 "{} is not a run directory shakedown can read",
                 dir.display()
             )
-        })?
-        .playbook;
+        })?;
 
     let mut events: Vec<Event> = Vec::new();
     jsonl::read_each(&dir.join("events.jsonl"), |e: Event| events.push(e))?;
@@ -129,18 +129,31 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
                 .push(Sample::from_record(&r, start));
         })?;
     }
+    let mut scraped: HashMap<String, Vec<MetricSample>> = HashMap::new();
+    let metrics = dir.join("metrics.jsonl");
+    if metrics.exists() {
+        jsonl::read_each(&metrics, |m: MetricSample| {
+            scraped.entry(m.stack.clone()).or_default().push(m);
+        })?;
+    }
     let stacks = pb
         .stacks
         .iter()
         .map(|stack| {
             let events = by_stack.remove(&stack.name).unwrap_or_default();
             let samples = samples.remove(&stack.name).unwrap_or_default();
-            summarize_stack(
+            let mut summary = summarize_stack(
                 &stack.name,
                 samples,
                 &events,
                 &settings_for(&pb, &stack.name),
-            )
+            );
+            if let Some(scraped) = scraped.get(&stack.name) {
+                let start = starts.get(&stack.name).copied().unwrap_or(0.0);
+                let engine = engine_metrics::per_second(scraped, start, pb.duration.as_secs_f64());
+                engine_metrics::merge_into(&mut summary.series, &engine);
+            }
+            summary
         })
         .collect();
     Ok(Summary {

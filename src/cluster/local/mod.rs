@@ -307,6 +307,15 @@ impl LocalControl {
         }
     }
 
+    /// Every engine's `/metrics`, behind its stable front port.
+    pub fn engine_metrics_urls(&self) -> Vec<String> {
+        self.shared
+            .engine_urls
+            .iter()
+            .map(|url| format!("{url}/metrics"))
+            .collect()
+    }
+
     /// The pods of a role (all pods for `None`), as they are now.
     pub fn pods(&self, role: Option<Role>) -> Vec<PodStatus> {
         self.slots

@@ -103,6 +103,17 @@ pub enum EventKind {
     NodeCordoned {
         node: String,
     },
+    /// A PodDisruptionBudget refused an eviction; the drain keeps asking
+    /// until its `timeout`.
+    EvictionRefused {
+        pod: String,
+        message: String,
+    },
+    /// The drain's `timeout` passed with the pod still refused.
+    EvictionAbandoned {
+        pod: String,
+        attempts: u32,
+    },
     NodeUncordoned {
         node: String,
     },

@@ -62,6 +62,11 @@ enum Command {
         /// Where run directories are.
         #[arg(long, default_value = "reports")]
         reports: PathBuf,
+        /// Also clean a Kubernetes cluster: uncordon the nodes shakedown
+        /// cordoned. A kubeconfig context, or the current one when no name
+        /// is given.
+        #[arg(long, num_args = 0..=1, default_missing_value = "")]
+        context: Option<String>,
     },
     /// Rebuild summary.json, report.md and report.html from run directories' records; several runs side by side.
     Report {
@@ -191,7 +196,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
-        Command::Cleanup { reports } => {
+        Command::Cleanup { reports, context } => {
+            if let Some(context) = context {
+                let context = (!context.is_empty()).then_some(context.as_str());
+                let uncordoned = shakedown::cluster::kubernetes::cleanup(context).await?;
+                if uncordoned.is_empty() {
+                    println!("kubernetes: no node carries shakedown's annotation");
+                } else {
+                    println!("kubernetes: uncordoned {}", uncordoned.join(", "));
+                }
+            }
             let cleaned = shakedown::state::cleanup(&reports)?;
             if cleaned.is_empty() {
                 println!("nothing to clean up under {}", reports.display());

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cluster::Cluster;
+use crate::cluster::kubernetes::KubeCluster;
 use crate::cluster::local::{LocalCluster, LocalClusterSpec};
 use crate::events::{Event, EventKind, EventLog, RunStatus};
 use crate::faults::{self, FaultAction, Injected};
@@ -209,6 +210,19 @@ enum Step {
 }
 
 impl StackRun<'_> {
+    /// The playbook's faults that apply to this stack.
+    fn faults(&self) -> Vec<&Fault> {
+        self.pb
+            .faults
+            .iter()
+            .filter(|f| {
+                f.stacks
+                    .as_ref()
+                    .is_none_or(|names| names.contains(&self.stack.name))
+            })
+            .collect()
+    }
+
     fn model(&self) -> String {
         self.stack
             .model
@@ -240,7 +254,18 @@ impl StackRun<'_> {
                 .await?;
                 Cluster::Local(local)
             }
-            ClusterKind::Kubernetes => bail!("the kubernetes cluster kind is not built yet"),
+            ClusterKind::Kubernetes => {
+                let run_id = self
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                let mut kube = KubeCluster::connect(&self.stack, &run_id, log.clone()).await?;
+                // Permissions and targets, before anything is changed.
+                kube.preflight(&self.faults()).await?;
+                kube.start_observing();
+                Cluster::Kubernetes(Box::new(kube))
+            }
         };
         let result = self.drive(&cluster, &log).await;
         if let Err(err) = &result {
@@ -255,19 +280,25 @@ impl StackRun<'_> {
 
     async fn drive(&self, cluster: &Cluster, log: &EventLog) -> anyhow::Result<StackEnd> {
         let mut stop = self.stop.clone();
-        let Cluster::Local(local) = cluster;
-        tokio::select! {
-            ready = local.wait_ready(self.stack.cluster.ready_timeout.map_or(READY_TIMEOUT, |t| t.0)) => ready?,
-            _ = crate::stopped(&mut stop) => return Ok(StackEnd::Interrupted),
+        if let Cluster::Local(local) = cluster {
+            tokio::select! {
+                ready = local.wait_ready(self.stack.cluster.ready_timeout.map_or(READY_TIMEOUT, |t| t.0)) => ready?,
+                _ = crate::stopped(&mut stop) => return Ok(StackEnd::Interrupted),
+            }
         }
         let endpoint = cluster.endpoint().to_string();
-        preflight(&endpoint).await?;
+        let served_model = preflight(&endpoint).await?;
         log.emit(EventKind::StackReady {
             endpoint: endpoint.clone(),
         });
 
         let pb = self.pb;
-        let plan = self.load_plan(&endpoint);
+        let mut plan = self.load_plan(&endpoint);
+        if self.stack.model.is_none()
+            && let Some(model) = served_model
+        {
+            plan.template.model = model;
+        }
         let live = Arc::new(LiveStats::default());
         let current_fault: CurrentFault = Default::default();
         let progress = Progress::start(
@@ -320,10 +351,9 @@ impl StackRun<'_> {
             .as_ref()
             .zip(self.metrics.clone())
             .map(|(scrape, sink)| {
-                let targets = if scrape.urls.is_empty() {
-                    local.engine_metrics_urls()
-                } else {
-                    scrape.urls.clone()
+                let targets = match cluster {
+                    Cluster::Local(local) if scrape.urls.is_empty() => local.engine_metrics_urls(),
+                    _ => scrape.urls.clone(),
                 };
                 tokio::spawn(load::scrape::scrape(
                     self.stack.name.clone(),
@@ -335,15 +365,7 @@ impl StackRun<'_> {
                 ))
             });
 
-        let faults: Vec<&Fault> = pb
-            .faults
-            .iter()
-            .filter(|f| {
-                f.stacks
-                    .as_ref()
-                    .is_none_or(|names| names.contains(&self.stack.name))
-            })
-            .collect();
+        let faults = self.faults();
         let mut timeline: BTreeMap<(Duration, Step), ()> = faults
             .iter()
             .enumerate()
@@ -558,7 +580,8 @@ async fn watch_abort(
 }
 
 /// The endpoint must serve `/v1/models` before any fault is injected.
-async fn preflight(endpoint: &str) -> anyhow::Result<()> {
+/// Returns the first model it serves, for stacks that name none.
+async fn preflight(endpoint: &str) -> anyhow::Result<Option<String>> {
     let url = format!("{}/v1/models", endpoint.trim_end_matches('/'));
     let client = crate::http::client_builder()
         .timeout(Duration::from_secs(5))
@@ -566,7 +589,11 @@ async fn preflight(endpoint: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
     loop {
         let problem = match client.get(&url).send().await {
-            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(response) if response.status().is_success() => {
+                let models: serde_json::Value = response.json().await.unwrap_or_default();
+                let first = models.pointer("/data/0/id").and_then(|id| id.as_str());
+                return Ok(first.map(str::to_string));
+            }
             Ok(response) => format!("answered {}", response.status()),
             Err(err) => format!(
                 "does not answer: {}",

@@ -3,9 +3,18 @@
 //!
 //! Local cluster: the front proxy of every pod of the role holds each chunk
 //! the process sends (and, with `direction: both`, receives), on open
-//! connections too; revert lifts it. Kubernetes: not built yet.
+//! connections too; revert lifts it.
+//!
+//! Kubernetes: an ephemeral container (image `image`, NET_ADMIN) is added to
+//! every Ready pod of the role; it runs [`netem_command`]: `tc netem` on the
+//! pod's eth0, a sleep of the fault's duration, and the qdisc's removal, so
+//! the delay ends on time even if shakedown dies. A revert before that time
+//! (abort, Ctrl-C) removes the qdisc at once through exec.
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use crate::cluster::kubernetes::PodRef;
 
 use super::{BoxFuture, FaultAction, Injected};
 use crate::cluster::Cluster;
@@ -20,6 +29,44 @@ pub struct NetworkDelay {
     loss: f64,
     direction: Direction,
     duration: Option<Duration>,
+    image: String,
+    /// Kubernetes: when it was injected, and the containers added.
+    added: Mutex<Option<Added>>,
+}
+
+/// When a delay was injected on Kubernetes, and the (pod, container)s added.
+type Added = (tokio::time::Instant, Vec<(PodRef, String)>);
+
+/// A small image with `tc` and `sh`, unless the fault names another.
+pub const DEFAULT_IMAGE: &str = "nicolaka/netshoot:v0.13";
+
+/// The self-reverting command of the ephemeral container: delay what the
+/// pod sends, wait out the fault, take the delay off.
+pub fn netem_command(delay: Duration, jitter: Duration, lasts: Duration) -> Vec<String> {
+    let script = format!(
+        "tc qdisc replace dev eth0 root netem delay {}ms {}ms && sleep {}; tc qdisc del dev eth0 root netem",
+        delay.as_millis(),
+        jitter.as_millis(),
+        lasts.as_secs_f64().ceil() as u64
+    );
+    vec!["sh".into(), "-c".into(), script]
+}
+
+/// The command an early revert runs in that container.
+pub fn netem_removal() -> Vec<String> {
+    ["tc", "qdisc", "del", "dev", "eth0", "root", "netem"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// The ephemeral container that applies the delay.
+pub fn delay_container(name: &str, image: &str, command: Vec<String>) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "image": image,
+        "command": command,
+        "securityContext": { "capabilities": { "add": ["NET_ADMIN"] } },
+    })
 }
 
 impl NetworkDelay {
@@ -31,6 +78,8 @@ impl NetworkDelay {
             loss: fault.loss.unwrap_or(0.0),
             direction: fault.direction.unwrap_or_default(),
             duration: fault.duration.map(|d| d.0),
+            image: fault.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
+            added: Mutex::new(None),
         }
     }
 
@@ -76,6 +125,45 @@ impl FaultAction for NetworkDelay {
                         detail: Some(self.describe()),
                     })
                 }
+                Cluster::Kubernetes(kube) => {
+                    let Some(lasts) = self.duration else {
+                        anyhow::bail!("a delay on Kubernetes needs `duration`");
+                    };
+                    let pods = kube.serving_pods(&self.role).await?;
+                    if pods.is_empty() {
+                        anyhow::bail!("no Ready `{}` pod to delay", self.role);
+                    }
+                    // Ephemeral containers stay in the pod spec: each
+                    // injection needs a name of its own.
+                    let name = format!("shakedown-delay-{:08x}", seed as u32);
+                    let command = netem_command(self.delay, self.jitter, lasts);
+                    let started = tokio::time::Instant::now();
+                    let mut added = Vec::new();
+                    let mut result = Ok(());
+                    for pod in &pods {
+                        let container = delay_container(&name, &self.image, command.clone());
+                        match kube.add_ephemeral_container(pod, container).await {
+                            Ok(()) => added.push((pod.clone(), name.clone())),
+                            Err(err) => {
+                                result = Err(err);
+                                break;
+                            }
+                        }
+                    }
+                    let targets = added.iter().map(|(p, _)| p.name.clone()).collect();
+                    if let Ok(mut slot) = self.added.lock() {
+                        *slot = Some((started, added));
+                    }
+                    // The pods already delayed stay recorded for the revert.
+                    result?;
+                    Ok(Injected {
+                        targets,
+                        detail: Some(format!(
+                            "{} (tc netem in container {name})",
+                            self.describe()
+                        )),
+                    })
+                }
             }
         })
     }
@@ -90,6 +178,32 @@ impl FaultAction for NetworkDelay {
                 Cluster::Local(local) => {
                     local.shape(Role::from_target(&self.role)?, Shaping::default());
                     Ok(())
+                }
+                Cluster::Kubernetes(kube) => {
+                    let Some((started, added)) = self.added.lock().ok().and_then(|mut a| a.take())
+                    else {
+                        return Ok(());
+                    };
+                    // On time, each container has taken its delay off itself.
+                    let lasts = self.duration.unwrap_or_default();
+                    if started.elapsed() + Duration::from_millis(500) >= lasts {
+                        return Ok(());
+                    }
+                    let mut failures = Vec::new();
+                    for (pod, container) in &added {
+                        if let Err(err) = kube.exec(pod, container, netem_removal()).await {
+                            failures.push(format!("{}: {err:#}", pod.name));
+                        }
+                    }
+                    if failures.is_empty() {
+                        Ok(())
+                    } else {
+                        anyhow::bail!(
+                            "the delay could not be taken off early (it ends by itself {:.0} s after injection): {}",
+                            lasts.as_secs_f64(),
+                            failures.join("; ")
+                        )
+                    }
                 }
             }
         })

@@ -6,8 +6,14 @@
 //! Local cluster: the node is marked unschedulable; each pod on it gets
 //! SIGTERM and, after the grace period, SIGKILL, one at a time while the
 //! budget allows. Revert (at `uncordon_after`, or when the run ends) stops
-//! evicting and uncordons the node if shakedown cordoned it. Kubernetes:
-//! not built yet.
+//! evicting and uncordons the node if shakedown cordoned it.
+//!
+//! Kubernetes: picks a GPU node hosting a Ready pod of the role (or the
+//! named node), cordons it with shakedown's annotation, and evicts its pods
+//! (not DaemonSet or mirror pods, only in the playbook's namespaces) through
+//! the Eviction API, so the cluster's PodDisruptionBudgets decide the pace;
+//! a refusal is retried with backoff until `timeout`. Revert uncordons the
+//! node only if shakedown cordoned it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +26,9 @@ use tokio::task::JoinHandle;
 
 use super::{BoxFuture, FaultAction, Injected};
 use crate::cluster::Cluster;
+use crate::cluster::kubernetes::{Eviction, Evictor, PodRef};
 use crate::cluster::local::{LocalControl, Phase, Role};
+use crate::events::EventKind;
 use crate::playbook::Fault;
 
 /// Grace period of an eviction when the playbook gives none: shorter than
@@ -33,8 +41,13 @@ pub struct NodeDrain {
     uncordon_after: Option<Duration>,
     max_unavailable: usize,
     grace: Duration,
+    /// Kubernetes: how long a refused eviction is retried.
+    timeout: Duration,
     drain: Mutex<Option<Drain>>,
 }
+
+/// How long refused evictions are retried when the playbook gives no `timeout`.
+const DEFAULT_EVICTION_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What an injected drain holds until its revert.
 struct Drain {
@@ -51,6 +64,7 @@ impl NodeDrain {
             uncordon_after: fault.uncordon_after.map(|d| d.0),
             max_unavailable: fault.max_unavailable.unwrap_or(1).max(1) as usize,
             grace: fault.grace_period.map(|g| g.0).unwrap_or(DEFAULT_GRACE),
+            timeout: fault.timeout.map_or(DEFAULT_EVICTION_TIMEOUT, |t| t.0),
             drain: Mutex::new(None),
         }
     }
@@ -75,6 +89,46 @@ async fn evict(
         }
         if let Err(err) = control.kill(&pod, grace).await {
             tracing::warn!("eviction of {pod}: {err:#}");
+        }
+    }
+}
+
+/// Evicts `pods` one by one through the Eviction API. A refusal by a
+/// PodDisruptionBudget (429) is retried with backoff until `timeout` after
+/// the drain began, then the pod is given up and the drain goes on.
+async fn evict_through_budgets(
+    evictor: Evictor,
+    pods: Vec<PodRef>,
+    grace: Duration,
+    timeout: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for pod in pods {
+        let mut backoff = Duration::from_millis(200);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match evictor.evict(&pod, grace).await {
+                Ok(Eviction::Evicted) => break,
+                Ok(Eviction::Refused(message)) => {
+                    if attempts == 1 {
+                        evictor.events.emit(EventKind::EvictionRefused {
+                            pod: pod.name.clone(),
+                            message,
+                        });
+                    }
+                }
+                Err(err) => tracing::warn!("{err:#}"),
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                evictor.events.emit(EventKind::EvictionAbandoned {
+                    pod: pod.name.clone(),
+                    attempts,
+                });
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }
@@ -143,6 +197,71 @@ impl FaultAction for NodeDrain {
                         detail: Some(detail),
                     })
                 }
+                Cluster::Kubernetes(kube) => {
+                    let node = match &self.node {
+                        Some(node) => node.clone(),
+                        None => {
+                            let gpu_nodes = kube.gpu_nodes().await?;
+                            let mut hosting: Vec<String> = kube
+                                .serving_pods(&self.role)
+                                .await?
+                                .into_iter()
+                                .filter_map(|p| p.node)
+                                .filter(|n| gpu_nodes.contains(n))
+                                .collect();
+                            hosting.sort();
+                            hosting.dedup();
+                            match hosting.choose(&mut StdRng::seed_from_u64(seed)) {
+                                Some(node) => node.clone(),
+                                None => bail!(
+                                    "no GPU node (allocatable `{}`) hosts a Ready `{}` pod to drain",
+                                    kube.gpu_resource,
+                                    self.role
+                                ),
+                            }
+                        }
+                    };
+                    let cordoned_by_us = kube.cordon(&node).await?;
+                    // Namespaces the playbook did not name are left alone,
+                    // kube-system above all.
+                    let named: Vec<String> =
+                        kube.targets.values().map(|t| t.namespace.clone()).collect();
+                    let (pods, skipped): (Vec<PodRef>, Vec<PodRef>) = kube
+                        .evictable_pods_on(&node)
+                        .await?
+                        .into_iter()
+                        .partition(|p| named.contains(&p.namespace));
+                    let evicting = tokio::spawn(evict_through_budgets(
+                        kube.evictor(),
+                        pods.clone(),
+                        self.grace,
+                        self.timeout,
+                    ));
+                    if let Ok(mut drain) = self.drain.lock() {
+                        *drain = Some(Drain {
+                            node: node.clone(),
+                            cordoned_by_us,
+                            evicting,
+                        });
+                    }
+                    let detail = format!(
+                        "node {node} cordoned{}, {} pods to evict through their disruption budgets{}",
+                        if cordoned_by_us { "" } else { " already" },
+                        pods.len(),
+                        if skipped.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                ", {} left alone in namespaces the playbook does not name",
+                                skipped.len()
+                            )
+                        }
+                    );
+                    Ok(Injected {
+                        targets: pods.into_iter().map(|p| p.name).collect(),
+                        detail: Some(detail),
+                    })
+                }
             }
         })
     }
@@ -157,13 +276,15 @@ impl FaultAction for NodeDrain {
                 return Ok(());
             };
             drain.evicting.abort();
+            if !drain.cordoned_by_us {
+                return Ok(());
+            }
             match cluster {
                 Cluster::Local(local) => {
-                    if drain.cordoned_by_us {
-                        local.uncordon(&drain.node);
-                    }
+                    local.uncordon(&drain.node);
                     Ok(())
                 }
+                Cluster::Kubernetes(kube) => kube.uncordon_ours(&drain.node).await.map(drop),
             }
         })
     }

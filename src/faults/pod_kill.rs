@@ -3,7 +3,8 @@
 //!
 //! Local cluster: signals the pod's process (SIGKILL, or SIGTERM then
 //! SIGKILL after the grace period); its slot starts a replacement after
-//! `restart_delay`. Kubernetes: not built yet.
+//! `restart_delay`. Kubernetes: deletes the picked Ready pods of the role
+//! with `gracePeriodSeconds`; their ReplicaSet re-creates them.
 
 use std::time::Duration;
 
@@ -75,6 +76,26 @@ impl FaultAction for PodKill {
                     Ok(Injected {
                         targets: running,
                         detail: None,
+                    })
+                }
+                Cluster::Kubernetes(kube) => {
+                    let mut serving = kube.serving_pods(&self.role).await?;
+                    if serving.is_empty() {
+                        bail!("no Ready `{}` pod to kill", self.role);
+                    }
+                    let n = self.how_many(serving.len());
+                    serving.shuffle(&mut StdRng::seed_from_u64(seed));
+                    serving.truncate(n);
+                    serving.sort_by(|a, b| a.name.cmp(&b.name));
+                    for pod in &serving {
+                        kube.delete_pod(pod, self.grace).await?;
+                    }
+                    Ok(Injected {
+                        targets: serving.into_iter().map(|p| p.name).collect(),
+                        detail: Some(format!(
+                            "deleted with gracePeriodSeconds={}",
+                            self.grace.as_secs()
+                        )),
                     })
                 }
             }

@@ -122,6 +122,10 @@ pub struct ClusterSpec {
     pub context: Option<String>,
     #[serde(default)]
     pub namespace: Option<String>,
+    /// The allocatable resource that makes a node a GPU node
+    /// (`nvidia.com/gpu` by default; `amd.com/gpu`, …).
+    #[serde(default)]
+    pub gpu_resource: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -467,6 +471,10 @@ pub struct Fault {
     pub duration: Option<HumanDuration>,
     #[serde(default)]
     pub loss: Option<f64>,
+    /// network-delay on Kubernetes: the image of the ephemeral container
+    /// that runs `tc` (needs `tc` and `sleep`).
+    #[serde(default)]
+    pub image: Option<String>,
     /// `egress` (default): what the target sends, as `tc netem` on its
     /// interface; `both`: also what it receives.
     #[serde(default)]

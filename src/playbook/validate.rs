@@ -245,14 +245,59 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
     let cluster = &stack.cluster;
     let cpath = path.clone().key("cluster");
     match cluster.kind {
-        ClusterKind::Kubernetes => at(
-            cpath.key("kind"),
-            "the `kubernetes` cluster kind is not built yet in this shakedown; use `kind: local` to try the playbook on the embedded cluster",
-        ),
+        ClusterKind::Kubernetes => {
+            for (field, set) in [
+                ("nodes", cluster.nodes.is_some()),
+                ("gpus_per_node", cluster.gpus_per_node.is_some()),
+                ("engine", cluster.engine.is_some()),
+                ("router", cluster.router.is_some()),
+                ("ready_timeout", cluster.ready_timeout.is_some()),
+            ] {
+                if set {
+                    return at(
+                        cpath.key(field),
+                        format!(
+                            "`{field}` belongs to `kind: local`; a Kubernetes stack is described by `roles`"
+                        ),
+                    );
+                }
+            }
+            match &stack.endpoint {
+                None => {
+                    return at(
+                        path.key("endpoint"),
+                        "a Kubernetes stack needs `endpoint`, the OpenAI-compatible URL its users call, such as `http://127.0.0.1:30080`",
+                    );
+                }
+                Some(url) if reqwest::Url::parse(url).is_err() || !url.starts_with("http") => {
+                    return at(
+                        path.key("endpoint"),
+                        format!("`{url}` is not an http(s) URL"),
+                    );
+                }
+                Some(_) => {}
+            }
+            if stack.roles.is_empty() {
+                return at(
+                    path.key("roles"),
+                    "a Kubernetes stack needs `roles`, such as `engine: { selector: \"app=vllm\" }`",
+                );
+            }
+            for (name, role) in &stack.roles {
+                if role.selector.trim().is_empty() {
+                    return at(
+                        path.clone().key("roles").key(name).key("selector"),
+                        "an empty selector would select every pod: give labels, such as `app=vllm`",
+                    );
+                }
+            }
+            Ok(())
+        }
         ClusterKind::Local => {
             for (field, set) in [
                 ("context", cluster.context.is_some()),
                 ("namespace", cluster.namespace.is_some()),
+                ("gpu_resource", cluster.gpu_resource.is_some()),
             ] {
                 if set {
                     return at(
@@ -551,6 +596,38 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
         }
     };
     for stack in applies_to {
+        if stack.cluster.kind == ClusterKind::Kubernetes
+            && fault.action == FaultAction::NetworkDelay
+        {
+            // tc netem in an ephemeral container that ends the delay itself.
+            if fault.duration.is_none() {
+                return at(
+                    path.key("duration"),
+                    format!(
+                        "on Kubernetes (stack `{}`) a delay needs `duration`: the container that applies it removes it after that time, even if shakedown dies",
+                        stack.name
+                    ),
+                );
+            }
+            if fault.loss.is_some() {
+                return at(
+                    path.key("loss"),
+                    "`loss` is built for the local cluster only; on Kubernetes use delay and jitter",
+                );
+            }
+            if fault.direction == Some(Direction::Both) {
+                return at(
+                    path.key("direction"),
+                    "on Kubernetes a delay is egress only (netem on the pod's eth0)",
+                );
+            }
+        }
+        if fault.image.is_some() && stack.cluster.kind == ClusterKind::Local {
+            return at(
+                path.key("image"),
+                "`image` is the ephemeral container of a delay on Kubernetes; a local cluster has none",
+            );
+        }
         let roles: Vec<String> = match stack.cluster.kind {
             ClusterKind::Local => vec!["engine".into(), "router".into()],
             ClusterKind::Kubernetes => stack.roles.keys().cloned().collect(),

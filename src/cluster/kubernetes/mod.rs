@@ -1,0 +1,496 @@
+//! The Kubernetes cluster kind: a user's real cluster, through the `kube`
+//! crate, behind the same fault interface as the local cluster.
+//!
+//! Start at [`KubeCluster::connect`]: it reads the kubeconfig (or the
+//! in-cluster config), and [`KubeCluster::preflight`] checks everything a
+//! playbook needs before any fault is injected. The faults act through the
+//! methods here (delete a pod, cordon a node, evict, add an ephemeral
+//! container); [`observe`] watches the targets' pods and nodes and writes
+//! what the cluster did to `events.jsonl`.
+//!
+//! Everything shakedown changes carries the annotation [`ANNOTATION`] with
+//! the run id, so `shakedown cleanup` can find it after a crash, and a
+//! revert only undoes what shakedown itself did.
+
+pub mod observe;
+pub mod preflight;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::events::EventLog;
+use crate::playbook::Stack;
+
+/// Marks what shakedown changed; its value is the run id.
+pub const ANNOTATION: &str = "shakedown.dev/run";
+
+/// The GPU resource of nodes, unless the playbook names another.
+pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// A role resolved against the cluster: where and how to find its pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub role: String,
+    pub namespace: String,
+    pub selector: String,
+}
+
+/// A pod as a fault sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+}
+
+/// How an eviction ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Eviction {
+    Evicted,
+    /// A PodDisruptionBudget refused it for now (HTTP 429).
+    Refused(String),
+}
+
+/// A stack's Kubernetes cluster.
+pub struct KubeCluster {
+    client: kube::Client,
+    pub(crate) targets: BTreeMap<String, Target>,
+    pub(crate) gpu_resource: String,
+    pub(crate) run_id: String,
+    endpoint: String,
+    events: EventLog,
+    observer: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The kube client for a context of the kubeconfig (`$KUBECONFIG` or
+/// `~/.kube/config`), or the in-cluster config when no kubeconfig exists.
+pub async fn client(context: Option<&str>) -> anyhow::Result<kube::Client> {
+    let options = KubeConfigOptions {
+        context: context.map(str::to_string),
+        ..KubeConfigOptions::default()
+    };
+    let config = match Kubeconfig::read() {
+        Ok(_) => kube::Config::from_kubeconfig(&options).await.with_context(|| match context {
+            Some(context) => format!(
+                "cannot use context `{context}` of the kubeconfig (`kubectl config get-contexts` lists them)"
+            ),
+            None => "cannot use the kubeconfig's current context".to_string(),
+        })?,
+        Err(read_err) => match (context, kube::Config::incluster()) {
+            (None, Ok(config)) => config,
+            _ => bail!(
+                "no usable kubeconfig ({read_err}), and not running inside a cluster: set KUBECONFIG or create ~/.kube/config; nothing was injected"
+            ),
+        },
+    };
+    client_from_config(config)
+}
+
+/// The client for a config, without kube's own retries of 429s: a
+/// PodDisruptionBudget's refusal must reach the drain, which retries it
+/// on its own schedule until the fault's `timeout`.
+pub fn client_from_config(mut config: kube::Config) -> anyhow::Result<kube::Client> {
+    config.default_retry = false;
+    kube::Client::try_from(config).context("cannot build a Kubernetes client from the config")
+}
+
+/// After a run that died: uncordons every node that carries shakedown's
+/// annotation, whatever run cordoned it. Returns the nodes uncordoned.
+pub async fn cleanup(context: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let client = client(context).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let list = nodes
+        .list(&ListParams::default())
+        .await
+        .context("cannot list nodes")?;
+    let mut uncordoned = Vec::new();
+    for node in list.items {
+        let Some(name) = node.metadata.name.clone() else {
+            continue;
+        };
+        let ours = node
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(ANNOTATION));
+        if ours && KubeCluster::uncordon(&client, &name, None).await? {
+            uncordoned.push(name);
+        }
+    }
+    Ok(uncordoned)
+}
+
+/// The targets of a stack: each role's selector, in its namespace or the
+/// stack's.
+pub fn targets_of(stack: &Stack) -> BTreeMap<String, Target> {
+    let default_ns = stack
+        .cluster
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    stack
+        .roles
+        .iter()
+        .map(|(role, spec)| {
+            let target = Target {
+                role: role.clone(),
+                namespace: spec.namespace.clone().unwrap_or_else(|| default_ns.clone()),
+                selector: spec.selector.clone(),
+            };
+            (role.clone(), target)
+        })
+        .collect()
+}
+
+/// Ready and not on its way out: what a router would send requests to.
+pub fn is_serving(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+impl KubeCluster {
+    /// Connects for a stack; checks nothing yet (see [`Self::preflight`]).
+    pub async fn connect(stack: &Stack, run_id: &str, events: EventLog) -> anyhow::Result<Self> {
+        let client = client(stack.cluster.context.as_deref()).await?;
+        let endpoint = stack
+            .endpoint
+            .clone()
+            .context("a kubernetes stack needs `endpoint`: the URL its users call")?;
+        Ok(Self {
+            client,
+            targets: targets_of(stack),
+            gpu_resource: stack
+                .cluster
+                .gpu_resource
+                .clone()
+                .unwrap_or_else(|| DEFAULT_GPU_RESOURCE.into()),
+            run_id: run_id.to_string(),
+            endpoint,
+            events,
+            observer: None,
+        })
+    }
+
+    /// A cluster handle from an existing client, for tools and tests.
+    pub fn from_client(
+        client: kube::Client,
+        stack: &Stack,
+        run_id: &str,
+        events: EventLog,
+    ) -> Self {
+        Self {
+            client,
+            targets: targets_of(stack),
+            gpu_resource: stack
+                .cluster
+                .gpu_resource
+                .clone()
+                .unwrap_or_else(|| DEFAULT_GPU_RESOURCE.into()),
+            run_id: run_id.to_string(),
+            endpoint: stack.endpoint.clone().unwrap_or_default(),
+            events,
+            observer: None,
+        }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    pub fn target(&self, role: &str) -> anyhow::Result<&Target> {
+        self.targets
+            .get(role)
+            .with_context(|| format!("the stack has no role `{role}`"))
+    }
+
+    /// Starts writing what the cluster does to the targets to `events.jsonl`.
+    pub fn start_observing(&mut self) {
+        let targets: Vec<Target> = self.targets.values().cloned().collect();
+        self.observer = Some(tokio::spawn(observe::observe(
+            self.client.clone(),
+            targets,
+            self.events.clone(),
+        )));
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(observer) = self.observer.take() {
+            observer.abort();
+        }
+    }
+
+    /// The pods of a role that serve now, sorted by name.
+    pub async fn serving_pods(&self, role: &str) -> anyhow::Result<Vec<PodRef>> {
+        let target = self.target(role)?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+        let list = pods
+            .list(&ListParams::default().labels(&target.selector))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot list the `{role}` pods ({}, in {})",
+                    target.selector, target.namespace
+                )
+            })?;
+        let mut serving: Vec<PodRef> = list
+            .items
+            .iter()
+            .filter(|p| is_serving(p))
+            .map(|p| PodRef {
+                namespace: target.namespace.clone(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+                node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            })
+            .collect();
+        serving.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(serving)
+    }
+
+    /// Deletes a pod with a grace period, as `kubectl delete pod --grace-period`.
+    pub async fn delete_pod(&self, pod: &PodRef, grace: Duration) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let params = DeleteParams {
+            grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
+            ..DeleteParams::default()
+        };
+        pods.delete(&pod.name, &params)
+            .await
+            .with_context(|| format!("cannot delete pod {}/{}", pod.namespace, pod.name))?;
+        Ok(())
+    }
+
+    /// Nodes with the GPU resource in their allocatable.
+    pub async fn gpu_nodes(&self) -> anyhow::Result<Vec<String>> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let list = nodes
+            .list(&ListParams::default())
+            .await
+            .context("cannot list nodes")?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.allocatable.as_ref())
+                    .and_then(|a| a.get(&self.gpu_resource))
+                    .is_some_and(|q| q.0.trim() != "0")
+            })
+            .filter_map(|n| n.metadata.name.clone())
+            .collect())
+    }
+
+    /// Cordons a node and annotates it with the run id. Returns false, and
+    /// changes nothing, when it was already unschedulable: then it is not
+    /// shakedown's to uncordon.
+    pub async fn cordon(&self, node: &str) -> anyhow::Result<bool> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let current = nodes
+            .get(node)
+            .await
+            .with_context(|| format!("cannot read node {node}"))?;
+        if current.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+            return Ok(false);
+        }
+        let patch = serde_json::json!({
+            "metadata": { "annotations": { ANNOTATION: self.run_id } },
+            "spec": { "unschedulable": true },
+        });
+        nodes
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("cannot cordon node {node}"))?;
+        self.events
+            .emit(crate::events::EventKind::NodeCordoned { node: node.into() });
+        Ok(true)
+    }
+
+    /// Uncordons a node that carries shakedown's annotation (any run's when
+    /// `run_id` is `None`); leaves any other node alone. Returns whether it did.
+    pub async fn uncordon(
+        client: &kube::Client,
+        node: &str,
+        run_id: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let current = nodes
+            .get(node)
+            .await
+            .with_context(|| format!("cannot read node {node}"))?;
+        let ours = current
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION))
+            .is_some_and(|v| run_id.is_none_or(|id| v == id));
+        if !ours {
+            return Ok(false);
+        }
+        let patch = serde_json::json!({
+            "metadata": { "annotations": { ANNOTATION: null } },
+            "spec": { "unschedulable": null },
+        });
+        nodes
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("cannot uncordon node {node}"))?;
+        Ok(true)
+    }
+
+    pub async fn uncordon_ours(&self, node: &str) -> anyhow::Result<bool> {
+        let done = Self::uncordon(&self.client, node, Some(&self.run_id)).await?;
+        if done {
+            self.events
+                .emit(crate::events::EventKind::NodeUncordoned { node: node.into() });
+        }
+        Ok(done)
+    }
+
+    /// The pods on a node that a drain evicts: not DaemonSet pods, not
+    /// mirror (static) pods, not already finished.
+    pub async fn evictable_pods_on(&self, node: &str) -> anyhow::Result<Vec<PodRef>> {
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let list = pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .with_context(|| format!("cannot list the pods on node {node}"))?;
+        let mut evictable: Vec<PodRef> = list
+            .items
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .filter(|p| {
+                let daemon = p
+                    .metadata
+                    .owner_references
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|o| o.kind == "DaemonSet"));
+                let mirror = p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+                let finished = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
+                !daemon && !mirror && !finished && p.metadata.deletion_timestamp.is_none()
+            })
+            .map(|p| PodRef {
+                namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+                node: Some(node.to_string()),
+            })
+            .collect();
+        evictable.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Ok(evictable)
+    }
+
+    /// What a drain running in the background evicts through.
+    pub fn evictor(&self) -> Evictor {
+        Evictor {
+            client: self.client.clone(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Runs a command in a container of a pod and waits for its status.
+    pub async fn exec(
+        &self,
+        pod: &PodRef,
+        container: &str,
+        command: Vec<String>,
+    ) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let params = kube::api::AttachParams::default()
+            .container(container)
+            .stdin(false)
+            .stdout(false)
+            .stderr(true);
+        let mut attached = pods
+            .exec(&pod.name, command, &params)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot exec in {}/{} container {container}",
+                    pod.namespace, pod.name
+                )
+            })?;
+        let status = match attached.take_status() {
+            Some(status) => status.await,
+            None => None,
+        };
+        attached.join().await.ok();
+        match status {
+            Some(s) if s.status.as_deref() == Some("Failure") => {
+                bail!("the command failed: {}", s.message.unwrap_or_default())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds an ephemeral container to a pod.
+    pub async fn add_ephemeral_container(
+        &self,
+        pod: &PodRef,
+        container: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let patch = serde_json::json!({ "spec": { "ephemeralContainers": [container] } });
+        pods.patch_ephemeral_containers(&pod.name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot add an ephemeral container to pod {}/{} (ephemeral containers need Kubernetes 1.25 or later)",
+                    pod.namespace, pod.name
+                )
+            })?;
+        Ok(())
+    }
+}
+
+/// Evicts pods, for a drain that goes on while the run does.
+#[derive(Clone)]
+pub struct Evictor {
+    client: kube::Client,
+    pub events: EventLog,
+}
+
+impl Evictor {
+    /// Asks to evict a pod through the policy/v1 Eviction API, which a
+    /// PodDisruptionBudget may refuse.
+    pub async fn evict(&self, pod: &PodRef, grace: Duration) -> anyhow::Result<Eviction> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let params = EvictParams {
+            delete_options: Some(DeleteParams {
+                grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
+                ..DeleteParams::default()
+            }),
+            ..EvictParams::default()
+        };
+        match pods.evict(&pod.name, &params).await {
+            Ok(_) => Ok(Eviction::Evicted),
+            Err(kube::Error::Api(status)) if status.code == 429 => {
+                Ok(Eviction::Refused(status.message.clone()))
+            }
+            // Gone already: what the eviction wanted.
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(Eviction::Evicted),
+            Err(err) => {
+                Err(err).with_context(|| format!("cannot evict pod {}/{}", pod.namespace, pod.name))
+            }
+        }
+    }
+}

@@ -1,0 +1,557 @@
+//! The Kubernetes cluster kind against an in-process API server
+//! (`kube_fixture`) over real HTTP: pod kills by count and percent, a drain
+//! that a PodDisruptionBudget refuses and then allows, reverts that
+//! uncordon only what shakedown cordoned, preflight naming a missing
+//! permission, the self-reverting delay container, and a whole run of the
+//! binary with `cleanup` after a crash.
+
+mod kube_fixture;
+
+use std::time::Duration;
+
+use kube_fixture::{ApiServer, Behaviour, Budget};
+use serde_json::json;
+use shakedown::cluster::Cluster;
+use shakedown::cluster::kubernetes::{ANNOTATION, KubeCluster};
+use shakedown::events::{Event, EventKind, EventLog};
+use shakedown::faults::{self, Injected};
+use shakedown::playbook::{self, Playbook};
+
+fn playbook(faults: &str) -> Playbook {
+    let text = format!(
+        r#"
+apiVersion: shakedown/v1
+name: k8s
+duration: 60s
+stacks:
+  - name: prod
+    endpoint: http://127.0.0.1:9
+    model: m
+    cluster: {{ kind: kubernetes, namespace: llm }}
+    roles:
+      engine: {{ selector: "app=vllm,release=test" }}
+      router: {{ selector: "app=router", namespace: gw }}
+load: {{ rate: 1, request: {{ prompt_tokens: 8, max_tokens: 4 }} }}
+steady_state: {{ baseline: 1s }}
+faults:
+{faults}
+"#
+    );
+    playbook::parse(std::path::Path::new("k8s.yaml"), &text).unwrap()
+}
+
+/// Four engines, two on each GPU node, a router on a CPU node.
+async fn cluster_of_four(behaviour: Behaviour) -> ApiServer {
+    let server = ApiServer::start(behaviour).await;
+    server.add_node("gpu-a", 2);
+    server.add_node("gpu-b", 2);
+    server.add_node("gpu-c", 2);
+    server.add_node("cpu-0", 0);
+    for (name, node) in [
+        ("vllm-0", "gpu-a"),
+        ("vllm-1", "gpu-a"),
+        ("vllm-2", "gpu-b"),
+        ("vllm-3", "gpu-b"),
+    ] {
+        server.add_pod(
+            "llm",
+            name,
+            json!({"app": "vllm", "release": "test"}),
+            node,
+            true,
+        );
+    }
+    server.add_pod("gw", "router-0", json!({"app": "router"}), "cpu-0", false);
+    // Not a target: left alone by a drain.
+    server.add_pod(
+        "kube-system",
+        "coredns-0",
+        json!({"k8s-app": "kube-dns"}),
+        "gpu-a",
+        false,
+    );
+    server
+}
+
+fn quick() -> Behaviour {
+    Behaviour {
+        schedule_after: Duration::from_millis(100),
+        ready_after: Duration::from_millis(400),
+    }
+}
+
+struct Harness {
+    cluster: Cluster,
+    events_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    writer: Option<shakedown::jsonl::JsonlWriter>,
+}
+
+impl Harness {
+    async fn new(server: &ApiServer, pb: &Playbook) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let events_path = dir.path().join("events.jsonl");
+        let (sink, writer) = shakedown::jsonl::open::<Event>(&events_path).unwrap();
+        let log = EventLog::new(sink, Some("prod"), tokio::time::Instant::now());
+        let mut kube = KubeCluster::from_client(server.client().await, &pb.stacks[0], "run-1", log);
+        kube.start_observing();
+        // The watch has listed what is there before anything changes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Self {
+            cluster: Cluster::Kubernetes(Box::new(kube)),
+            events_path,
+            _dir: dir,
+            writer: Some(writer),
+        }
+    }
+
+    async fn inject(&self, pb: &Playbook, i: usize) -> (Box<dyn faults::FaultAction>, Injected) {
+        let action = faults::from_spec(&pb.faults[i]).unwrap();
+        let injected = action.inject(&self.cluster, 42).await.unwrap();
+        (action, injected)
+    }
+
+    async fn events(mut self) -> Vec<Event> {
+        self.cluster.shutdown().await;
+        let writer = self.writer.take().unwrap();
+        tokio::task::spawn_blocking(move || writer.finish())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut all = Vec::new();
+        shakedown::jsonl::read_each(&self.events_path, |e: Event| all.push(e)).unwrap();
+        all
+    }
+}
+
+#[tokio::test]
+async fn pod_kill_deletes_by_count_and_percent_with_the_grace_period() {
+    let server = cluster_of_four(quick()).await;
+    let pb = playbook(
+        "  - { name: two, at: 1s, action: pod-kill, target: engine, count: 2, grace_period: 7s }\n  - { name: half, at: 2s, action: pod-kill, target: engine, percent: 50 }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let (_, first) = harness.inject(&pb, 0).await;
+    assert_eq!(first.targets.len(), 2);
+    let deleted = server.world.lock().unwrap().deletions.clone();
+    assert_eq!(deleted.len(), 2);
+    assert!(
+        deleted.iter().all(|(_, grace)| *grace == Some(7)),
+        "{deleted:?}"
+    );
+    // Wait for the replacements, then 50% of four Ready pods is two.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_, second) = harness.inject(&pb, 1).await;
+    assert_eq!(second.targets.len(), 2);
+    assert_eq!(server.world.lock().unwrap().deletions.len(), 4);
+
+    let events = harness.events().await;
+    for killed in &first.targets {
+        let replacement = events.iter().find_map(|e| match &e.kind {
+            EventKind::PodScheduled {
+                pod,
+                replaces: Some(r),
+                ..
+            } if r == killed => Some(pod.clone()),
+            _ => None,
+        });
+        let replacement = replacement.unwrap_or_else(|| panic!("no replacement seen for {killed}"));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(&e.kind, EventKind::PodReady { pod, .. } if *pod == replacement)),
+            "{replacement} never seen Ready"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_drain_is_paced_by_the_disruption_budget_and_its_revert_uncordons() {
+    let server = cluster_of_four(Behaviour {
+        schedule_after: Duration::from_millis(100),
+        ready_after: Duration::from_millis(700),
+    })
+    .await;
+    server.world.lock().unwrap().budgets.push(Budget {
+        namespace: "llm".into(),
+        selector: [("app".to_string(), "vllm".to_string())].into(),
+        min_available: 3,
+    });
+    let pb = playbook(
+        "  - { name: drain, at: 1s, action: node-drain, target: engine, node: gpu-a, grace_period: 1s, timeout: 20s }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let (action, injected) = harness.inject(&pb, 0).await;
+    assert_eq!(
+        injected.targets,
+        vec!["vllm-0", "vllm-1"],
+        "kube-system pods are left alone"
+    );
+    let node = server.node("gpu-a");
+    assert_eq!(node["spec"]["unschedulable"], true);
+    assert_eq!(node["metadata"]["annotations"][ANNOTATION], "run-1");
+
+    // The budget lets one go at once: the second waits for a replacement.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.world.lock().unwrap().deletions.len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the drain never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        server.world.lock().unwrap().evictions_refused >= 1,
+        "the budget never refused"
+    );
+    // No replacement on the cordoned node.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let on_a: Vec<_> = server
+        .pods("llm", "app=vllm")
+        .into_iter()
+        .filter(|p| {
+            p["spec"]["nodeName"] == "gpu-a" && p["metadata"]["deletionTimestamp"].is_null()
+        })
+        .collect();
+    assert!(on_a.is_empty(), "{on_a:?}");
+
+    action.revert(&harness.cluster, &injected).await.unwrap();
+    let node = server.node("gpu-a");
+    assert!(node["spec"]["unschedulable"].is_null(), "{node}");
+    assert!(node["metadata"]["annotations"][ANNOTATION].is_null());
+
+    let events = harness.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::EvictionRefused { .. })),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::NodeCordoned { node } if node == "gpu-a"))
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::NodeUncordoned { node } if node == "gpu-a"))
+    );
+}
+
+#[tokio::test]
+async fn a_node_cordoned_by_someone_else_stays_cordoned() {
+    let server = cluster_of_four(quick()).await;
+    // An operator cordoned gpu-b before the run.
+    let client = server.client().await;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    nodes
+        .patch(
+            "gpu-b",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+    let pb = playbook(
+        "  - { name: drain, at: 1s, action: node-drain, target: engine, node: gpu-b, grace_period: 0s }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let (action, injected) = harness.inject(&pb, 0).await;
+    assert!(
+        injected
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("cordoned already")
+    );
+    action.revert(&harness.cluster, &injected).await.unwrap();
+    assert_eq!(
+        server.node("gpu-b")["spec"]["unschedulable"],
+        true,
+        "not shakedown's to uncordon"
+    );
+    harness.events().await;
+}
+
+#[tokio::test]
+async fn preflight_names_the_missing_permission_and_an_empty_role() {
+    let server = cluster_of_four(quick()).await;
+    server
+        .world
+        .lock()
+        .unwrap()
+        .denied
+        .insert("create pods/eviction".into());
+    let pb = playbook(
+        "  - { name: drain, at: 1s, action: node-drain, target: engine }\n  - { name: kill, at: 2s, action: pod-kill, target: router }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let Cluster::Kubernetes(kube) = &harness.cluster else {
+        unreachable!()
+    };
+    let faults: Vec<_> = pb.faults.iter().collect();
+    let err = format!("{:#}", kube.preflight(&faults).await.unwrap_err());
+    assert!(
+        err.contains("`create` on pods/eviction (cluster-wide)"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was injected"), "{err}");
+
+    server.world.lock().unwrap().denied.clear();
+    kube.preflight(&faults).await.unwrap();
+    // A selector that matches nothing is named.
+    let mut stack = pb.stacks[0].clone();
+    stack.roles.get_mut("router").unwrap().selector = "app=nothing".into();
+    let lonely = KubeCluster::from_client(server.client().await, &stack, "run-1", log_to_nowhere());
+    let err = format!("{:#}", lonely.preflight(&faults).await.unwrap_err());
+    assert!(
+        err.contains("role `router` selects no Ready pod") && err.contains("app=nothing"),
+        "{err}"
+    );
+    harness.events().await;
+}
+
+fn log_to_nowhere() -> EventLog {
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, _writer) = shakedown::jsonl::open::<Event>(&dir.path().join("e.jsonl")).unwrap();
+    EventLog::new(sink, None, tokio::time::Instant::now())
+}
+
+#[tokio::test]
+async fn a_delay_is_an_ephemeral_container_that_takes_itself_off() {
+    let server = cluster_of_four(quick()).await;
+    let pb = playbook(
+        "  - { name: slow, at: 1s, action: network-delay, target: engine, delay: 200ms, jitter: 20ms, duration: 45s, image: \"registry.local/tc:1\" }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let (_, injected) = harness.inject(&pb, 0).await;
+    assert_eq!(injected.targets.len(), 4, "every Ready engine");
+    let added = server.world.lock().unwrap().ephemeral.clone();
+    assert_eq!(added.len(), 4);
+    for (_, container) in &added {
+        assert_eq!(
+            container["command"],
+            json!([
+                "sh",
+                "-c",
+                "tc qdisc replace dev eth0 root netem delay 200ms 20ms && sleep 45; tc qdisc del dev eth0 root netem"
+            ])
+        );
+        assert_eq!(container["image"], "registry.local/tc:1");
+        assert_eq!(
+            container["securityContext"]["capabilities"]["add"],
+            json!(["NET_ADMIN"])
+        );
+        assert!(
+            container["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("shakedown-delay-")
+        );
+    }
+    harness.events().await;
+}
+
+/// `shakedown` run as a user runs it, against the fixture's kubeconfig.
+fn shakedown(kubeconfig: &std::path::Path, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_shakedown"));
+    command
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .kill_on_drop(true);
+    command
+}
+
+async fn engine_endpoint() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let args = shakedown::engine::EngineArgs {
+        startup: Duration::ZERO,
+        decode_per_token: Duration::from_millis(2),
+        ..shakedown::engine::EngineArgs::default()
+    };
+    tokio::spawn(shakedown::engine::serve(
+        listener,
+        args,
+        std::future::pending(),
+    ));
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_measures_the_replacement_and_cleanup_undoes_a_killed_drain() {
+    let server = cluster_of_four(quick()).await;
+    let endpoint = engine_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(dir.path());
+    let reports = dir.path().join("reports");
+    let write = |name: &str, faults: &str, duration: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                r#"apiVersion: shakedown/v1
+name: {name}
+duration: {duration}
+stacks:
+  - name: prod
+    endpoint: {endpoint}
+    cluster: {{ kind: kubernetes, context: fixture, namespace: llm }}
+    roles:
+      engine: {{ selector: "app=vllm" }}
+load: {{ arrival: constant, rate: 10, request: {{ prompt_tokens: 8, max_tokens: 4 }}, timeout: 5s }}
+steady_state: {{ warmup: 1s, baseline: 1s }}
+faults:
+{faults}
+"#
+            ),
+        )
+        .unwrap();
+        path
+    };
+
+    // A whole run: the kill is injected, the replacement is watched.
+    let kill = write(
+        "kill",
+        "  - { name: kill, at: 2s, action: pod-kill, target: engine, grace_period: 0s }",
+        "6s",
+    );
+    let out = shakedown(
+        &kubeconfig,
+        &[
+            "run",
+            kill.to_str().unwrap(),
+            "--reports",
+            reports.to_str().unwrap(),
+            "-q",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deleted = server.world.lock().unwrap().deletions.clone();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0].1, Some(0), "grace_period: 0s");
+    let run = std::fs::read_dir(&reports)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let summary: shakedown::measure::Summary =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let fault = &summary.stacks[0].faults[0];
+    assert_eq!(fault.targets, vec![deleted[0].0.clone()]);
+    // Scheduled after 100 ms, Ready 400 ms later (plus the watch's delivery).
+    let ready = fault
+        .replacement_ready_s
+        .expect("replacement Ready measured");
+    let scheduled = fault
+        .replacement_scheduled_s
+        .expect("replacement scheduled measured");
+    assert!(
+        (0.05..1.0).contains(&scheduled) && (0.45..1.5).contains(&ready),
+        "{scheduled} {ready}"
+    );
+    assert!(summary.stacks[0].requests_total >= 50);
+
+    // A drain whose run is killed outright leaves its node cordoned ...
+    let drain = write(
+        "drain",
+        "  - { name: drain, at: 2s, action: node-drain, target: engine, node: gpu-b, grace_period: 0s }",
+        "60s",
+    );
+    let mut child = shakedown(
+        &kubeconfig,
+        &[
+            "run",
+            drain.to_str().unwrap(),
+            "--reports",
+            reports.to_str().unwrap(),
+            "-q",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while server.node("gpu-b")["spec"]["unschedulable"] != true {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the drain never cordoned gpu-b"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().await.unwrap();
+    assert_eq!(server.node("gpu-b")["spec"]["unschedulable"], true);
+    // ... and a node an operator cordoned must stay as it is.
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(server.client().await);
+    nodes
+        .patch(
+            "gpu-c",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+
+    let out = shakedown(
+        &kubeconfig,
+        &[
+            "cleanup",
+            "--context",
+            "fixture",
+            "--reports",
+            reports.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("uncordoned gpu-b"), "{stdout}");
+    assert!(server.node("gpu-b")["spec"]["unschedulable"].is_null());
+    assert_eq!(server.node("gpu-c")["spec"]["unschedulable"], true);
+}
+
+#[tokio::test]
+async fn a_missing_kubeconfig_is_an_error_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let playbook = dir.path().join("p.yaml");
+    std::fs::write(
+        &playbook,
+        "apiVersion: shakedown/v1\nname: p\nduration: 10s\nstacks:\n  - name: s\n    endpoint: http://127.0.0.1:9\n    cluster: { kind: kubernetes, context: staging }\n    roles: { engine: { selector: app=vllm } }\nload: { rate: 1, request: { prompt_tokens: 8, max_tokens: 4 } }\nsteady_state: { baseline: 1s }\nfaults:\n  - { name: k, at: 2s, action: pod-kill, target: engine }\n",
+    )
+    .unwrap();
+    let out = shakedown(
+        &dir.path().join("no-such-kubeconfig"),
+        &[
+            "run",
+            playbook.to_str().unwrap(),
+            "--reports",
+            dir.path().join("r").to_str().unwrap(),
+            "-q",
+        ],
+    )
+    .env("HOME", dir.path())
+    .env_remove("KUBERNETES_SERVICE_HOST")
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("kubeconfig") && stderr.contains("nothing was injected"),
+        "{stderr}"
+    );
+}

@@ -21,6 +21,12 @@ impl<T> Clone for JsonlSink<T> {
 }
 
 impl<T> JsonlSink<T> {
+    /// A sink that writes nowhere, for read-only uses such as `plan`.
+    pub fn discard() -> Self {
+        let (tx, _) = mpsc::channel();
+        Self(tx)
+    }
+
     /// Queues a value; if the writer has failed the value is lost, and the
     /// failure is reported when the writer is joined.
     pub fn send(&self, value: T) {

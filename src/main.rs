@@ -188,8 +188,45 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Plan { playbook: path } => match playbook::load(&path) {
             Ok(loaded) => {
-                print!("{}", shakedown::plan::render(&loaded.playbook));
-                Ok(ExitCode::SUCCESS)
+                let pb = &loaded.playbook;
+                print!("{}", shakedown::plan::render(pb));
+                // Kubernetes targets are resolved now, read-only.
+                let mut code = ExitCode::SUCCESS;
+                for stack in pb
+                    .stacks
+                    .iter()
+                    .filter(|s| s.cluster.kind == playbook::ClusterKind::Kubernetes)
+                {
+                    println!("\nstack {} on the cluster now:", stack.name);
+                    let faults: Vec<&playbook::Fault> = pb
+                        .faults
+                        .iter()
+                        .filter(|f| f.stacks.as_ref().is_none_or(|n| n.contains(&stack.name)))
+                        .collect();
+                    let described = async {
+                        let client = shakedown::cluster::kubernetes::client(
+                            stack.cluster.context.as_deref(),
+                        )
+                        .await?;
+                        let log = shakedown::events::EventLog::new(
+                            shakedown::jsonl::JsonlSink::discard(),
+                            None,
+                            tokio::time::Instant::now(),
+                        );
+                        let kube = shakedown::cluster::kubernetes::KubeCluster::from_client(
+                            client, stack, "plan", log,
+                        );
+                        kube.describe_targets(&faults).await
+                    };
+                    match described.await {
+                        Ok(text) => print!("{text}"),
+                        Err(err) => {
+                            println!("  cannot resolve the targets: {err:#}");
+                            code = ExitCode::from(1);
+                        }
+                    }
+                }
+                Ok(code)
             }
             Err(err) => {
                 eprintln!("error: {err}");

@@ -313,9 +313,11 @@ async fn preflight_names_the_missing_permission_and_an_empty_role() {
 }
 
 fn log_to_nowhere() -> EventLog {
-    let dir = tempfile::tempdir().unwrap();
-    let (sink, _writer) = shakedown::jsonl::open::<Event>(&dir.path().join("e.jsonl")).unwrap();
-    EventLog::new(sink, None, tokio::time::Instant::now())
+    EventLog::new(
+        shakedown::jsonl::JsonlSink::discard(),
+        None,
+        tokio::time::Instant::now(),
+    )
 }
 
 #[tokio::test]
@@ -410,6 +412,36 @@ faults:
         .unwrap();
         path
     };
+
+    // `plan` resolves the targets now and injects nothing.
+    let kill = write(
+        "kill",
+        "  - { name: kill, at: 2s, action: pod-kill, target: engine, grace_period: 0s }",
+        "6s",
+    );
+    let out = shakedown(&kubeconfig, &["plan", kill.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("role engine (`app=vllm` in llm): 4 Ready pods: vllm-0, vllm-1, vllm-2, vllm-3, on nodes gpu-a, gpu-b"), "{stdout}");
+    assert!(
+        stdout.contains("GPU nodes (allocatable `nvidia.com/gpu`): gpu-a, gpu-b, gpu-c"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("every verb the faults need is allowed"),
+        "{stdout}"
+    );
+    assert!(
+        server.world.lock().unwrap().deletions.is_empty(),
+        "plan injected something"
+    );
 
     // A whole run: the kill is injected, the replacement is watched.
     let kill = write(
@@ -554,4 +586,60 @@ async fn a_missing_kubeconfig_is_an_error_before_anything_runs() {
         stderr.contains("kubeconfig") && stderr.contains("nothing was injected"),
         "{stderr}"
     );
+}
+
+/// faults/rbac.yaml grants exactly what preflight checks for, no more.
+#[test]
+fn rbac_yaml_grants_exactly_the_verbs_shakedown_uses() {
+    use serde::Deserialize;
+    use shakedown::cluster::kubernetes::Target;
+    use shakedown::cluster::kubernetes::preflight::permissions_needed;
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/faults/rbac.yaml")).unwrap();
+    let mut granted = std::collections::BTreeSet::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(document).unwrap();
+        if value["kind"] != "ClusterRole" {
+            continue;
+        }
+        for rule in value["rules"].as_sequence().unwrap() {
+            let group = rule["apiGroups"][0].as_str().unwrap().to_string();
+            for resource in rule["resources"].as_sequence().unwrap() {
+                for verb in rule["verbs"].as_sequence().unwrap() {
+                    granted.insert((
+                        verb.as_str().unwrap().to_string(),
+                        group.clone(),
+                        resource.as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    let pb = playbook(
+        "  - { name: a, at: 2s, action: pod-kill, target: engine }\n  - { name: b, at: 3s, action: node-drain, target: engine }\n  - { name: c, at: 4s, action: network-delay, target: router, delay: 10ms, duration: 5s }",
+    );
+    let targets = [Target {
+        role: "engine".into(),
+        namespace: "llm".into(),
+        selector: "app=vllm".into(),
+    }];
+    let faults: Vec<_> = pb.faults.iter().collect();
+    let mut needed: std::collections::BTreeSet<(String, String, String)> =
+        permissions_needed(&targets, &faults)
+            .into_iter()
+            .map(|p| {
+                let resource = if p.subresource.is_empty() {
+                    p.resource.to_string()
+                } else {
+                    format!("{}/{}", p.resource, p.subresource)
+                };
+                (p.verb.to_string(), p.group.to_string(), resource)
+            })
+            .collect();
+    needed.insert((
+        "create".into(),
+        "authorization.k8s.io".into(),
+        "selfsubjectaccessreviews".into(),
+    ));
+    assert_eq!(granted, needed);
 }

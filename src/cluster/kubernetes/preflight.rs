@@ -134,6 +134,62 @@ impl KubeCluster {
         Ok(())
     }
 
+    /// What `shakedown plan` shows of the cluster now: each role's Ready
+    /// pods and their nodes, the GPU nodes, and any missing permission.
+    /// Reads only.
+    pub async fn describe_targets(&self, faults: &[&Fault]) -> anyhow::Result<String> {
+        let mut out = String::new();
+        for target in self.targets.values() {
+            let pods = self.serving_pods(&target.role).await?;
+            let mut nodes: Vec<&str> = pods.iter().filter_map(|p| p.node.as_deref()).collect();
+            nodes.sort();
+            nodes.dedup();
+            let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+            out.push_str(&format!(
+                "  role {} (`{}` in {}): {} Ready pods{}{}\n",
+                target.role,
+                target.selector,
+                target.namespace,
+                pods.len(),
+                if names.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", names.join(", "))
+                },
+                if nodes.is_empty() {
+                    String::new()
+                } else {
+                    format!(", on nodes {}", nodes.join(", "))
+                },
+            ));
+        }
+        let gpu_nodes = self.gpu_nodes().await?;
+        out.push_str(&format!(
+            "  GPU nodes (allocatable `{}`): {}\n",
+            self.gpu_resource,
+            if gpu_nodes.is_empty() {
+                "none".to_string()
+            } else {
+                gpu_nodes.join(", ")
+            }
+        ));
+        let mut missing = Vec::new();
+        for permission in permissions_needed(self.targets.values(), faults) {
+            if !self.allowed(&permission).await? {
+                missing.push(permission.to_string());
+            }
+        }
+        out.push_str(&if missing.is_empty() {
+            "  permissions: every verb the faults need is allowed\n".to_string()
+        } else {
+            format!(
+                "  permissions MISSING: {} (see faults/rbac.yaml)\n",
+                missing.join(", ")
+            )
+        });
+        Ok(out)
+    }
+
     async fn allowed(&self, permission: &Permission) -> anyhow::Result<bool> {
         let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client().clone());
         let review = SelfSubjectAccessReview {

@@ -236,11 +236,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Cleanup { reports, context } => {
             if let Some(context) = context {
                 let context = (!context.is_empty()).then_some(context.as_str());
-                let uncordoned = shakedown::cluster::kubernetes::cleanup(context).await?;
-                if uncordoned.is_empty() {
-                    println!("kubernetes: no node carries shakedown's annotation");
-                } else {
-                    println!("kubernetes: uncordoned {}", uncordoned.join(", "));
+                let cleaned = shakedown::cluster::kubernetes::cleanup(context).await?;
+                if cleaned.uncordoned.is_empty() && cleaned.chaos.is_empty() {
+                    println!("kubernetes: nothing carries shakedown's annotation");
+                }
+                if !cleaned.uncordoned.is_empty() {
+                    println!("kubernetes: uncordoned {}", cleaned.uncordoned.join(", "));
+                }
+                if !cleaned.chaos.is_empty() {
+                    println!(
+                        "kubernetes: deleted NetworkChaos {}",
+                        cleaned.chaos.join(", ")
+                    );
                 }
             }
             let cleaned = shakedown::state::cleanup(&reports)?;

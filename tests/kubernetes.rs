@@ -616,7 +616,7 @@ fn rbac_yaml_grants_exactly_the_verbs_shakedown_uses() {
         }
     }
     let pb = playbook(
-        "  - { name: a, at: 2s, action: pod-kill, target: engine }\n  - { name: b, at: 3s, action: node-drain, target: engine }\n  - { name: c, at: 4s, action: network-delay, target: router, delay: 10ms, duration: 5s }",
+        "  - { name: a, at: 2s, action: pod-kill, target: engine }\n  - { name: b, at: 3s, action: node-drain, target: engine }\n  - { name: c, at: 4s, action: network-delay, target: router, delay: 10ms, duration: 5s }\n  - { name: d, at: 5s, action: network-delay, target: router, delay: 10ms, duration: 5s, mechanism: chaos-mesh }",
     );
     let targets = [Target {
         role: "engine".into(),
@@ -641,5 +641,65 @@ fn rbac_yaml_grants_exactly_the_verbs_shakedown_uses() {
         "authorization.k8s.io".into(),
         "selfsubjectaccessreviews".into(),
     ));
+    // `cleanup` finds leftover NetworkChaos across namespaces.
+    needed.insert((
+        "list".into(),
+        "chaos-mesh.org".into(),
+        "networkchaos".into(),
+    ));
     assert_eq!(granted, needed);
+}
+
+#[tokio::test]
+async fn a_chaos_mesh_delay_is_a_network_chaos_deleted_on_revert() {
+    let server = cluster_of_four(quick()).await;
+    let pb = playbook(
+        "  - { name: slow, at: 1s, action: network-delay, target: router, delay: 150ms, jitter: 10ms, duration: 30s, mechanism: chaos-mesh }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let Cluster::Kubernetes(kube) = &harness.cluster else {
+        unreachable!()
+    };
+    let faults: Vec<_> = pb.faults.iter().collect();
+    // Not installed: said before anything is injected.
+    let err = format!("{:#}", kube.preflight(&faults).await.unwrap_err());
+    assert!(
+        err.contains("does not serve chaos-mesh.org/v1alpha1 NetworkChaos"),
+        "{err}"
+    );
+
+    server.world.lock().unwrap().chaos_mesh = true;
+    kube.preflight(&faults).await.unwrap();
+    let (action, injected) = harness.inject(&pb, 0).await;
+    assert_eq!(injected.targets, vec!["router-0"]);
+    let made: Vec<_> = server
+        .world
+        .lock()
+        .unwrap()
+        .network_chaos
+        .values()
+        .cloned()
+        .collect();
+    assert_eq!(made.len(), 1);
+    let spec = &made[0]["spec"];
+    assert_eq!(
+        spec["selector"],
+        json!({"namespaces": ["gw"], "labelSelectors": {"app": "router"}})
+    );
+    assert_eq!(spec["delay"], json!({"latency": "150ms", "jitter": "10ms"}));
+    assert_eq!(spec["duration"], "30s");
+    action.revert(&harness.cluster, &injected).await.unwrap();
+    assert!(
+        server.world.lock().unwrap().network_chaos.is_empty(),
+        "not deleted on revert"
+    );
+
+    // One left by a run that died is found by its annotation.
+    harness.inject(&pb, 0).await;
+    let deleted = shakedown::cluster::kubernetes::chaos_mesh::cleanup(&server.client().await)
+        .await
+        .unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert!(server.world.lock().unwrap().network_chaos.is_empty());
+    harness.events().await;
 }

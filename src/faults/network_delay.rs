@@ -9,7 +9,9 @@
 //! every Ready pod of the role; it runs [`netem_command`]: `tc netem` on the
 //! pod's eth0, a sleep of the fault's duration, and the qdisc's removal, so
 //! the delay ends on time even if shakedown dies. A revert before that time
-//! (abort, Ctrl-C) removes the qdisc at once through exec.
+//! (abort, Ctrl-C) removes the qdisc at once through exec. With
+//! `mechanism: chaos-mesh`, a Chaos Mesh NetworkChaos with the same delay
+//! and duration is created instead, and deleted on revert.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,9 +20,10 @@ use crate::cluster::kubernetes::PodRef;
 
 use super::{BoxFuture, FaultAction, Injected};
 use crate::cluster::Cluster;
+use crate::cluster::kubernetes::chaos_mesh;
 use crate::cluster::local::Role;
 use crate::cluster::local::proxy::Shaping;
-use crate::playbook::{Direction, Fault};
+use crate::playbook::{DelayMechanism, Direction, Fault};
 
 pub struct NetworkDelay {
     role: String,
@@ -30,8 +33,11 @@ pub struct NetworkDelay {
     direction: Direction,
     duration: Option<Duration>,
     image: String,
+    mechanism: DelayMechanism,
     /// Kubernetes: when it was injected, and the containers added.
     added: Mutex<Option<Added>>,
+    /// Kubernetes with Chaos Mesh: the NetworkChaos made (namespace, name).
+    chaos: Mutex<Option<(String, String)>>,
 }
 
 /// When a delay was injected on Kubernetes, and the (pod, container)s added.
@@ -79,7 +85,9 @@ impl NetworkDelay {
             direction: fault.direction.unwrap_or_default(),
             duration: fault.duration.map(|d| d.0),
             image: fault.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
+            mechanism: fault.mechanism.unwrap_or_default(),
             added: Mutex::new(None),
+            chaos: Mutex::new(None),
         }
     }
 
@@ -123,6 +131,39 @@ impl FaultAction for NetworkDelay {
                     Ok(Injected {
                         targets,
                         detail: Some(self.describe()),
+                    })
+                }
+                Cluster::Kubernetes(kube) if self.mechanism == DelayMechanism::ChaosMesh => {
+                    let Some(lasts) = self.duration else {
+                        anyhow::bail!("a delay on Kubernetes needs `duration`");
+                    };
+                    let target = kube.target(&self.role)?;
+                    let name = format!("shakedown-delay-{:08x}", seed as u32);
+                    let chaos = chaos_mesh::network_chaos(
+                        &name,
+                        target,
+                        &kube.run_id,
+                        self.delay,
+                        self.jitter,
+                        lasts,
+                    )?;
+                    let targets = kube
+                        .serving_pods(&self.role)
+                        .await?
+                        .into_iter()
+                        .map(|p| p.name)
+                        .collect();
+                    kube.create_network_chaos(chaos).await?;
+                    if let Ok(mut slot) = self.chaos.lock() {
+                        *slot = Some((target.namespace.clone(), name.clone()));
+                    }
+                    Ok(Injected {
+                        targets,
+                        detail: Some(format!(
+                            "{} (Chaos Mesh NetworkChaos {}/{name})",
+                            self.describe(),
+                            target.namespace
+                        )),
                     })
                 }
                 Cluster::Kubernetes(kube) => {
@@ -178,6 +219,15 @@ impl FaultAction for NetworkDelay {
                 Cluster::Local(local) => {
                     local.shape(Role::from_target(&self.role)?, Shaping::default());
                     Ok(())
+                }
+                Cluster::Kubernetes(kube) if self.mechanism == DelayMechanism::ChaosMesh => {
+                    // Deleting the object ends the delay, early or not.
+                    match self.chaos.lock().ok().and_then(|mut c| c.take()) {
+                        Some((namespace, name)) => {
+                            kube.delete_network_chaos(&namespace, &name).await
+                        }
+                        None => Ok(()),
+                    }
                 }
                 Cluster::Kubernetes(kube) => {
                     let Some((started, added)) = self.added.lock().ok().and_then(|mut a| a.take())

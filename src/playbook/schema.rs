@@ -471,6 +471,10 @@ pub struct Fault {
     pub duration: Option<HumanDuration>,
     #[serde(default)]
     pub loss: Option<f64>,
+    /// network-delay on Kubernetes: `ephemeral-container` (default) or
+    /// `chaos-mesh` (a NetworkChaos object, where Chaos Mesh is installed).
+    #[serde(default)]
+    pub mechanism: Option<DelayMechanism>,
     /// network-delay on Kubernetes: the image of the ephemeral container
     /// that runs `tc` (needs `tc` and `sleep`).
     #[serde(default)]
@@ -479,6 +483,17 @@ pub struct Fault {
     /// interface; `both`: also what it receives.
     #[serde(default)]
     pub direction: Option<Direction>,
+}
+
+/// How a delay is applied on Kubernetes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DelayMechanism {
+    /// `tc netem` in an ephemeral container that removes it itself.
+    #[default]
+    EphemeralContainer,
+    /// A Chaos Mesh `NetworkChaos`, deleted on revert.
+    ChaosMesh,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -604,7 +604,7 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
                 return at(
                     path.key("duration"),
                     format!(
-                        "on Kubernetes (stack `{}`) a delay needs `duration`: the container that applies it removes it after that time, even if shakedown dies",
+                        "on Kubernetes (stack `{}`) a delay needs `duration`: the delay ends by itself after that time (the container removes it, or Chaos Mesh does), even if shakedown dies",
                         stack.name
                     ),
                 );
@@ -621,6 +621,12 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
                     "on Kubernetes a delay is egress only (netem on the pod's eth0)",
                 );
             }
+        }
+        if fault.mechanism.is_some() && stack.cluster.kind == ClusterKind::Local {
+            return at(
+                path.key("mechanism"),
+                "`mechanism` picks how a delay is applied on Kubernetes (`ephemeral-container` or `chaos-mesh`); a local cluster has its proxies",
+            );
         }
         if fault.image.is_some() && stack.cluster.kind == ClusterKind::Local {
             return at(
@@ -658,9 +664,17 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
             "timeout",
             "grace_period",
         ],
-        FaultAction::NetworkDelay => &["delay", "jitter", "duration", "loss", "direction"],
+        FaultAction::NetworkDelay => &[
+            "delay",
+            "jitter",
+            "duration",
+            "loss",
+            "direction",
+            "mechanism",
+            "image",
+        ],
     };
-    let set: [(&str, bool); 12] = [
+    let set: [(&str, bool); 14] = [
         ("count", fault.count.is_some()),
         ("percent", fault.percent.is_some()),
         ("grace_period", fault.grace_period.is_some()),
@@ -673,6 +687,8 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
         ("duration", fault.duration.is_some()),
         ("loss", fault.loss.is_some()),
         ("direction", fault.direction.is_some()),
+        ("mechanism", fault.mechanism.is_some()),
+        ("image", fault.image.is_some()),
     ];
     for (field, is_set) in set {
         if is_set && !owned.contains(&field) {

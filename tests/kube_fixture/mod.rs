@@ -54,6 +54,9 @@ pub struct World {
     pub evictions_refused: u32,
     /// (pod, container) of every ephemeral container added.
     pub ephemeral: Vec<(String, Value)>,
+    /// Whether Chaos Mesh's NetworkChaos is served, and the objects made.
+    pub chaos_mesh: bool,
+    pub network_chaos: BTreeMap<(String, String), Value>,
     history: Vec<(u64, String, Value)>,
     version: u64,
     replacements: u64,
@@ -177,6 +180,19 @@ impl ApiServer {
             .route(
                 "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
                 post(review),
+            )
+            .route("/apis/chaos-mesh.org/v1alpha1", get(chaos_resources))
+            .route(
+                "/apis/chaos-mesh.org/v1alpha1/networkchaos",
+                get(list_chaos),
+            )
+            .route(
+                "/apis/chaos-mesh.org/v1alpha1/namespaces/{ns}/networkchaos",
+                post(create_chaos),
+            )
+            .route(
+                "/apis/chaos-mesh.org/v1alpha1/namespaces/{ns}/networkchaos/{name}",
+                axum::routing::delete(delete_chaos),
             )
             .with_state(server.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -647,4 +663,69 @@ async fn review(State(s): State<ApiServer>, Json(mut body): Json<Value>) -> Resp
     let allowed = !s.world.lock().unwrap().denies(verb, &resource);
     body["status"] = json!({ "allowed": allowed });
     (StatusCode::CREATED, Json(body)).into_response()
+}
+
+fn chaos_missing() -> Response {
+    status(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+async fn chaos_resources(State(s): State<ApiServer>) -> Response {
+    if !s.world.lock().unwrap().chaos_mesh {
+        return chaos_missing();
+    }
+    Json(json!({
+        "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "chaos-mesh.org/v1alpha1",
+        "resources": [{ "name": "networkchaos", "singularName": "networkchaos", "namespaced": true,
+                        "kind": "NetworkChaos", "verbs": ["create", "delete", "get", "list"] }],
+    }))
+    .into_response()
+}
+
+async fn list_chaos(State(s): State<ApiServer>) -> Response {
+    let world = s.world.lock().unwrap();
+    if !world.chaos_mesh {
+        return chaos_missing();
+    }
+    Json(json!({
+        "apiVersion": "chaos-mesh.org/v1alpha1", "kind": "NetworkChaosList",
+        "metadata": { "resourceVersion": world.version.to_string() },
+        "items": world.network_chaos.values().cloned().collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+async fn create_chaos(
+    State(s): State<ApiServer>,
+    Path(ns): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut world = s.world.lock().unwrap();
+    if !world.chaos_mesh {
+        return chaos_missing();
+    }
+    let name = body["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    world.network_chaos.insert((ns, name), body.clone());
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+async fn delete_chaos(
+    State(s): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let mut world = s.world.lock().unwrap();
+    match world.network_chaos.remove(&(ns, name.clone())) {
+        Some(_) => status(200, "", ""),
+        None => status(
+            404,
+            "NotFound",
+            &format!("networkchaos \"{name}\" not found"),
+        ),
+    }
 }

@@ -12,6 +12,7 @@
 //! the run id, so `shakedown cleanup` can find it after a crash, and a
 //! revert only undoes what shakedown itself did.
 
+pub mod chaos_mesh;
 pub mod observe;
 pub mod preflight;
 
@@ -100,8 +101,9 @@ pub fn client_from_config(mut config: kube::Config) -> anyhow::Result<kube::Clie
 }
 
 /// After a run that died: uncordons every node that carries shakedown's
-/// annotation, whatever run cordoned it. Returns the nodes uncordoned.
-pub async fn cleanup(context: Option<&str>) -> anyhow::Result<Vec<String>> {
+/// annotation, whatever run cordoned it, and deletes the Chaos Mesh
+/// NetworkChaos objects it made. Returns what it undid.
+pub async fn cleanup(context: Option<&str>) -> anyhow::Result<Cleaned> {
     let client = client(context).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let list = nodes
@@ -122,7 +124,16 @@ pub async fn cleanup(context: Option<&str>) -> anyhow::Result<Vec<String>> {
             uncordoned.push(name);
         }
     }
-    Ok(uncordoned)
+    let chaos = chaos_mesh::cleanup(&client).await?;
+    Ok(Cleaned { uncordoned, chaos })
+}
+
+/// What `cleanup` undid on a cluster.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    pub uncordoned: Vec<String>,
+    /// NetworkChaos objects deleted, as `namespace/name`.
+    pub chaos: Vec<String>,
 }
 
 /// The targets of a stack: each role's selector, in its namespace or the

@@ -13,7 +13,7 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 
 use super::{KubeCluster, Target};
-use crate::playbook::{Fault, FaultAction};
+use crate::playbook::{DelayMechanism, Fault, FaultAction};
 
 /// One thing to be allowed to do; `namespace: None` is cluster-wide.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -92,6 +92,17 @@ pub fn permissions_needed<'a>(
                 needed.insert(permission("list", "pods", "", None));
                 needed.insert(permission("create", "pods", "eviction", None));
             }
+            FaultAction::NetworkDelay if fault.mechanism == Some(DelayMechanism::ChaosMesh) => {
+                for verb in ["create", "delete"] {
+                    needed.insert(Permission {
+                        verb,
+                        group: super::chaos_mesh::GROUP,
+                        resource: "networkchaos",
+                        subresource: "",
+                        namespace: ns.map(str::to_string),
+                    });
+                }
+            }
             FaultAction::NetworkDelay => {
                 needed.insert(permission("patch", "pods", "ephemeralcontainers", ns));
                 needed.insert(permission("create", "pods", "exec", ns));
@@ -116,6 +127,15 @@ impl KubeCluster {
             bail!(
                 "missing permissions: {}. faults/rbac.yaml grants exactly what shakedown uses; nothing was injected",
                 missing.join(", ")
+            );
+        }
+        if faults
+            .iter()
+            .any(|f| f.mechanism == Some(DelayMechanism::ChaosMesh))
+            && !self.chaos_mesh_installed().await?
+        {
+            bail!(
+                "a delay asks for `mechanism: chaos-mesh`, but this cluster does not serve chaos-mesh.org/v1alpha1 NetworkChaos: install Chaos Mesh or use the default `mechanism: ephemeral-container`; nothing was injected"
             );
         }
         for target in self.targets.values() {

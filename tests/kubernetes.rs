@@ -703,3 +703,36 @@ async fn a_chaos_mesh_delay_is_a_network_chaos_deleted_on_revert() {
     assert!(server.world.lock().unwrap().network_chaos.is_empty());
     harness.events().await;
 }
+
+#[tokio::test]
+async fn an_early_revert_takes_the_delay_off_through_exec_and_an_on_time_one_does_not() {
+    let server = cluster_of_four(quick()).await;
+    let pb = playbook(
+        "  - { name: early, at: 1s, action: network-delay, target: router, delay: 100ms, duration: 30s }\n  - { name: on-time, at: 2s, action: network-delay, target: router, delay: 100ms, duration: 1s }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    // Aborted long before its 30 s: removed at once, in its own container.
+    let (early, injected) = harness.inject(&pb, 0).await;
+    early.revert(&harness.cluster, &injected).await.unwrap();
+    let execs = server.world.lock().unwrap().execs.clone();
+    let container = server.world.lock().unwrap().ephemeral[0].1["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        execs,
+        vec![(
+            "router-0".to_string(),
+            container,
+            ["tc", "qdisc", "del", "dev", "eth0", "root", "netem"]
+                .map(String::from)
+                .to_vec()
+        )]
+    );
+    // Reverted at its end: the container took it off itself, no exec.
+    let (on_time, injected) = harness.inject(&pb, 1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    on_time.revert(&harness.cluster, &injected).await.unwrap();
+    assert_eq!(server.world.lock().unwrap().execs.len(), 1);
+    harness.events().await;
+}

@@ -10,7 +10,8 @@
 //!   [`Behaviour::ready_after`];
 //! - nodes: list, get, merge-patch (cordon);
 //! - pods/eviction with PodDisruptionBudget arithmetic (`minAvailable`);
-//! - pods/ephemeralcontainers (recorded);
+//! - pods/ephemeralcontainers and pods/exec (recorded; an exec answers
+//!   success on the websocket's status channel, as the kubelet does);
 //! - selfsubjectaccessreviews, with a list of denied permissions.
 //!
 //! It lives with the tests, never in the product.
@@ -54,6 +55,8 @@ pub struct World {
     pub evictions_refused: u32,
     /// (pod, container) of every ephemeral container added.
     pub ephemeral: Vec<(String, Value)>,
+    /// (pod, container, command) of every exec.
+    pub execs: Vec<(String, String, Vec<String>)>,
     /// Whether Chaos Mesh's NetworkChaos is served, and the objects made.
     pub chaos_mesh: bool,
     pub network_chaos: BTreeMap<(String, String), Value>,
@@ -180,6 +183,10 @@ impl ApiServer {
             .route(
                 "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
                 post(review),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/exec",
+                get(exec).post(exec),
             )
             .route("/apis/chaos-mesh.org/v1alpha1", get(chaos_resources))
             .route(
@@ -728,4 +735,72 @@ async fn delete_chaos(
             &format!("networkchaos \"{name}\" not found"),
         ),
     }
+}
+
+/// pods/exec: the websocket upgrade kube asks for (channel protocol v5 or
+/// v4), then a success status on channel 3, then close.
+async fn exec(
+    State(s): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+    mut request: axum::extract::Request,
+) -> Response {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+    let url = reqwest::Url::parse(&format!(
+        "http://fixture/?{}",
+        request.uri().query().unwrap_or("")
+    ))
+    .unwrap();
+    let mut command = Vec::new();
+    let mut container = String::new();
+    for (key, value) in url.query_pairs() {
+        match key.as_ref() {
+            "command" => command.push(value.to_string()),
+            "container" => container = value.to_string(),
+            _ => {}
+        }
+    }
+    {
+        let mut world = s.world.lock().unwrap();
+        if world.denies("create", "pods/exec") {
+            return status(403, "Forbidden", "pods/exec is forbidden");
+        }
+        if !world.pods.contains_key(&(ns, name.clone())) {
+            return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+        }
+        world.execs.push((name, container, command));
+    }
+    let headers = request.headers();
+    let Some(key) = headers.get("sec-websocket-key") else {
+        return status(400, "BadRequest", "exec is a websocket upgrade");
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let offered = headers
+        .get("sec-websocket-protocol")
+        .and_then(|p| p.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let protocol = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
+        .into_iter()
+        .find(|p| offered.contains(p))
+        .unwrap_or("v4.channel.k8s.io");
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let io = hyper_util::rt::TokioIo::new(upgraded);
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        let mut frame = vec![3u8];
+        frame.extend_from_slice(br#"{"metadata":{},"status":"Success"}"#);
+        let _ = ws.send(Message::binary(frame)).await;
+        let _ = ws.close(None).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-accept", accept)
+        .header("sec-websocket-protocol", protocol)
+        .body(Body::empty())
+        .unwrap()
 }

@@ -234,36 +234,53 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Cleanup { reports, context } => {
-            if let Some(context) = context {
+            // A named context: everything shakedown left there, any run's.
+            if let Some(context) = &context {
                 let context = (!context.is_empty()).then_some(context.as_str());
-                let cleaned = shakedown::cluster::kubernetes::cleanup(context).await?;
-                if cleaned.uncordoned.is_empty() && cleaned.chaos.is_empty() {
-                    println!("kubernetes: nothing carries shakedown's annotation");
-                }
-                if !cleaned.uncordoned.is_empty() {
-                    println!("kubernetes: uncordoned {}", cleaned.uncordoned.join(", "));
-                }
-                if !cleaned.chaos.is_empty() {
-                    println!(
-                        "kubernetes: deleted NetworkChaos {}",
-                        cleaned.chaos.join(", ")
-                    );
-                }
+                let cleaned = shakedown::cluster::kubernetes::cleanup(context, None).await?;
+                print_kubernetes_cleanup("kubernetes", &cleaned);
             }
             let cleaned = shakedown::state::cleanup(&reports)?;
-            if cleaned.is_empty() {
+            if cleaned.is_empty() && context.is_none() {
                 println!("nothing to clean up under {}", reports.display());
             }
+            let mut failed = false;
             for run in cleaned {
                 if run.still_running {
                     println!("{}: still running, left alone", run.run.display());
-                } else if run.killed.is_empty() {
+                    continue;
+                }
+                if run.killed.is_empty() {
                     println!("{}: nothing was left running", run.run.display());
                 } else {
                     println!("{}: stopped {}", run.run.display(), run.killed.join(", "));
                 }
+                // What the dead run changed on its clusters, and only that.
+                for context in &run.kubernetes {
+                    let label = format!(
+                        "{}: kubernetes context {}",
+                        run.run.display(),
+                        context.as_deref().unwrap_or("(current)")
+                    );
+                    match shakedown::cluster::kubernetes::cleanup(
+                        context.as_deref(),
+                        Some(&run.run_id),
+                    )
+                    .await
+                    {
+                        Ok(cleaned) => print_kubernetes_cleanup(&label, &cleaned),
+                        Err(err) => {
+                            eprintln!("{label}: {err:#}");
+                            failed = true;
+                        }
+                    }
+                }
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Report { runs, out } => {
             let mut summaries = Vec::new();
@@ -401,5 +418,17 @@ async fn serve_until_signalled(
     tokio::select! {
         result = &mut serve => { result?; Ok(ExitCode::SUCCESS) }
         _ = async { shakedown::interrupt_or_terminate().await; shakedown::interrupt_or_terminate().await } => Ok(ExitCode::from(130)),
+    }
+}
+
+fn print_kubernetes_cleanup(label: &str, cleaned: &shakedown::cluster::kubernetes::Cleaned) {
+    if cleaned.uncordoned.is_empty() && cleaned.chaos.is_empty() {
+        println!("{label}: nothing carries shakedown's annotation");
+    }
+    if !cleaned.uncordoned.is_empty() {
+        println!("{label}: uncordoned {}", cleaned.uncordoned.join(", "));
+    }
+    if !cleaned.chaos.is_empty() {
+        println!("{label}: deleted NetworkChaos {}", cleaned.chaos.join(", "));
     }
 }

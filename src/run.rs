@@ -261,6 +261,9 @@ impl StackRun<'_> {
                     .map(|n| n.to_string_lossy().to_string())
                     .unwrap_or_default();
                 let mut kube = KubeCluster::connect(&self.stack, &run_id, log.clone()).await?;
+                // Before anything changes: a run killed from here on can be cleaned up.
+                self.state
+                    .uses_kubernetes(self.stack.cluster.context.as_deref());
                 // Permissions and targets, before anything is changed.
                 kube.preflight(&self.faults()).await?;
                 kube.start_observing();

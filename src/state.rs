@@ -4,7 +4,8 @@
 //! it started (with the kernel's start time, so a reused pid is never taken
 //! for ours). A run that ends in any way it can see removes the file; a run
 //! killed with SIGKILL leaves it, and [`cleanup`] kills what is still alive
-//! of it. Children die with shakedown already (`PR_SET_PDEATHSIG`), but not
+//! of it, and names the Kubernetes contexts the run changed things on.
+//! Children die with shakedown already (`PR_SET_PDEATHSIG`), but not
 //! their own children, such as the workers of a real `vllm serve`.
 
 use std::collections::BTreeMap;
@@ -22,6 +23,11 @@ pub struct StateFile {
     pub owner_start: u64,
     /// pid → the process, each the leader of its own process group.
     pub processes: BTreeMap<u32, Process>,
+    /// Kubernetes clusters the run changed things on, by kubeconfig
+    /// context (`None`: the current one); what it changed there carries
+    /// the run id in shakedown's annotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kubernetes: Vec<Option<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +85,7 @@ impl RunState {
                 owner_pid: pid,
                 owner_start: process_start(pid).unwrap_or(0),
                 processes: BTreeMap::new(),
+                kubernetes: Vec::new(),
             }),
         };
         state.write()?;
@@ -116,6 +123,19 @@ impl RunState {
         }
     }
 
+    /// The run is about to change things on this Kubernetes context.
+    pub fn uses_kubernetes(&self, context: Option<&str>) {
+        if let Ok(mut state) = self.state.lock() {
+            let context = context.map(str::to_string);
+            if !state.kubernetes.contains(&context) {
+                state.kubernetes.push(context);
+            }
+        }
+        if let Err(err) = self.write() {
+            tracing::warn!("{err:#}");
+        }
+    }
+
     pub fn ended(&self, pid: u32) {
         if let Ok(mut state) = self.state.lock() {
             state.processes.remove(&pid);
@@ -143,6 +163,10 @@ pub struct Cleaned {
     /// The run is still going: left alone.
     pub still_running: bool,
     pub killed: Vec<String>,
+    /// The run's id, and the Kubernetes contexts where it may have left a
+    /// cordoned node or a NetworkChaos: the caller cleans those up.
+    pub run_id: String,
+    pub kubernetes: Vec<Option<String>>,
 }
 
 /// Kills what killed runs under `reports` left alive, and removes their
@@ -164,6 +188,10 @@ pub fn cleanup(reports: &Path) -> anyhow::Result<Vec<Cleaned>> {
             .with_context(|| format!("{} is not a state file", path.display()))?;
         let mut done = Cleaned {
             run: run.clone(),
+            run_id: run
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
             ..Cleaned::default()
         };
         if process_start(state.owner_pid) == Some(state.owner_start) {
@@ -183,6 +211,7 @@ pub fn cleanup(reports: &Path) -> anyhow::Result<Vec<Cleaned>> {
                     .push(format!("{} {} (pid {pid})", process.stack, process.pod));
             }
         }
+        done.kubernetes = state.kubernetes.clone();
         std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         cleaned.push(done);
     }
@@ -224,6 +253,7 @@ mod tests {
                 },
             )]
             .into(),
+            kubernetes: vec![Some("staging".into())],
         };
         std::fs::write(
             dead_run.join(STATE_FILE),
@@ -238,6 +268,12 @@ mod tests {
         assert_eq!(cleaned.len(), 2);
         let dead = cleaned.iter().find(|c| c.run == dead_run).unwrap();
         assert_eq!(dead.killed.len(), 1);
+        assert_eq!(
+            dead.kubernetes,
+            vec![Some("staging".to_string())],
+            "its cluster is named"
+        );
+        assert_eq!(dead.run_id, "dead");
         assert!(
             orphan.wait().unwrap().code().is_none(),
             "killed by a signal"

@@ -532,15 +532,10 @@ faults:
         .await
         .unwrap();
 
+    // Its state file names the cluster: a plain `cleanup` finds it.
     let out = shakedown(
         &kubeconfig,
-        &[
-            "cleanup",
-            "--context",
-            "fixture",
-            "--reports",
-            reports.to_str().unwrap(),
-        ],
+        &["cleanup", "--reports", reports.to_str().unwrap()],
     )
     .output()
     .await
@@ -696,9 +691,10 @@ async fn a_chaos_mesh_delay_is_a_network_chaos_deleted_on_revert() {
 
     // One left by a run that died is found by its annotation.
     harness.inject(&pb, 0).await;
-    let deleted = shakedown::cluster::kubernetes::chaos_mesh::cleanup(&server.client().await)
-        .await
-        .unwrap();
+    let deleted =
+        shakedown::cluster::kubernetes::chaos_mesh::cleanup(&server.client().await, Some("run-1"))
+            .await
+            .unwrap();
     assert_eq!(deleted.len(), 1);
     assert!(server.world.lock().unwrap().network_chaos.is_empty());
     harness.events().await;

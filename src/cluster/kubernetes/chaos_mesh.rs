@@ -109,9 +109,9 @@ impl KubeCluster {
     }
 }
 
-/// Deletes every NetworkChaos that carries shakedown's annotation; none
-/// when Chaos Mesh is not installed. Returns `namespace/name`s deleted.
-pub async fn cleanup(client: &kube::Client) -> anyhow::Result<Vec<String>> {
+/// Deletes every NetworkChaos that carries shakedown's annotation with
+/// `run_id` (any run's when `None`); none when Chaos Mesh is not installed. Returns `namespace/name`s deleted.
+pub async fn cleanup(client: &kube::Client, run_id: Option<&str>) -> anyhow::Result<Vec<String>> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource());
     let list = match api.list(&ListParams::default()).await {
         Ok(list) => list,
@@ -124,7 +124,8 @@ pub async fn cleanup(client: &kube::Client) -> anyhow::Result<Vec<String>> {
             .metadata
             .annotations
             .as_ref()
-            .is_some_and(|a| a.contains_key(ANNOTATION));
+            .and_then(|a| a.get(ANNOTATION))
+            .is_some_and(|v| run_id.is_none_or(|id| v == id));
         let (Some(namespace), Some(name)) = (
             object.metadata.namespace.clone(),
             object.metadata.name.clone(),

@@ -100,10 +100,10 @@ pub fn client_from_config(mut config: kube::Config) -> anyhow::Result<kube::Clie
     kube::Client::try_from(config).context("cannot build a Kubernetes client from the config")
 }
 
-/// After a run that died: uncordons every node that carries shakedown's
-/// annotation, whatever run cordoned it, and deletes the Chaos Mesh
-/// NetworkChaos objects it made. Returns what it undid.
-pub async fn cleanup(context: Option<&str>) -> anyhow::Result<Cleaned> {
+/// After a run that died: uncordons the nodes that carry shakedown's
+/// annotation with `run_id` (any run's when `None`), and deletes the Chaos
+/// Mesh NetworkChaos objects it made. Returns what it undid.
+pub async fn cleanup(context: Option<&str>, run_id: Option<&str>) -> anyhow::Result<Cleaned> {
     let client = client(context).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let list = nodes
@@ -119,12 +119,13 @@ pub async fn cleanup(context: Option<&str>) -> anyhow::Result<Cleaned> {
             .metadata
             .annotations
             .as_ref()
-            .is_some_and(|a| a.contains_key(ANNOTATION));
-        if ours && KubeCluster::uncordon(&client, &name, None).await? {
+            .and_then(|a| a.get(ANNOTATION))
+            .is_some_and(|v| run_id.is_none_or(|id| v == id));
+        if ours && KubeCluster::uncordon(&client, &name, run_id).await? {
             uncordoned.push(name);
         }
     }
-    let chaos = chaos_mesh::cleanup(&client).await?;
+    let chaos = chaos_mesh::cleanup(&client, run_id).await?;
     Ok(Cleaned { uncordoned, chaos })
 }
 

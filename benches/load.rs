@@ -17,7 +17,8 @@ use nix::sys::resource::{UsageWho, getrusage};
 use shakedown::load::client::RequestTemplate;
 use shakedown::load::lengths::TokenCount;
 use shakedown::load::{LiveStats, LoadPlan, http_client, run_load};
-use shakedown::measure::record::{Outcome, Record};
+use shakedown::measure::gaps::bucket;
+use shakedown::measure::record::{Gaps, Outcome, Record};
 use shakedown::playbook::{Api, Arrival};
 
 struct Engine(Child);
@@ -221,7 +222,13 @@ fn synthetic_run(n: usize) -> tempfile::TempDir {
             status: (!failed).then_some(200),
             ttft_ms: (!failed).then_some(20.0 + (i % 13) as f64),
             latency_ms: (!failed).then_some(300.0 + (i % 17) as f64),
-            itl: None,
+            // 31 gaps, as a 32-token stream has: ITL percentiles read them.
+            itl: (!failed).then(|| Gaps {
+                count: 31,
+                mean_ms: 10.0,
+                max_ms: 12.0,
+                buckets: vec![(bucket(10.0), 30), (bucket(12.0), 1)],
+            }),
             output_tokens: 32,
             error: failed.then(|| "connection refused".to_string()),
             turn: None,

@@ -89,7 +89,10 @@ async fn the_load_client_reads_both_apis_as_ok_with_usage_tokens() {
         assert_eq!(record.outcome, Outcome::Ok, "{record:?}");
         assert_eq!(record.output_tokens, 12);
         assert!(record.ttft_ms.unwrap() > 0.0);
-        assert_eq!(record.itl.unwrap().count, 11);
+        let itl = record.itl.unwrap();
+        assert_eq!(itl.count, 11);
+        // Every gap is in the buckets ITL percentiles come from.
+        assert_eq!(itl.buckets.iter().map(|b| b.1).sum::<u32>(), 11);
         let mut non_streamed = template(&url, api, 4);
         non_streamed.stream = false;
         let record = client::send(&http, &non_streamed, Instant::now(), 2, 0.0).await;

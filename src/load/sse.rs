@@ -66,6 +66,7 @@ pub struct StreamReader {
     gap_count: u32,
     gap_sum_ms: f64,
     gap_max_ms: f64,
+    gap_buckets: Vec<(u16, u32)>,
     content_messages: u32,
     usage_tokens: Option<u32>,
     finish_seen: bool,
@@ -203,6 +204,7 @@ impl StreamReader {
                     self.gap_count += 1;
                     self.gap_sum_ms += gap;
                     self.gap_max_ms = self.gap_max_ms.max(gap);
+                    crate::measure::gaps::add(&mut self.gap_buckets, gap);
                 }
             }
             self.last_ms = Some(now_ms);
@@ -261,6 +263,7 @@ impl StreamReader {
             count: self.gap_count,
             mean_ms: self.gap_sum_ms / f64::from(self.gap_count),
             max_ms: self.gap_max_ms,
+            buckets: std::mem::take(&mut self.gap_buckets),
         });
         StreamResult {
             outcome,
@@ -303,6 +306,11 @@ mod tests {
         assert_eq!(res.output_tokens, 3);
         let itl = res.itl.unwrap();
         assert_eq!((itl.count, itl.mean_ms, itl.max_ms), (2, 15.0, 20.0));
+        let (ten, twenty) = (
+            crate::measure::gaps::bucket(10.0),
+            crate::measure::gaps::bucket(20.0),
+        );
+        assert_eq!(itl.buckets, vec![(ten, 1), (twenty, 1)]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `load_started` event), the clock that fault offsets are written on.
 
 pub mod engine_metrics;
+pub mod gaps;
 pub mod phases;
 pub mod record;
 pub mod recovery;
@@ -47,8 +48,11 @@ impl Sample {
             latency_ms: record.latency_ms.unwrap_or(f64::NAN),
             tpot_ms: record.tpot_ms().unwrap_or(f64::NAN),
             output_tokens: record.output_tokens,
-            itl_sum_ms: record.itl.map_or(0.0, |g| g.mean_ms * f64::from(g.count)),
-            itl_count: record.itl.map_or(0, |g| g.count),
+            itl_sum_ms: record
+                .itl
+                .as_ref()
+                .map_or(0.0, |g| g.mean_ms * f64::from(g.count)),
+            itl_count: record.itl.as_ref().map_or(0, |g| g.count),
         }
     }
 

@@ -1,8 +1,9 @@
 //! Latency and throughput by phase of a run (after the warmup, the
 //! baseline, each fault until its recovery, after the last recovery), with
 //! the figures `vllm bench serve` reports: TTFT, TPOT and end-to-end
-//! latency percentiles from HDR histograms, mean ITL, request and output
-//! token throughput, and goodput against per-request SLOs.
+//! latency percentiles from HDR histograms, ITL percentiles over every gap
+//! ([`ItlByPhase`]), request and output token throughput, and goodput
+//! against per-request SLOs.
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,10 @@ pub struct Phase {
     pub e2e_ms: Percentiles,
     /// The mean gap between streamed chunks, over every gap of the phase.
     pub itl_mean_ms: Option<f64>,
+    /// Percentiles over every gap of the phase, filled by [`ItlByPhase`]
+    /// from the records' gap buckets.
+    #[serde(default)]
+    pub itl_ms: Percentiles,
 }
 
 /// Percentiles of millisecond values, kept in microseconds in an HDR
@@ -119,6 +124,67 @@ pub fn phase(name: &str, samples: &[Sample], from: f64, to: f64, slo: &Slo) -> P
         tpot_ms: percentiles(ok.iter().map(|s| s.tpot_ms)),
         e2e_ms: percentiles(ok.iter().map(|s| s.latency_ms)),
         itl_mean_ms: (gaps > 0).then(|| gap_sum / gaps as f64),
+        itl_ms: Percentiles::default(),
+    }
+}
+
+/// ITL percentiles per phase over every gap of the ok requests sent in
+/// the phase, as `vllm bench serve` computes them. Fed one record at a
+/// time (each gap is in its record's log buckets), so no gap is held in
+/// memory: one HDR histogram per phase.
+pub struct ItlByPhase {
+    windows: Vec<(f64, f64)>,
+    histograms: Vec<Option<Histogram<u64>>>,
+    sums: Vec<(f64, u64)>,
+}
+
+impl ItlByPhase {
+    pub fn new(phases: &[Phase]) -> Self {
+        Self {
+            windows: phases.iter().map(|p| (p.from_s, p.to_s)).collect(),
+            histograms: phases
+                .iter()
+                .map(|_| Histogram::<u64>::new_with_bounds(1, 24 * 3600 * 1_000_000, 3).ok())
+                .collect(),
+            sums: vec![(0.0, 0); phases.len()],
+        }
+    }
+
+    /// The gaps of an ok request sent at `at_s` on the load's clock.
+    pub fn add(&mut self, at_s: f64, gaps: &super::record::Gaps) {
+        for (i, &(from, to)) in self.windows.iter().enumerate() {
+            if !(from..to).contains(&at_s) {
+                continue;
+            }
+            self.sums[i].0 += gaps.mean_ms * f64::from(gaps.count);
+            self.sums[i].1 += u64::from(gaps.count);
+            if let Some(histogram) = &mut self.histograms[i] {
+                for &(bucket, count) in &gaps.buckets {
+                    let us = (super::gaps::value(bucket) * 1000.0).round() as u64;
+                    let _ = histogram.record_n(us.max(1), u64::from(count));
+                }
+            }
+        }
+    }
+
+    /// Writes each phase's ITL percentiles.
+    pub fn finish(self, phases: &mut [Phase]) {
+        for ((phase, histogram), (sum, count)) in
+            phases.iter_mut().zip(self.histograms).zip(self.sums)
+        {
+            let Some(histogram) = histogram.filter(|h| !h.is_empty()) else {
+                continue;
+            };
+            let at = |q: f64| Some(histogram.value_at_quantile(q) as f64 / 1000.0);
+            phase.itl_ms = Percentiles {
+                mean: (count > 0).then(|| sum / count as f64),
+                p50: at(0.50),
+                p90: at(0.90),
+                p95: at(0.95),
+                p99: at(0.99),
+                max: Some(histogram.max() as f64 / 1000.0),
+            };
+        }
     }
 }
 
@@ -265,5 +331,47 @@ mod tests {
                 ("after recovery".into(), 12.0, 30.0)
             ]
         );
+    }
+
+    #[test]
+    fn itl_percentiles_cover_every_gap_of_the_phase() {
+        use super::super::gaps;
+        use super::super::record::Gaps;
+        let mut phase = phase("p", &[], 0.0, 10.0, &Slo::default());
+        let mut other = phase.clone();
+        other.from_s = 20.0;
+        other.to_s = 30.0;
+        let mut phases = vec![phase.clone(), other];
+        let mut acc = ItlByPhase::new(&phases);
+        // 99 gaps of 10 ms in one request, one of 500 ms in another.
+        let mut steady = Gaps {
+            count: 99,
+            mean_ms: 10.0,
+            max_ms: 10.0,
+            buckets: Vec::new(),
+        };
+        (0..99).for_each(|_| gaps::add(&mut steady.buckets, 10.0));
+        let mut stall = Gaps {
+            count: 1,
+            mean_ms: 500.0,
+            max_ms: 500.0,
+            buckets: Vec::new(),
+        };
+        gaps::add(&mut stall.buckets, 500.0);
+        acc.add(1.0, &steady);
+        acc.add(2.0, &stall);
+        acc.add(25.0, &steady);
+        acc.finish(&mut phases);
+        let itl = &phases[0].itl_ms;
+        assert!((itl.p50.unwrap() - 10.0).abs() < 0.1, "{itl:?}");
+        assert!(
+            (itl.p99.unwrap() - 10.0).abs() < 0.1,
+            "the 100th gap is the 500 ms one: {itl:?}"
+        );
+        assert!((itl.max.unwrap() - 500.0).abs() < 5.0, "{itl:?}");
+        assert!((itl.mean.unwrap() - 14.9).abs() < 1e-9, "{itl:?}");
+        assert!((phases[1].itl_ms.p50.unwrap() - 10.0).abs() < 0.1);
+        phase.itl_ms = Percentiles::default();
+        assert_eq!(phase.itl_ms.p50, None);
     }
 }

@@ -58,11 +58,15 @@ impl Outcome {
 }
 
 /// Summary of the gaps between consecutive content messages of a stream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Gaps {
     pub count: u32,
     pub mean_ms: f64,
     pub max_ms: f64,
+    /// Every gap, as `[bucket, count]` pairs of [`super::gaps`]' log
+    /// buckets: what ITL percentiles are computed from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<(u16, u32)>,
 }
 
 /// One request. Times are seconds from the start of the stack's load;

@@ -19,8 +19,9 @@ use anyhow::Context;
 use crate::events::{Event, EventKind, RunStatus};
 use crate::jsonl;
 use crate::measure::engine_metrics::{self, MetricSample};
-use crate::measure::record::Record;
-use crate::measure::{MeasureSettings, Sample, Summary, summarize_stack};
+use crate::measure::phases::ItlByPhase;
+use crate::measure::record::{Gaps, Outcome, Record};
+use crate::measure::{MeasureSettings, Sample, StackSummary, Summary, summarize_stack};
 use crate::playbook::{self, Playbook};
 
 pub use html::html;
@@ -136,7 +137,7 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
             scraped.entry(m.stack.clone()).or_default().push(m);
         })?;
     }
-    let stacks = pb
+    let mut stacks: Vec<StackSummary> = pb
         .stacks
         .iter()
         .map(|stack| {
@@ -156,6 +157,9 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
             summary
         })
         .collect();
+    if requests.exists() {
+        itl_by_phase(&requests, &starts, &mut stacks)?;
+    }
     Ok(Summary {
         run_id,
         playbook: pb.name,
@@ -164,6 +168,46 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         stacks,
     })
+}
+
+/// The parts of a record that ITL percentiles need; the rest is skipped.
+#[derive(serde::Deserialize)]
+struct GapsLine {
+    stack: String,
+    outcome: Outcome,
+    scheduled_s: f64,
+    #[serde(default)]
+    sent_s: Option<f64>,
+    #[serde(default)]
+    itl: Option<Gaps>,
+}
+
+/// A second read of the records, for ITL percentiles over every gap of
+/// each phase: the phases' windows are known only after the first.
+fn itl_by_phase(
+    requests: &Path,
+    starts: &HashMap<String, f64>,
+    stacks: &mut [StackSummary],
+) -> anyhow::Result<()> {
+    let mut by_stack: HashMap<String, ItlByPhase> = stacks
+        .iter()
+        .map(|s| (s.name.clone(), ItlByPhase::new(&s.phases)))
+        .collect();
+    jsonl::read_each(requests, |line: GapsLine| {
+        let (Some(gaps), Some(acc)) = (&line.itl, by_stack.get_mut(&line.stack)) else {
+            return;
+        };
+        if line.outcome == Outcome::Ok {
+            let start = starts.get(&line.stack).copied().unwrap_or(0.0);
+            acc.add(line.sent_s.unwrap_or(line.scheduled_s) - start, gaps);
+        }
+    })?;
+    for stack in stacks {
+        if let Some(acc) = by_stack.remove(&stack.name) {
+            acc.finish(&mut stack.phases);
+        }
+    }
+    Ok(())
 }
 
 /// Summarises a run directory and writes its report files in it.

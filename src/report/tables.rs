@@ -107,6 +107,7 @@ pub fn phase_rows(stack: &StackSummary) -> Rows {
         "E2E p50",
         "E2E p99",
         "ITL mean",
+        "ITL p99",
     ])];
     let fixed = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into());
     for p in &stack.phases {
@@ -125,6 +126,7 @@ pub fn phase_rows(stack: &StackSummary) -> Rows {
             ms(p.e2e_ms.p50),
             ms(p.e2e_ms.p99),
             ms(p.itl_mean_ms),
+            ms(p.itl_ms.p99),
         ]);
     }
     rows

@@ -172,24 +172,12 @@ pub fn is_serving(pod: &Pod) -> bool {
 impl KubeCluster {
     /// Connects for a stack; checks nothing yet (see [`Self::preflight`]).
     pub async fn connect(stack: &Stack, run_id: &str, events: EventLog) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            stack.endpoint.is_some(),
+            "a kubernetes stack needs `endpoint`: the URL its users call"
+        );
         let client = client(stack.cluster.context.as_deref()).await?;
-        let endpoint = stack
-            .endpoint
-            .clone()
-            .context("a kubernetes stack needs `endpoint`: the URL its users call")?;
-        Ok(Self {
-            client,
-            targets: targets_of(stack),
-            gpu_resource: stack
-                .cluster
-                .gpu_resource
-                .clone()
-                .unwrap_or_else(|| DEFAULT_GPU_RESOURCE.into()),
-            run_id: run_id.to_string(),
-            endpoint,
-            events,
-            observer: None,
-        })
+        Ok(Self::from_client(client, stack, run_id, events))
     }
 
     /// A cluster handle from an existing client, for tools and tests.

@@ -84,9 +84,15 @@ fn percentiles(values: impl Iterator<Item = f64>) -> Percentiles {
     if histogram.is_empty() {
         return Percentiles::default();
     }
+    let mean = sum / histogram.len() as f64;
+    read_out(&histogram, mean)
+}
+
+/// The percentiles of a non-empty histogram of microseconds, in milliseconds.
+fn read_out(histogram: &Histogram<u64>, mean_ms: f64) -> Percentiles {
     let at = |q: f64| Some(histogram.value_at_quantile(q) as f64 / 1000.0);
     Percentiles {
-        mean: Some(sum / histogram.len() as f64),
+        mean: Some(mean_ms),
         p50: at(0.50),
         p90: at(0.90),
         p95: at(0.95),
@@ -175,15 +181,8 @@ impl ItlByPhase {
             let Some(histogram) = histogram.filter(|h| !h.is_empty()) else {
                 continue;
             };
-            let at = |q: f64| Some(histogram.value_at_quantile(q) as f64 / 1000.0);
-            phase.itl_ms = Percentiles {
-                mean: (count > 0).then(|| sum / count as f64),
-                p50: at(0.50),
-                p90: at(0.90),
-                p95: at(0.95),
-                p99: at(0.99),
-                max: Some(histogram.max() as f64 / 1000.0),
-            };
+            // The mean is exact: from each request's own sum of gaps.
+            phase.itl_ms = read_out(&histogram, sum / count.max(1) as f64);
         }
     }
 }

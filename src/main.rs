@@ -198,11 +198,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .filter(|s| s.cluster.kind == playbook::ClusterKind::Kubernetes)
                 {
                     println!("\nstack {} on the cluster now:", stack.name);
-                    let faults: Vec<&playbook::Fault> = pb
-                        .faults
-                        .iter()
-                        .filter(|f| f.stacks.as_ref().is_none_or(|n| n.contains(&stack.name)))
-                        .collect();
+                    let faults = pb.faults_for(&stack.name);
                     let described = async {
                         let client = shakedown::cluster::kubernetes::client(
                             stack.cluster.context.as_deref(),

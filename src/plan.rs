@@ -134,11 +134,7 @@ pub fn render(pb: &Playbook) -> String {
             stack.name,
             describe_cluster(stack)
         ));
-        let mut faults: Vec<&Fault> = pb
-            .faults
-            .iter()
-            .filter(|f| f.stacks.as_ref().is_none_or(|n| n.contains(&stack.name)))
-            .collect();
+        let mut faults = pb.faults_for(&stack.name);
         faults.sort_by_key(|f| f.at);
         if faults.is_empty() {
             out.push_str("  no faults: load only\n");

@@ -212,15 +212,7 @@ enum Step {
 impl StackRun<'_> {
     /// The playbook's faults that apply to this stack.
     fn faults(&self) -> Vec<&Fault> {
-        self.pb
-            .faults
-            .iter()
-            .filter(|f| {
-                f.stacks
-                    .as_ref()
-                    .is_none_or(|names| names.contains(&self.stack.name))
-            })
-            .collect()
+        self.pb.faults_for(&self.stack.name)
     }
 
     fn model(&self) -> String {

@@ -485,6 +485,22 @@ pub struct Fault {
     pub direction: Option<Direction>,
 }
 
+impl Fault {
+    /// Whether the fault hits stack `stack`: every stack unless `stacks` names some.
+    pub fn applies_to(&self, stack: &str) -> bool {
+        self.stacks
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == stack))
+    }
+}
+
+impl Playbook {
+    /// The faults that hit stack `stack`, in playbook order.
+    pub fn faults_for(&self, stack: &str) -> Vec<&Fault> {
+        self.faults.iter().filter(|f| f.applies_to(stack)).collect()
+    }
+}
+
 /// How a delay is applied on Kubernetes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -808,12 +808,7 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
 }
 
 fn applies_to_stacks<'a>(pb: &'a Playbook, fault: &'a Fault) -> impl Iterator<Item = &'a Stack> {
-    pb.stacks.iter().filter(|s| {
-        fault
-            .stacks
-            .as_ref()
-            .is_none_or(|names| names.contains(&s.name))
-    })
+    pb.stacks.iter().filter(|s| fault.applies_to(&s.name))
 }
 
 /// A fault that lasts a while must end inside the run.

@@ -47,13 +47,8 @@ pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
             }
         }),
         faults: pb
-            .faults
-            .iter()
-            .filter(|f| {
-                f.stacks
-                    .as_ref()
-                    .is_none_or(|names| names.iter().any(|n| n == stack))
-            })
+            .faults_for(stack)
+            .into_iter()
             .map(|f| {
                 (
                     f.name.clone(),

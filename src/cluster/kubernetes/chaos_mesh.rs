@@ -120,12 +120,7 @@ pub async fn cleanup(client: &kube::Client, run_id: Option<&str>) -> anyhow::Res
     };
     let mut deleted = Vec::new();
     for object in list.items {
-        let ours = object
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION))
-            .is_some_and(|v| run_id.is_none_or(|id| v == id));
+        let ours = super::marked_by(&object.metadata, run_id);
         let (Some(namespace), Some(name)) = (
             object.metadata.namespace.clone(),
             object.metadata.name.clone(),

@@ -115,12 +115,7 @@ pub async fn cleanup(context: Option<&str>, run_id: Option<&str>) -> anyhow::Res
         let Some(name) = node.metadata.name.clone() else {
             continue;
         };
-        let ours = node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION))
-            .is_some_and(|v| run_id.is_none_or(|id| v == id));
+        let ours = marked_by(&node.metadata, run_id);
         if ours && KubeCluster::uncordon(&client, &name, run_id).await? {
             uncordoned.push(name);
         }
@@ -135,6 +130,27 @@ pub struct Cleaned {
     pub uncordoned: Vec<String>,
     /// NetworkChaos objects deleted, as `namespace/name`.
     pub chaos: Vec<String>,
+}
+
+/// Delete options with a grace period, as `--grace-period` gives it.
+fn with_grace(grace: Duration) -> DeleteParams {
+    DeleteParams {
+        grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
+        ..DeleteParams::default()
+    }
+}
+
+/// Whether an object carries shakedown's annotation with `run_id` (any
+/// run's when `None`): what cleanup and reverts may undo.
+pub(crate) fn marked_by(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    run_id: Option<&str>,
+) -> bool {
+    metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION))
+        .is_some_and(|v| run_id.is_none_or(|id| v == id))
 }
 
 /// The targets of a stack: each role's selector, in its namespace or the
@@ -262,11 +278,7 @@ impl KubeCluster {
     /// Deletes a pod with a grace period, as `kubectl delete pod --grace-period`.
     pub async fn delete_pod(&self, pod: &PodRef, grace: Duration) -> anyhow::Result<()> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let params = DeleteParams {
-            grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
-            ..DeleteParams::default()
-        };
-        pods.delete(&pod.name, &params)
+        pods.delete(&pod.name, &with_grace(grace))
             .await
             .with_context(|| format!("cannot delete pod {}/{}", pod.namespace, pod.name))?;
         Ok(())
@@ -330,12 +342,7 @@ impl KubeCluster {
             .get(node)
             .await
             .with_context(|| format!("cannot read node {node}"))?;
-        let ours = current
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION))
-            .is_some_and(|v| run_id.is_none_or(|id| v == id));
+        let ours = marked_by(&current.metadata, run_id);
         if !ours {
             return Ok(false);
         }
@@ -475,10 +482,7 @@ impl Evictor {
     pub async fn evict(&self, pod: &PodRef, grace: Duration) -> anyhow::Result<Eviction> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
         let params = EvictParams {
-            delete_options: Some(DeleteParams {
-                grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
-                ..DeleteParams::default()
-            }),
+            delete_options: Some(with_grace(grace)),
             ..EvictParams::default()
         };
         match pods.evict(&pod.name, &params).await {

@@ -7,10 +7,14 @@
 //! process behind it dies, its connections end as that process's sockets
 //! do: a reset is passed on as a reset, never as a clean end.
 //!
-//! [`Shaping`] delays chunks (delay ± jitter, order kept) and drops
-//! connections, on connections already open as well as new ones, like
+//! [`Shaping`] delays chunks (delay ± jitter, order kept) and cuts
+//! requests, on connections already open as well as new ones, like
 //! `tc netem` on the pod's interface: by default on what the process sends,
-//! with `both` also on what it receives.
+//! with `both` also on what it receives. `loss` is the share of requests
+//! whose connection is reset as they arrive: drawn once per request (the
+//! first bytes the client sends after a response, or on a new
+//! connection), from the fault's seed and the connection's number, so
+//! `loss: 0.05` cuts about one request in twenty.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -33,7 +37,7 @@ use tokio::time::Instant;
 pub struct Shaping {
     pub delay: Duration,
     pub jitter: Duration,
-    /// Chance that a connection is dropped (reset) while the fault lasts.
+    /// Chance that a request's connection is reset as the request arrives.
     pub loss: f64,
     /// Also delay what the process receives, not only what it sends.
     pub both_directions: bool,
@@ -225,9 +229,11 @@ async fn pipe(
         BytesMut::with_capacity(16 << 10),
         BytesMut::with_capacity(16 << 10),
     );
-    let mut rng = StdRng::seed_from_u64(0);
-    let mut loss_drawn = false;
     let mut current = *shaping.borrow_and_update();
+    let mut rng = StdRng::seed_from_u64(crate::tokens::mix(current.seed ^ connection));
+    // The next bytes from the client start a request: the connection is
+    // new, or the process has answered since.
+    let mut request_starts = true;
     loop {
         if !client_open
             && to_process.queue.is_empty()
@@ -246,6 +252,12 @@ async fn pipe(
                 }
                 Ok(_) => {
                     let chunk = client_buf.split().freeze();
+                    if std::mem::replace(&mut request_starts, false)
+                        && current.loss > 0.0
+                        && rng.random_bool(current.loss.clamp(0.0, 1.0))
+                    {
+                        return reset(&client, &upstream);
+                    }
                     if current.both_directions && !current.is_none() {
                         to_process.push(Instant::now(), chunk, &current, &mut rng);
                     } else if !to_process.queue.is_empty() {
@@ -265,12 +277,7 @@ async fn pipe(
                 }
                 Ok(_) => {
                     let chunk = process_buf.split().freeze();
-                    if current.loss > 0.0 && !loss_drawn {
-                        loss_drawn = true;
-                        if rng.random_bool(current.loss.clamp(0.0, 1.0)) {
-                            return reset(&client, &upstream);
-                        }
-                    }
+                    request_starts = true;
                     if !current.is_none() {
                         from_process.push(Instant::now(), chunk, &current, &mut rng);
                     } else if !from_process.queue.is_empty() {
@@ -308,7 +315,6 @@ async fn pipe(
                 }
                 current = *shaping.borrow_and_update();
                 rng = StdRng::seed_from_u64(crate::tokens::mix(current.seed ^ connection));
-                loss_drawn = false;
             }
         }
     }
@@ -379,6 +385,57 @@ mod tests {
         let mut got = [0u8; 8];
         conn.read_exact(&mut got).await.unwrap();
         assert_eq!(got, [10, 11, 12, 13, 14, 15, 16, 17]);
+    }
+
+    /// HTTP requests through a proxy with `loss`, one connection each time
+    /// a connection is cut; returns how many of `n` failed.
+    async fn failed_share(loss: f64, n: usize, seed: u64) -> usize {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let app = axum::Router::new().route("/", axum::routing::post(|| async { "ok" }));
+        tokio::spawn(async move {
+            let _ = axum::serve(server, app).await;
+        });
+        let proxy = FrontProxy::new().unwrap();
+        proxy.up(port);
+        while TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        proxy.shape(Shaping {
+            loss,
+            seed,
+            ..Shaping::default()
+        });
+        let client = crate::http::client();
+        let url = proxy.url();
+        let mut failed = 0;
+        for _ in 0..n {
+            match client.post(&url).body("hi").send().await {
+                Ok(response) if response.status().is_success() => {}
+                _ => failed += 1,
+            }
+        }
+        failed
+    }
+
+    #[tokio::test]
+    async fn loss_cuts_its_share_of_requests() {
+        // Within the binomial 99% interval of n = 400 draws (±2.576 σ).
+        let n = 400;
+        for loss in [0.05, 0.5, 0.95] {
+            let failed = failed_share(loss, n, 7).await;
+            let mean = loss * n as f64;
+            let sigma = (n as f64 * loss * (1.0 - loss)).sqrt();
+            assert!(
+                (failed as f64 - mean).abs() <= 2.576 * sigma + 1.0,
+                "loss {loss}: {failed} of {n} failed, expected {mean} ± {:.1}",
+                2.576 * sigma
+            );
+        }
+        assert_eq!(failed_share(0.0, 50, 7).await, 0);
     }
 
     #[tokio::test]

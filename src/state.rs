@@ -93,22 +93,36 @@ impl RunState {
     }
 
     fn write(&self) -> anyhow::Result<()> {
-        let json = {
-            let state = self
-                .state
-                .lock()
-                .map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
-            serde_json::to_vec_pretty(&*state)?
-        };
+        self.change(|_| {})
+    }
+
+    /// Changes the state and writes it. The lock is held until the file is
+    /// in place: two pods exiting at once must neither share the temporary
+    /// file nor let an older snapshot land after a newer one.
+    fn change(&self, change: impl FnOnce(&mut StateFile)) -> anyhow::Result<()> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
+        change(&mut state);
+        let json = serde_json::to_vec_pretty(&*state)?;
         let tmp = self.path.with_extension("json.tmp");
         std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, &self.path)
             .with_context(|| format!("cannot write {}", self.path.display()))
     }
 
+    /// Changes and writes the state; a failure is logged, as the run goes
+    /// on without it (only `cleanup` after a SIGKILL needs the file).
+    fn record(&self, change: impl FnOnce(&mut StateFile)) {
+        if let Err(err) = self.change(change) {
+            tracing::warn!("{err:#}");
+        }
+    }
+
     pub fn started(&self, pid: u32, stack: &str, pod: &str) {
-        if let Ok(mut state) = self.state.lock() {
-            let start = process_start(pid).unwrap_or(0);
+        let start = process_start(pid).unwrap_or(0);
+        self.record(|state| {
             state.processes.insert(
                 pid,
                 Process {
@@ -117,32 +131,23 @@ impl RunState {
                     pod: pod.into(),
                 },
             );
-        }
-        if let Err(err) = self.write() {
-            tracing::warn!("{err:#}");
-        }
+        });
     }
 
     /// The run is about to change things on this Kubernetes context.
     pub fn uses_kubernetes(&self, context: Option<&str>) {
-        if let Ok(mut state) = self.state.lock() {
+        self.record(|state| {
             let context = context.map(str::to_string);
             if !state.kubernetes.contains(&context) {
                 state.kubernetes.push(context);
             }
-        }
-        if let Err(err) = self.write() {
-            tracing::warn!("{err:#}");
-        }
+        });
     }
 
     pub fn ended(&self, pid: u32) {
-        if let Ok(mut state) = self.state.lock() {
+        self.record(|state| {
             state.processes.remove(&pid);
-        }
-        if let Err(err) = self.write() {
-            tracing::warn!("{err:#}");
-        }
+        });
     }
 
     /// The run ended as it should: nothing is left to clean up.
@@ -221,6 +226,48 @@ pub fn cleanup(reports: &Path) -> anyhow::Result<Vec<Cleaned>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_changes_all_land_and_the_last_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = std::sync::Arc::new(RunState::create(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8u32)
+            .map(|t| {
+                let state = state.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u32 {
+                        let pid = 1_000_000 + t * 100 + i;
+                        state.change(|s| {
+                            s.processes.insert(
+                                pid,
+                                Process {
+                                    start: 1,
+                                    stack: "s".into(),
+                                    pod: format!("p{pid}"),
+                                },
+                            );
+                        })?;
+                        if i % 2 == 0 {
+                            state.change(|s| {
+                                s.processes.remove(&pid);
+                            })?;
+                        }
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap().expect("every write lands");
+        }
+        let on_disk: StateFile =
+            serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            on_disk.processes.len(),
+            8 * 25,
+            "the file is the final state"
+        );
+    }
 
     #[test]
     fn knows_a_live_process_from_a_dead_one() {

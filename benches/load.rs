@@ -151,7 +151,7 @@ fn step(
                 rss_samples.push((started.elapsed().as_secs_f64(), memory_mib().0));
             }
         }
-        load.await.unwrap().unwrap()
+        load.await.unwrap().unwrap().scheduled
     });
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;

@@ -39,20 +39,33 @@ pub enum EventKind {
     LoadStarted {
         duration_s: f64,
     },
+    /// Every scheduled request has its record: `requests` of them.
     LoadFinished {
         requests: u64,
+        /// When the schedule stopped before its end (abort, Ctrl-C,
+        /// SIGTERM, a failed write), on the stack's clock.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stopped_at_s: Option<f64>,
     },
     StackStopped,
     /// The stack could not be tested further; what was measured stays.
     StackFailed {
         error: String,
     },
+    /// The event's time is when the cluster acknowledged the injection;
+    /// `started_s` when shakedown began it, which is what the measurement
+    /// counts from, and `requested_s` the playbook's `at` (load clock):
+    /// the difference is how late the fault was.
     FaultInjected {
         fault: String,
         action: String,
         targets: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_s: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        started_s: Option<f64>,
     },
     FaultReverted {
         fault: String,

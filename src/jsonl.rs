@@ -1,6 +1,10 @@
 //! Appends JSON lines to a file from a thread of its own, so that request
 //! tasks never wait on the disk, and flushes whenever it has caught up, so
 //! that a run killed at any moment keeps what it had measured.
+//!
+//! A write that fails (a full disk) is said at once through
+//! [`JsonlWriter::failure`], so the run can stop rather than go on
+//! measuring into nothing; what reached the file before stays.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -35,15 +39,24 @@ impl<T> JsonlSink<T> {
 }
 
 /// The thread that writes; [`JsonlWriter::finish`] waits for it.
-pub struct JsonlWriter(JoinHandle<anyhow::Result<u64>>);
+pub struct JsonlWriter {
+    thread: JoinHandle<anyhow::Result<u64>>,
+    failure: tokio::sync::watch::Receiver<Option<String>>,
+}
 
 impl JsonlWriter {
     /// Waits until every sink is dropped and everything is on disk; returns
     /// how many lines were written.
     pub fn finish(self) -> anyhow::Result<u64> {
-        self.0
+        self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the JSONL writer thread panicked"))?
+    }
+
+    /// Turns `Some(why)` as soon as a write fails; from then on values are
+    /// discarded.
+    pub fn failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.failure.clone()
     }
 }
 
@@ -58,14 +71,23 @@ pub fn open<T: Serialize + Send + 'static>(
         .with_context(|| format!("cannot open {} for writing", path.display()))?;
     let (tx, rx) = mpsc::channel::<T>();
     let shown = path.display().to_string();
-    let handle = std::thread::Builder::new()
+    let (failed, failure) = tokio::sync::watch::channel(None);
+    let thread = std::thread::Builder::new()
         .name("jsonl-writer".into())
-        .spawn(move || write_all(file, rx).with_context(|| format!("writing {shown}")))
+        .spawn(move || {
+            let written = write_all(file, &rx).with_context(|| format!("cannot write {shown}"));
+            if let Err(err) = &written {
+                failed.send_replace(Some(format!("{err:#}")));
+                // Senders never block on a dead writer: drain until they go.
+                while rx.recv().is_ok() {}
+            }
+            written
+        })
         .context("cannot start the writer thread")?;
-    Ok((JsonlSink(tx), JsonlWriter(handle)))
+    Ok((JsonlSink(tx), JsonlWriter { thread, failure }))
 }
 
-fn write_all<T: Serialize>(file: File, rx: mpsc::Receiver<T>) -> anyhow::Result<u64> {
+fn write_all<T: Serialize>(file: File, rx: &mpsc::Receiver<T>) -> anyhow::Result<u64> {
     let mut out = BufWriter::with_capacity(1 << 16, file);
     let mut lines = 0u64;
     while let Ok(first) = rx.recv() {
@@ -135,6 +157,28 @@ pub struct ReadStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_write_is_said_at_once() {
+        // /dev/full fails every write with ENOSPC, as a full disk does.
+        let (sink, writer) = open::<serde_json::Value>(Path::new("/dev/full")).unwrap();
+        let failure = writer.failure();
+        for i in 0..10 {
+            sink.send(serde_json::json!({"i": i}));
+        }
+        let said = (0..500)
+            .find_map(|_| {
+                let said = failure.borrow().clone();
+                if said.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                said
+            })
+            .expect("the failure is said within 5 s");
+        assert!(said.contains("No space left"), "{said}");
+        drop(sink);
+        assert!(writer.finish().is_err());
+    }
 
     #[test]
     fn writes_then_reads_back_and_tolerates_a_cut_last_line() {

@@ -83,7 +83,13 @@ enum Command {
     Router(router::RouterArgs),
 }
 
-/// Exit codes: 0 done, 1 the run or a command failed, 2 bad input, 130 interrupted.
+/// `run`: the run completed, but shakedown cannot vouch for a stack's
+/// figures (its load fell behind, or a fault went in late).
+const EXIT_DEGRADED: u8 = 3;
+
+/// Exit codes: 0 done, 1 the run or a command failed, 2 bad input (or a
+/// gate that could not judge), 3 a run whose measurement is degraded, 130
+/// interrupted.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
@@ -96,6 +102,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (a full disk under an engine's
+        // log) is lost, never a panic: the emulated servers must not die
+        // of their own logging and pass for a failing stack.
+        .log_internal_errors(false)
         .init();
 
     let runtime = match tokio::runtime::Runtime::new() {
@@ -180,7 +190,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 println!();
                 return Ok(ExitCode::from(gate(&result.dir, None, None, None)));
             }
+            let degraded = result
+                .summary
+                .stacks
+                .iter()
+                .any(|s| s.validity.verdict == shakedown::measure::validity::Verdict::Degraded);
             Ok(match result.status {
+                RunStatus::Completed if degraded => ExitCode::from(EXIT_DEGRADED),
                 RunStatus::Completed => ExitCode::SUCCESS,
                 RunStatus::Failed | RunStatus::Aborted => ExitCode::from(1),
                 RunStatus::Interrupted => ExitCode::from(130),
@@ -302,19 +318,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Engine(args) => {
             let listener = bind(&args.host, args.port).await?;
-            eprintln!(
+            say(format_args!(
                 "shakedown engine: serving {} on http://{}",
                 args.model,
                 listener.local_addr()?
-            );
+            ));
             serve_until_signalled(engine::serve(listener, args, first_signal())).await
         }
         Command::Router(args) => {
             let listener = bind(&args.host, args.port).await?;
-            eprintln!(
+            say(format_args!(
                 "shakedown router: listening on http://{}",
                 listener.local_addr()?
-            );
+            ));
             serve_until_signalled(router::serve(listener, args, first_signal())).await
         }
     }
@@ -391,6 +407,13 @@ fn gate(run: &Path, baseline: Option<&Path>, policy: Option<&Path>, junit: Optio
         junit_path.display()
     );
     verdict.exit_code()
+}
+
+/// A line on stderr that is dropped, not a panic, when it cannot be
+/// written (`eprintln!` panics on a full disk).
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> {

@@ -1,6 +1,8 @@
 //! Live progress while a stack is under load: elapsed of total, request
-//! rate, success rate, in flight, the fault in force. A bar on a terminal;
-//! a plain line every ten seconds otherwise (CI logs), nothing when quiet.
+//! rate, success rate, in flight, the load's own send lag (so a starved
+//! generator shows as such while it happens), the fault in force. A bar on
+//! a terminal; a plain line every ten seconds otherwise (CI logs), nothing
+//! when quiet.
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
@@ -62,8 +64,17 @@ impl Progress {
                     .and_then(|f| f.clone())
                     .map(|f| format!("  ⚡ {f}"))
                     .unwrap_or_default();
+                let lag = match live.lag.take() {
+                    Some(lag) => format!(
+                        "lag p50/p99/max {}/{}/{} ms",
+                        lag_ms(lag.p50_ms),
+                        lag_ms(lag.p99_ms),
+                        lag_ms(lag.max_ms)
+                    ),
+                    None => "lag –".into(),
+                };
                 let message = format!(
-                    "sent {:>6}  ok(1s) {rate}  in flight {:>4}{fault}",
+                    "sent {:>6}  ok(1s) {rate}  in flight {:>4}  {lag}{fault}",
                     live.sent.load(Ordering::Relaxed),
                     live.in_flight.load(Ordering::Relaxed)
                 );
@@ -88,5 +99,14 @@ impl Progress {
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// A lag for the progress line: fine below 10 ms, whole above.
+fn lag_ms(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.0}")
     }
 }

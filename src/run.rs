@@ -28,7 +28,7 @@ use crate::cluster::kubernetes::KubeCluster;
 use crate::cluster::local::{LocalCluster, LocalClusterSpec};
 use crate::events::{Event, EventKind, EventLog, RunStatus};
 use crate::faults::{self, FaultAction, Injected};
-use crate::jsonl::{self, JsonlSink};
+use crate::jsonl::{self, JsonlSink, JsonlWriter};
 use crate::load::client::RequestTemplate;
 use crate::load::{self, LiveStats, LoadPlan};
 use crate::measure::Summary;
@@ -101,19 +101,41 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     });
 
     let (stop_tx, stop) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let shown_dir = dir.display().to_string();
-    let signals = tokio::spawn(async move {
-        crate::interrupt_or_terminate().await;
-        eprintln!(
-            "\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)"
-        );
-        stop_tx.send_replace(true);
-        crate::interrupt_or_terminate().await;
-        eprintln!(
-            "shakedown: forced exit; `shakedown cleanup` stops what is left, `shakedown report {shown_dir}` rebuilds the report"
-        );
-        std::process::exit(130);
-    });
+    let signals = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            crate::interrupt_or_terminate().await;
+            eprintln!(
+                "\nshakedown: interrupted; reverting faults and stopping the stacks (Ctrl-C again to force)"
+            );
+            stop_tx.send_replace(true);
+            crate::interrupt_or_terminate().await;
+            eprintln!(
+                "shakedown: forced exit; `shakedown cleanup` stops what is left, `shakedown report {shown_dir}` rebuilds the report"
+            );
+            std::process::exit(130);
+        })
+    };
+    // Records that cannot be written are a run measuring into nothing:
+    // stop it as an interrupt would, and say why.
+    let write_failed: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let write_watch = {
+        let mut failures = vec![events_writer.failure(), records_writer.failure()];
+        failures.extend(metrics_writer.as_ref().map(|w| w.failure()));
+        let (stop_tx, write_failed) = (stop_tx.clone(), write_failed.clone());
+        tokio::spawn(async move {
+            let why = first_failure(failures).await;
+            eprintln!(
+                "\nshakedown: {why}; stopping the run and reverting its faults (what reached the disk is kept)"
+            );
+            if let Ok(mut slot) = write_failed.lock() {
+                *slot = Some(why);
+            }
+            stop_tx.send_replace(true);
+        })
+    };
 
     let stack_run = |stack: &Stack| {
         let ctx = StackRun {
@@ -160,7 +182,16 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         }
     }
     signals.abort();
-    let status = if *stop.borrow() || ends.contains(&StackEnd::Interrupted) {
+    write_watch.abort();
+    let write_failed = write_failed.lock().ok().and_then(|w| w.clone());
+    if let Some(why) = &write_failed {
+        errors.push(format!(
+            "the run stopped because its records could not be written: {why}"
+        ));
+    }
+    let status = if write_failed.is_some() {
+        RunStatus::Failed
+    } else if *stop.borrow() || ends.contains(&StackEnd::Interrupted) {
         RunStatus::Interrupted
     } else if !errors.is_empty() {
         RunStatus::Failed
@@ -171,14 +202,24 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     };
     run_log.emit(EventKind::RunFinished { status });
     drop((run_log, events, records, metrics));
-    events_writer.finish()?;
-    records_writer.finish()?;
-    if let Some(writer) = metrics_writer {
-        writer.finish()?;
+    // A writer that failed has said so already (the run stopped for it).
+    let mut finished = vec![events_writer.finish(), records_writer.finish()];
+    finished.extend(metrics_writer.map(JsonlWriter::finish));
+    if write_failed.is_none() {
+        for result in finished {
+            result?;
+        }
     }
     // Every process is down and every fault reverted: nothing to clean up.
     state.remove()?;
-    let summary = crate::report::rebuild(&dir)?;
+    let summary = crate::report::summarize_dir(&dir)?;
+    let status = match crate::report::write(&summary, &dir) {
+        Ok(()) => status,
+        Err(err) => {
+            errors.push(format!("{err:#}"));
+            RunStatus::Failed
+        }
+    };
     Ok(RunResult {
         dir,
         status,
@@ -378,6 +419,7 @@ impl StackRun<'_> {
             match step {
                 Step::Inject(i) => {
                     let fault = faults[i];
+                    let started_s = log.now_s();
                     // No `?` between an injection and the reverts below: a
                     // step that fails is recorded, and the faults in force
                     // are still reverted.
@@ -395,6 +437,8 @@ impl StackRun<'_> {
                                 action: fault.action.as_str().into(),
                                 targets: done.targets.clone(),
                                 detail: done.detail.clone(),
+                                requested_s: Some(due.as_secs_f64()),
+                                started_s: Some(started_s),
                             });
                             if action.needs_revert() {
                                 if let Some(lasts) = action.lasts() {
@@ -445,8 +489,13 @@ impl StackRun<'_> {
         if let Some(watch) = abort_watch {
             watch.abort();
         }
-        let sent = sent.context("the load generator stopped unexpectedly")??;
-        log.emit(EventKind::LoadFinished { requests: sent });
+        let ended = sent.context("the load generator stopped unexpectedly")??;
+        log.emit(EventKind::LoadFinished {
+            requests: ended.scheduled,
+            stopped_at_s: ended
+                .stopped_at
+                .map(|at| at.saturating_duration_since(log.origin()).as_secs_f64()),
+        });
         Ok(if aborted.load(Ordering::Relaxed) {
             StackEnd::Aborted
         } else if *self.stop.borrow() {
@@ -491,6 +540,24 @@ impl StackRun<'_> {
             sessions: pb.load.sessions.clone(),
         }
     }
+}
+
+/// The first of several writers' failures, once one fails.
+async fn first_failure(failures: Vec<watch::Receiver<Option<String>>>) -> String {
+    let waits = failures.into_iter().map(|mut failure| {
+        Box::pin(async move {
+            let why = match failure.wait_for(Option::is_some).await {
+                Ok(why) => why.clone(),
+                Err(_) => None,
+            };
+            match why {
+                Some(why) => why,
+                // The writer is gone without failing: never this one.
+                None => std::future::pending().await,
+            }
+        })
+    });
+    futures_util::future::select_all(waits).await.0
 }
 
 /// Each fault's random choices depend on the playbook's seed and its name
@@ -590,10 +657,7 @@ async fn preflight(endpoint: &str) -> anyhow::Result<Option<String>> {
                 return Ok(first.map(str::to_string));
             }
             Ok(response) => format!("answered {}", response.status()),
-            Err(err) => format!(
-                "does not answer: {}",
-                crate::load::client::error_chain(&err)
-            ),
+            Err(err) => format!("does not answer: {}", crate::http::error_chain(&err)),
         };
         if Instant::now() >= deadline {
             bail!(

@@ -76,6 +76,10 @@ fn a_router_kill_is_measured_as_the_cluster_saw_it() {
         "measured {measured:.3} s, ground truth {truth:.3} s"
     );
     assert!(fault.failed >= 20);
+    // TTFT is the engine's prefill (5 ms + 0.05 ms a token) plus two
+    // proxies and the router, not a 40 ms delayed ACK (Nagle on).
+    let ttft = summary.stacks[0].baseline.latency.ttft_p50_ms.unwrap();
+    assert!(ttft < 12.0, "baseline TTFT p50 {ttft:.1} ms");
     assert_no_child_left(&dir, Duration::from_millis(200));
 }
 
@@ -132,6 +136,135 @@ fn interrupted_by(signal: nix::sys::signal::Signal) {
     let summary = summary(&dir);
     assert_eq!(summary.status.as_str(), "interrupted");
     assert!(summary.stacks[0].requests_total > 10);
+    // Every scheduled request has its record, the ones cut short too.
+    let records = records(&dir.join("requests.jsonl"));
+    assert_eq!(records.len() as u64, scheduled(&dir));
+    assert_eq!(summary.stacks[0].requests_total, scheduled(&dir));
+    // The faults' windows were cut by the interrupt: no recovery time.
+    let kill = &summary.stacks[0].faults[0];
+    assert!(!(kill.cut_short && kill.recovery_s.is_some()), "{kill:?}");
+}
+
+/// Streams of 5 s at 20 a second: about a hundred in flight at any time.
+const LONG_STREAMS: &str = r#"
+apiVersion: shakedown/v1
+name: e2e-long-streams
+duration: 60s
+stacks:
+  - name: s
+    cluster:
+      kind: local
+      nodes: 1
+      gpus_per_node: 2
+      engine: { replicas: 2, startup: 200ms, decode_per_token: 10ms, max_num_seqs: 256 }
+load: { rate: 20, request: { prompt_tokens: 16, max_tokens: 500 }, timeout: 30s }
+steady_state: { warmup: 1s, baseline: 1s }
+"#;
+
+#[test]
+fn ctrl_c_without_a_fault_keeps_a_record_of_every_request_in_flight() {
+    // Ctrl-C at a few moments of the run, drawn from a seed: each time,
+    // every request the load scheduled has exactly one record, and those
+    // still streaming after the grace are `cancelled`, never missing.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for _ in 0..2 {
+        let after = Duration::from_millis(rng.random_range(2500..5000));
+        let mut run = start(LONG_STREAMS);
+        run.wait_for_event(
+            |k| matches!(k, EventKind::LoadStarted { .. }),
+            Duration::from_secs(30),
+        );
+        std::thread::sleep(after);
+        run.signal(nix::sys::signal::Signal::SIGINT);
+        let (status, stderr) = run.wait(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(130), "{stderr}");
+        let dir = run.run_dir();
+        let records = records(&dir.join("requests.jsonl"));
+        let scheduled = scheduled(&dir);
+        assert!(scheduled > 20, "{scheduled}");
+        assert_eq!(records.len() as u64, scheduled, "after {after:?}");
+        let cancelled: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Cancelled)
+            .collect();
+        assert!(
+            !cancelled.is_empty(),
+            "nothing was in flight after {after:?}?"
+        );
+        assert!(
+            cancelled
+                .iter()
+                .all(|r| r.ttft_ms.is_some() && r.error.as_deref().unwrap().contains("in flight")),
+            "{:?}",
+            cancelled[0]
+        );
+        let summary = summary(&dir);
+        let stack = &summary.stacks[0];
+        assert_eq!(stack.requests_total, scheduled);
+        assert_eq!(stack.validity.cancelled, cancelled.len() as u64);
+        assert!(stack.validity.ended_early.is_some());
+        assert!(
+            std::fs::read_to_string(dir.join("report.md"))
+                .unwrap()
+                .contains("interrupted"),
+        );
+        assert_no_child_left(&dir, Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_run_that_cannot_write_its_records_stops_reverts_and_says_why() {
+    // A file size limit fails every write past 256 KiB, as a full disk
+    // would (EFBIG instead of ENOSPC): the run must stop at once, revert
+    // its faults, keep what reached the disk, and exit 1 with the reason.
+    use std::os::unix::process::CommandExt;
+    let playbook = LONG.replace("rate: 10", "rate: 80");
+    let started = std::time::Instant::now();
+    let mut run = start_with(&playbook, |command| {
+        unsafe {
+            command.pre_exec(|| {
+                let limit = 256 * 1024;
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_FSIZE,
+                    limit,
+                    limit,
+                )
+                .map_err(std::io::Error::from)?;
+                // Past the limit the kernel sends SIGXFSZ, which would
+                // kill outright; ignored, the write fails with EFBIG.
+                nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGXFSZ,
+                    nix::sys::signal::SigHandler::SigIgn,
+                )
+                .map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+    });
+    let (status, stderr) = run.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "the run went on for {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains("requests.jsonl") && stderr.contains("File too large"),
+        "{stderr}"
+    );
+    let dir = run.run_dir();
+    assert_no_child_left(&dir, Duration::from_millis(200));
+    assert_reverted(&dir, Duration::from_millis(500));
+    assert!(!dir.join("state.json").exists());
+    // What reached the disk is kept, and `report` reads it, the last line
+    // cut mid-write dropped with a warning.
+    let output = Command::new(BIN).arg("report").arg(&dir).output().unwrap();
+    let report_err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{report_err}");
+    assert!(report_err.contains("cut short"), "{report_err}");
+    let summary = summary(&dir);
+    assert!(summary.stacks[0].requests_total > 100);
 }
 
 #[test]

@@ -205,3 +205,96 @@ async fn sigterm_like_shutdown_finishes_streams_in_flight() {
     let finished = in_flight.await.unwrap();
     assert_eq!(finished.outcome, Outcome::Ok, "{finished:?}");
 }
+
+/// TTFT p50 of `n` requests one after another: what the client sees of
+/// the engine's prefill, nothing else.
+async fn ttft_p50(url: &str, n: u64) -> f64 {
+    let http = shakedown::load::http_client(8).unwrap();
+    let t = RequestTemplate {
+        prompt_tokens: TokenCount::Fixed(8),
+        ..template(url, Api::Chat, 4)
+    };
+    let mut ttfts = Vec::new();
+    for id in 0..n {
+        let record = client::send(&http, &t, Instant::now(), id, 0.0).await;
+        assert_eq!(record.outcome, Outcome::Ok, "{record:?}");
+        ttfts.push(record.ttft_ms.unwrap());
+    }
+    ttfts.sort_by(f64::total_cmp);
+    ttfts[ttfts.len() / 2]
+}
+
+#[tokio::test]
+async fn ttft_is_the_configured_prefill_not_a_delayed_ack() {
+    // With Nagle's algorithm on the accepted socket, the first token would
+    // wait for the client's delayed ACK: ~40 ms on Linux, whatever the prefill.
+    let prefill = 20.0;
+    let (url, _stop) = start(EngineArgs {
+        prefill_base: Duration::from_millis(20),
+        prefill_per_token: Duration::ZERO,
+        ..fast()
+    })
+    .await;
+    let p50 = ttft_p50(&url, 40).await;
+    assert!(
+        (prefill..=prefill + 2.0).contains(&p50),
+        "TTFT p50 {p50:.2} ms for a prefill of {prefill} ms"
+    );
+}
+
+#[test]
+fn an_engine_whose_log_cannot_be_written_keeps_serving() {
+    // /dev/full fails every write as a full disk does: the engine must not
+    // die of its own logging (and pass for a crashing stack).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let mut engine = std::process::Command::new(env!("CARGO_BIN_EXE_shakedown"))
+        .args([
+            "engine",
+            "--port",
+            &port.to_string(),
+            "--decode-per-token",
+            "1ms",
+        ])
+        .env("RUST_LOG", "debug")
+        .stdout(full())
+        .stderr(full())
+        .spawn()
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let served = runtime.block_on(async {
+        let url = format!("http://127.0.0.1:{port}");
+        let http = shakedown::http::client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http.get(format!("{url}/health")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "the engine never answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t = template(&url, Api::Chat, 4);
+        let mut ok = 0;
+        for id in 0..20 {
+            if client::send(&http, &t, Instant::now(), id, 0.0)
+                .await
+                .outcome
+                == Outcome::Ok
+            {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    let alive = engine.try_wait().unwrap().is_none();
+    let _ = engine.kill();
+    let _ = engine.wait();
+    assert!(alive, "the engine died");
+    assert_eq!(served, 20);
+}

@@ -272,5 +272,23 @@ abort: { success_rate_below: 0.5, for: 2s }
     );
     let summary = summary(&dir);
     assert_eq!(summary.status.as_str(), "aborted");
+    // The router was never back: its fault is cut short by the abort, not
+    // "recovered" on the one request sent as the abort fired.
+    let stack = &summary.stacks[0];
+    let kill = stack
+        .faults
+        .iter()
+        .find(|f| f.name == "kill-router")
+        .unwrap();
+    assert!(kill.cut_short && kill.recovery_s.is_none(), "{kill:?}");
+    let early = stack.validity.ended_early.as_ref().expect("ended early");
+    assert!(early.reason.contains("aborted"), "{early:?}");
+    // Every request has its record: those cut by the abort are in the
+    // availability, which is about 3 of 5 s up before the abort.
+    let records = records(&dir.join("requests.jsonl"));
+    assert_eq!(records.len() as u64, scheduled(&dir));
+    assert_eq!(stack.requests_total, records.len() as u64);
+    let availability = stack.availability.unwrap();
+    assert!(availability < 0.6, "availability {availability}");
     assert_no_child_left(&dir, Duration::from_millis(200));
 }

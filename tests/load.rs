@@ -14,6 +14,7 @@ use shakedown::jsonl;
 use shakedown::load::client::RequestTemplate;
 use shakedown::load::lengths::{DistKind, Spread, TokenCount};
 use shakedown::load::{LiveStats, LoadPlan, http_client, run_load};
+use shakedown::measure::Sample;
 use shakedown::measure::record::{Outcome, Record};
 use shakedown::playbook::{Api, Arrival, HumanDuration, Sessions};
 use tokio::net::TcpListener;
@@ -30,6 +31,8 @@ struct Capture {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Answer nothing, ever: a stalled engine.
     stall: bool,
+    /// Stream this many tokens 100 ms apart: long streams, many in flight.
+    slow_tokens: usize,
 }
 
 /// Streams an answer naming the request's position, so a later round can
@@ -44,6 +47,25 @@ async fn answer(State(capture): State<Capture>, headers: HeaderMap, body: String
     if capture.stall {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
+    if capture.slow_tokens > 0 {
+        let tokens = futures_util::stream::unfold(0, move |i| async move {
+            if i > capture.slow_tokens {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let event = if i == capture.slow_tokens {
+                "data: [DONE]\n\n".to_string()
+            } else {
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"},\"finish_reason\":null}]}\n\n".to_string()
+            };
+            Some((Ok::<_, std::convert::Infallible>(event), i + 1))
+        });
+        return (
+            [("content-type", "text/event-stream")],
+            axum::body::Body::from_stream(tokens),
+        )
+            .into_response();
+    }
     let sse = format!(
         "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"answer \"}},\"finish_reason\":null}}]}}\n\n\
          data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{n}\"}},\"finish_reason\":\"stop\"}}]}}\n\n\
@@ -53,10 +75,14 @@ async fn answer(State(capture): State<Capture>, headers: HeaderMap, body: String
 }
 
 async fn serve(stall: bool) -> (String, Capture) {
-    let capture = Capture {
+    serve_with(Capture {
         stall,
         ..Capture::default()
-    };
+    })
+    .await
+}
+
+async fn serve_with(capture: Capture) -> (String, Capture) {
     let app = axum::Router::new()
         .route("/v1/chat/completions", axum::routing::post(answer))
         .with_state(capture.clone());
@@ -97,13 +123,30 @@ fn plan(url: &str, rate: f64, seconds: f64) -> LoadPlan {
 
 /// Runs the plan to its end and returns its records, read back from disk.
 async fn run(plan: LoadPlan) -> Vec<Record> {
+    run_stopped_at(plan, None).await.0
+}
+
+/// Runs the plan, stopped after `stop_after` if given (as Ctrl-C or the
+/// abort rule stop it); returns the records read back from disk and how
+/// many requests the load says it scheduled.
+async fn run_stopped_at(plan: LoadPlan, stop_after: Option<Duration>) -> (Vec<Record>, u64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("requests.jsonl");
     let (sink, writer) = jsonl::open::<Record>(&path).unwrap();
     let client = http_client(plan.max_in_flight).unwrap();
     let origin = tokio::time::Instant::now();
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    run_load(
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    if let Some(after) = stop_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            stop_tx.send_replace(true);
+            // Held until the load is done: a dropped sender also stops it.
+            std::future::pending::<()>().await;
+        });
+    } else {
+        std::mem::forget(stop_tx);
+    }
+    let ended = run_load(
         plan,
         client,
         origin,
@@ -121,7 +164,7 @@ async fn run(plan: LoadPlan) -> Vec<Record> {
         .unwrap();
     let mut records = Vec::new();
     jsonl::read_each(&path, |r: Record| records.push(r)).unwrap();
-    records
+    (records, ended.scheduled)
 }
 
 fn messages(seen: &Seen) -> Vec<serde_json::Value> {
@@ -255,4 +298,107 @@ async fn a_stalled_server_shows_as_timeouts_and_the_load_keeps_its_rate() {
         .map(|r| r.sent_s.unwrap() - r.scheduled_s)
         .fold(0.0f64, f64::max);
     assert!(worst_lag < 0.05, "a request went out {worst_lag} s late");
+}
+
+#[tokio::test]
+async fn every_scheduled_request_has_one_record_whatever_stops_the_load() {
+    // Random servers, rates and stops (or none): every request the
+    // schedule made has exactly one record; what the stop cut is
+    // `cancelled`, never missing. Seeded, so a failure can be replayed.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261125);
+    let mut cases = Vec::new();
+    for case in 0..10 {
+        let capture = match rng.random_range(0..3) {
+            0 => Capture::default(),
+            1 => Capture {
+                slow_tokens: 40,
+                ..Capture::default()
+            },
+            _ => Capture {
+                stall: true,
+                ..Capture::default()
+            },
+        };
+        let rate = rng.random_range(20.0..150.0);
+        let stop = rng
+            .random_bool(0.7)
+            .then(|| Duration::from_millis(rng.random_range(100..1400)));
+        cases.push((case, capture, rate, stop));
+    }
+    let runs = cases
+        .into_iter()
+        .map(|(case, capture, rate, stop)| async move {
+            let slow = capture.slow_tokens > 0 || capture.stall;
+            let (url, _) = serve_with(capture).await;
+            let mut plan = plan(&url, rate, 1.5);
+            plan.template.timeout = Duration::from_secs(3);
+            let (records, scheduled) = run_stopped_at(plan, stop).await;
+            let mut ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+            ids.sort_unstable();
+            let expected: Vec<u64> = (1..=scheduled).collect();
+            assert_eq!(ids, expected, "case {case}: rate {rate:.0}, stop {stop:?}");
+            let cancelled = records
+                .iter()
+                .filter(|r| r.outcome == Outcome::Cancelled)
+                .count();
+            if stop.is_some() && slow {
+                assert!(
+                    cancelled > 0,
+                    "case {case}: nothing was in flight at the stop?"
+                );
+            }
+            if stop.is_none() {
+                assert!(
+                    records.iter().all(|r| r.outcome != Outcome::Cancelled),
+                    "case {case}: cancelled without a stop"
+                );
+            }
+            for r in records.iter().filter(|r| r.outcome == Outcome::Cancelled) {
+                let error = r.error.as_deref().unwrap_or_default();
+                assert!(error.contains("in flight"), "case {case}: {error}");
+                assert!(r.sent_s.is_some() && r.done_s >= r.sent_s.unwrap());
+            }
+        });
+    futures_util::future::join_all(runs).await;
+}
+
+#[test]
+fn a_starved_generator_is_measured_as_such() {
+    // One thread for the requests, and a task that hogs it for 150 ms in
+    // every 200: the schedule keeps its times, the sends cannot.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let records = runtime.block_on(async {
+        let (url, _) = serve(false).await;
+        let hog = tokio::spawn(async {
+            loop {
+                std::thread::sleep(Duration::from_millis(150));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let records = run(plan(&url, 100.0, 2.0)).await;
+        hog.abort();
+        records
+    });
+    let samples: Vec<Sample> = records
+        .iter()
+        .map(|r| Sample::from_record(r, 0.0))
+        .collect();
+    let validity = shakedown::measure::validity::assess(
+        &samples,
+        &[],
+        &[],
+        None,
+        &shakedown::measure::ValidityLimits::default(),
+    );
+    assert_eq!(
+        validity.verdict,
+        shakedown::measure::validity::Verdict::Degraded,
+        "{validity:?}"
+    );
+    assert!(validity.send_lag_ms.p99.unwrap() > 50.0, "{validity:?}");
+    assert!(validity.reasons[0].contains("fell behind"));
 }

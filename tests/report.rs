@@ -185,12 +185,12 @@ fn several_runs_are_compared_as_if_one() {
         "alpha @ 20261125T000000Z-golden",
         "beta @ 20261125T000000Z-golden",
     ] {
-        // A row in the stacks table and in the outcomes table, a column per fault table.
+        // A row in the stacks, validity and outcomes tables, a column per fault table.
         assert_eq!(
             md.lines()
                 .filter(|l| l.starts_with(&format!("| {stack} ")))
                 .count(),
-            2,
+            3,
             "{stack}: {md}"
         );
     }

@@ -164,7 +164,7 @@ pub async fn serve(
         .route("/v1/completions", post(completions))
         .with_state(engine.clone());
     let draining = engine.clone();
-    axum::serve(listener, app)
+    axum::serve(crate::http::without_nagle(listener), app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             draining.draining.store(true, Ordering::Relaxed);

@@ -4,13 +4,24 @@
 //!
 //! Verdicts: a figure over its limit fails; an `unrecovered` fault always
 //! fails; a figure that cannot be read (a fault never injected, a stack with
-//! no requests, an interrupted run) is `unknown`, and a run with any unknown
-//! and no failure could not be judged.
+//! no requests, an interrupted run, a measurement shakedown cannot vouch
+//! for) is `unknown`, and a run with any unknown and no failure could not
+//! be judged.
+//!
+//! Against a baseline run, a rate (errors, failed requests, truncated
+//! streams) regresses only when it is worse by more than the policy's
+//! slack *and* the difference is statistically significant: a one-sided
+//! Fisher exact test on the counts ([`stats`]) at the policy's
+//! `confidence`. Two failures instead of one out of 38 is noise, not a
+//! regression.
+
+pub mod stats;
 
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
 use crate::events::RunStatus;
+use crate::measure::validity::Verdict as Validity;
 use crate::measure::{FaultSummary, StackSummary, Summary};
 use crate::playbook::Gate;
 
@@ -71,6 +82,11 @@ fn secs(v: f64) -> String {
 struct Judge<'a> {
     checks: Vec<Check>,
     stack: &'a str,
+    run_status: RunStatus,
+}
+
+fn stack_aborted(status: RunStatus) -> bool {
+    status == RunStatus::Aborted
 }
 
 impl Judge<'_> {
@@ -122,6 +138,7 @@ pub fn judge(run: &Summary, policy: &Gate, baseline: Option<&Summary>) -> Vec<Ch
         let mut judge = Judge {
             checks: Vec::new(),
             stack: &stack.name,
+            run_status: run.status,
         };
         judge_stack(&mut judge, run, stack, policy);
         if let Some(baseline) = baseline {
@@ -151,6 +168,22 @@ fn judge_stack(judge: &mut Judge, run: &Summary, stack: &StackSummary, policy: &
     };
     judge.push("run".into(), value, "ran to the end".into(), verdict);
 
+    // Numbers shakedown cannot vouch for are judged by nobody.
+    match stack.validity.verdict {
+        Validity::Valid => judge.push(
+            "measurement".into(),
+            "valid".into(),
+            "valid".into(),
+            Verdict::Pass,
+        ),
+        Validity::Degraded => judge.push(
+            "measurement".into(),
+            format!("degraded: {}", stack.validity.reasons.join("; ")),
+            "valid".into(),
+            Verdict::Unknown,
+        ),
+    }
+
     if let Some(min) = policy.availability {
         judge.bound("availability".into(), stack.availability, min, true, pct);
     }
@@ -176,8 +209,23 @@ fn judge_fault(judge: &mut Judge, fault: &FaultSummary, policy: &Gate) {
         judge.push(name("injected"), why, "injected".into(), Verdict::Unknown);
         return;
     }
-    // Unrecovered always fails, with or without a time limit.
-    if fault.unrecovered {
+    // A window cut by the run's own end says nothing of how long recovery
+    // takes; the stack was still down, which fails only when the stack's
+    // own abort rule ended it.
+    if fault.cut_short {
+        let aborted = stack_aborted(judge.run_status);
+        judge.push(
+            name("recovery"),
+            "cut short: the run ended before the stack recovered".into(),
+            "recovers".into(),
+            if aborted {
+                Verdict::Fail
+            } else {
+                Verdict::Unknown
+            },
+        );
+    } else if fault.unrecovered {
+        // Unrecovered always fails, with or without a time limit.
         let limit = policy
             .max_recovery
             .map(|m| format!("≤ {}", secs(m.as_secs_f64())))
@@ -216,72 +264,168 @@ fn regressed(now: f64, before: f64, relative: f64, absolute: f64, higher_is_wors
     worse_by > absolute.max(relative * before.abs()) + 1e-12
 }
 
-fn judge_regression(judge: &mut Judge, now: &StackSummary, before: &StackSummary, policy: &Gate) {
-    let tol = &policy.regression;
-    let mut compare = |name: String,
-                       now: Option<f64>,
-                       before: Option<f64>,
-                       relative: f64,
-                       absolute: f64,
-                       higher_is_worse: bool,
-                       show: fn(f64) -> String| {
-        match (now, before) {
-            (Some(n), Some(b)) => {
-                let verdict = if regressed(n, b, relative, absolute, higher_is_worse) {
-                    Verdict::Fail
-                } else {
-                    Verdict::Pass
-                };
-                judge.push(name, show(n), format!("baseline {}", show(b)), verdict);
-            }
-            (n, _) => judge.push(
-                name,
-                n.map(show).unwrap_or_else(|| "no data".into()),
-                "baseline: no data".into(),
-                Verdict::Unknown,
-            ),
+/// Bad events out of a total: failed requests, truncated streams.
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    bad: u64,
+    of: u64,
+}
+
+impl Count {
+    fn rate(self) -> Option<f64> {
+        (self.of > 0).then(|| self.bad as f64 / self.of as f64)
+    }
+
+    fn show(self) -> String {
+        match self.rate() {
+            Some(rate) => format!("{}/{} ({})", self.bad, self.of, pct(rate)),
+            None => "no data".into(),
+        }
+    }
+}
+
+/// A rate regresses when it is higher than the baseline's by more than
+/// `slack` (in rate, or `count_slack` in events) and a one-sided Fisher
+/// exact test says the rise is significant at `confidence`.
+fn judge_rate(
+    judge: &mut Judge,
+    name: String,
+    now: Count,
+    before: Count,
+    slack: Slack,
+    confidence: f64,
+) {
+    let (Some(rate_now), Some(rate_before)) = (now.rate(), before.rate()) else {
+        judge.push(
+            name,
+            now.show(),
+            format!("baseline {}", before.show()),
+            Verdict::Unknown,
+        );
+        return;
+    };
+    let beyond_slack = match slack {
+        Slack::Rate(slack) => rate_now - rate_before > slack + 1e-12,
+        Slack::Events { relative, absolute } => regressed(
+            now.bad as f64,
+            before.bad as f64,
+            relative,
+            absolute as f64,
+            true,
+        ),
+    };
+    let p = stats::fisher_greater(now.bad, now.of, before.bad, before.of);
+    let alpha = 1.0 - confidence;
+    let significant = p < alpha;
+    let verdict = if beyond_slack && significant {
+        Verdict::Fail
+    } else {
+        Verdict::Pass
+    };
+    let slack_text = match slack {
+        Slack::Rate(slack) => format!("+{:.2} pts", slack * 100.0),
+        Slack::Events { relative, absolute } => {
+            format!("+max({absolute}, {:.0}%)", relative * 100.0)
         }
     };
-    compare(
-        "availability vs baseline".into(),
-        now.availability,
-        before.availability,
-        0.0,
-        tol.availability_drop,
-        false,
-        pct,
+    judge.push(
+        name,
+        now.show(),
+        format!(
+            "baseline {}; worse than {slack_text} and one-sided Fisher p < {alpha:.2}: p = {p:.3}{}",
+            before.show(),
+            if significant && !beyond_slack {
+                " (significant but within the slack)"
+            } else if beyond_slack && !significant {
+                " (not significant)"
+            } else {
+                ""
+            }
+        ),
+        verdict,
     );
-    let truncated = |s: &StackSummary| s.outcomes.get("truncated").copied().unwrap_or(0) as f64;
-    compare(
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slack {
+    Rate(f64),
+    Events { relative: f64, absolute: u64 },
+}
+
+fn judge_regression(judge: &mut Judge, now: &StackSummary, before: &StackSummary, policy: &Gate) {
+    let tol = &policy.regression;
+    let failures = |s: &StackSummary| Count {
+        bad: s.requests.saturating_sub(s.ok),
+        of: s.requests,
+    };
+    judge_rate(
+        judge,
+        "failed requests vs baseline".into(),
+        failures(now),
+        failures(before),
+        Slack::Rate(tol.availability_drop),
+        tol.confidence,
+    );
+    let truncated = |s: &StackSummary| Count {
+        bad: s.outcomes.get("truncated").copied().unwrap_or(0),
+        of: s.requests_total,
+    };
+    judge_rate(
+        judge,
         "truncated streams vs baseline".into(),
-        Some(truncated(now)),
-        Some(truncated(before)),
-        tol.relative,
-        tol.truncated_slack as f64,
-        true,
-        |v| format!("{v:.0}"),
+        truncated(now),
+        truncated(before),
+        Slack::Events {
+            relative: tol.relative,
+            absolute: tol.truncated_slack,
+        },
+        tol.confidence,
     );
     for fault in &now.faults {
         let Some(old) = before.faults.iter().find(|f| f.name == fault.name) else {
             continue;
         };
-        compare(
-            format!("recovery {} vs baseline", fault.name),
-            fault.recovery_s,
-            old.recovery_s,
-            tol.relative,
-            tol.recovery_slack.as_secs_f64(),
-            true,
-            secs,
-        );
-        compare(
+        // One recovery per run: no test can tell noise from a change, so
+        // only the allowances decide.
+        let name = format!("recovery {} vs baseline", fault.name);
+        match (fault.recovery_s, old.recovery_s) {
+            (Some(n), Some(b)) => {
+                let verdict =
+                    if regressed(n, b, tol.relative, tol.recovery_slack.as_secs_f64(), true) {
+                        Verdict::Fail
+                    } else {
+                        Verdict::Pass
+                    };
+                judge.push(
+                    name,
+                    secs(n),
+                    format!(
+                        "baseline {}; worse than +max({}, {:.0}%)",
+                        secs(b),
+                        secs(tol.recovery_slack.as_secs_f64()),
+                        tol.relative * 100.0
+                    ),
+                    verdict,
+                );
+            }
+            (n, _) => judge.push(
+                name,
+                n.map(secs).unwrap_or_else(|| "no data".into()),
+                "baseline: no data".into(),
+                Verdict::Unknown,
+            ),
+        }
+        let during = |f: &FaultSummary| Count {
+            bad: f.failed_during,
+            of: f.requests_during,
+        };
+        judge_rate(
+            judge,
             format!("error rate during {} vs baseline", fault.name),
-            fault.error_rate,
-            old.error_rate,
-            0.0,
-            tol.error_rate_rise,
-            true,
-            pct,
+            during(fault),
+            during(old),
+            Slack::Rate(tol.error_rate_rise),
+            tol.confidence,
         );
     }
 }

@@ -11,15 +11,14 @@ fn fault(name: &str, recovery: Option<f64>, error_rate: f64, ttft_ratio: f64) ->
         name: name.into(),
         action: "pod-kill".into(),
         targets: vec!["engine-0-0".into()],
-        detail: None,
         injected_at_s: Some(10.0),
-        reverted_at_s: None,
         first_impact_s: Some(0.0),
         recovered_at_s: recovery.map(|r| 10.0 + r),
         recovery_s: recovery,
         unrecovered: recovery.is_none(),
         failed: 3,
-        requests_during: 100,
+        requests_during: 1000,
+        failed_during: (error_rate * 1000.0).round() as u64,
         error_rate: Some(error_rate),
         truncated: 1,
         worst_second_success_rate: Some(0.5),
@@ -27,19 +26,19 @@ fn fault(name: &str, recovery: Option<f64>, error_rate: f64, ttft_ratio: f64) ->
         ttft_degradation: Some(ttft_ratio),
         replacement_scheduled_s: Some(1.0),
         replacement_ready_s: Some(3.0),
-        error: None,
+        ..FaultSummary::default()
     }
 }
 
 fn stack(availability: f64, truncated: u64, faults: Vec<FaultSummary>) -> StackSummary {
+    let requests = 10_000;
+    let ok = (availability * requests as f64).round() as u64;
     StackSummary {
         name: "s".into(),
-        requests_total: 1000,
-        requests: 900,
-        outcomes: BTreeMap::from([
-            ("ok".to_string(), 890),
-            ("truncated".to_string(), truncated),
-        ]),
+        requests_total: requests + 100,
+        requests,
+        ok,
+        outcomes: BTreeMap::from([("ok".to_string(), ok), ("truncated".to_string(), truncated)]),
         availability: Some(availability),
         slo_seconds: Some(0.95),
         latency: Latency::default(),
@@ -50,9 +49,13 @@ fn stack(availability: f64, truncated: u64, faults: Vec<FaultSummary>) -> StackS
             success_rate: Some(1.0),
             latency: Latency::default(),
         },
+        recovery_ttft_limit_ms: None,
+        recovery_ttft_ratio: 3.0,
         faults,
+        overlaps: Vec::new(),
         phases: Vec::new(),
         series: Vec::new(),
+        validity: Default::default(),
         error: None,
     }
 }
@@ -98,7 +101,7 @@ fn good() -> Summary {
 #[test]
 fn a_good_run_passes_every_check() {
     let checks = judge(&good(), &policy(), None);
-    assert_eq!(checks.len(), 6, "{checks:#?}");
+    assert_eq!(checks.len(), 7, "{checks:#?}");
     assert_eq!(overall(&checks), Verdict::Pass);
 }
 
@@ -220,7 +223,8 @@ fn against_a_baseline_small_changes_pass_and_regressions_fail() {
         4,
         vec![fault("kill", Some(10.0), 0.03, 1.5)],
     )]);
-    // Within tolerance: recovery +20 % (allowed: max(25 %, 2 s)), availability −0.3 pt.
+    // Within tolerance: recovery +20 % (allowed: max(25 %, 2 s)),
+    // availability −0.3 pt, a few more truncated streams, errors +1 pt.
     let close = run(vec![stack(
         0.992,
         5,
@@ -231,7 +235,7 @@ fn against_a_baseline_small_changes_pass_and_regressions_fail() {
 
     let worse: [(&str, Summary); 4] = [
         (
-            "availability vs baseline",
+            "failed requests vs baseline",
             run(vec![stack(
                 0.985,
                 4,
@@ -258,7 +262,7 @@ fn against_a_baseline_small_changes_pass_and_regressions_fail() {
             "truncated streams vs baseline",
             run(vec![stack(
                 0.995,
-                7,
+                30,
                 vec![fault("kill", Some(10.0), 0.03, 1.5)],
             )]),
         ),
@@ -312,10 +316,76 @@ fn junit_counts_and_escapes() {
     });
     let xml = junit("run-1", &checks);
     assert!(
-        xml.contains("tests=\"7\" failures=\"1\" errors=\"1\""),
+        xml.contains("tests=\"8\" failures=\"1\" errors=\"1\""),
         "{xml}"
     );
     assert!(xml.contains("kill &lt;&amp;&gt;"));
-    assert_eq!(xml.matches("<testcase ").count(), 7);
+    assert_eq!(xml.matches("<testcase ").count(), 8);
     assert_eq!(xml.matches("<failure ").count(), 1);
+}
+
+#[test]
+fn a_rise_that_is_only_noise_is_not_a_regression() {
+    // The same run twice: 2 failed requests instead of 1, out of 38.
+    let lenient = Gate {
+        availability: None,
+        max_recovery: None,
+        max_error_rate_during_fault: None,
+        max_truncated_streams: None,
+        ttft_p99_ratio: None,
+        regression: Regression::default(),
+    };
+    let with = |failed: u64| {
+        let mut f = fault("kill", Some(1.0), 0.0, 1.0);
+        f.requests_during = 38;
+        f.failed_during = failed;
+        f.error_rate = Some(failed as f64 / 38.0);
+        run(vec![stack(0.995, 1, vec![f])])
+    };
+    let checks = judge(&with(2), &lenient, Some(&with(1)));
+    let check = checks
+        .iter()
+        .find(|c| c.name == "error rate during kill vs baseline")
+        .unwrap();
+    assert_eq!(check.verdict, Verdict::Pass, "{check:#?}");
+    assert!(check.value.contains("2/38"), "{check:#?}");
+    assert!(
+        check.limit.contains("1/38") && check.limit.contains("p = 0.500"),
+        "{check:#?}"
+    );
+    // Nine out of 38 is a real regression.
+    let checks = judge(&with(9), &lenient, Some(&with(1)));
+    assert_eq!(
+        verdict_of(&checks, "error rate during kill vs baseline"),
+        Verdict::Fail
+    );
+}
+
+#[test]
+fn numbers_shakedown_cannot_vouch_for_are_not_judged() {
+    let mut degraded = good();
+    degraded.stacks[0].validity.verdict = crate::measure::validity::Verdict::Degraded;
+    degraded.stacks[0].validity.reasons = vec!["the load generator fell behind".into()];
+    let checks = judge(&degraded, &policy(), None);
+    assert_eq!(verdict_of(&checks, "measurement"), Verdict::Unknown);
+    assert_eq!(overall(&checks), Verdict::Unknown);
+}
+
+#[test]
+fn a_fault_cut_short_is_never_a_recovery_time() {
+    let mut cut = fault("kill", None, 0.5, 1.0);
+    cut.cut_short = true;
+    let mut interrupted = run(vec![stack(0.995, 1, vec![cut.clone()])]);
+    interrupted.status = RunStatus::Interrupted;
+    let checks = judge(&interrupted, &policy(), None);
+    assert_eq!(verdict_of(&checks, "recovery kill"), Verdict::Unknown);
+    let mut aborted = run(vec![stack(0.995, 1, vec![cut])]);
+    aborted.status = RunStatus::Aborted;
+    let checks = judge(&aborted, &policy(), None);
+    assert_eq!(verdict_of(&checks, "recovery kill"), Verdict::Fail);
+    assert!(
+        checks
+            .iter()
+            .all(|c| !c.value.ends_with(" s") || c.name != "recovery kill")
+    );
 }

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::lengths::TokenCount;
@@ -114,22 +115,6 @@ pub struct Outgoing {
     pub session: Option<(reqwest::header::HeaderName, Turn)>,
 }
 
-/// The text of an error and all its causes: reqwest's own line alone
-/// ("error sending request") does not say what happened.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 fn seconds(since: Instant, at: Instant) -> f64 {
     at.saturating_duration_since(since).as_secs_f64()
 }
@@ -153,16 +138,51 @@ pub async fn send(
         body: template.body(id),
         session: None,
     };
-    send_outgoing(client, template, origin, outgoing).await.0
+    send_outgoing(client, template, origin, outgoing, None)
+        .await
+        .0
 }
 
-/// Sends one request and waits for its end or its deadline; with a
-/// session, also returns the answer's text when the request succeeded.
+/// How waiting for part of a response ended.
+enum Wait<T> {
+    Got(T),
+    TimedOut,
+    /// The run stopped: shakedown cut the request, not the stack.
+    Cancelled,
+}
+
+/// Waits for `future` until the request's deadline or the run's cancel.
+async fn wait<T>(
+    deadline: Instant,
+    cancel: &mut Option<&mut watch::Receiver<bool>>,
+    future: impl std::future::Future<Output = T>,
+) -> Wait<T> {
+    let cancelled = async {
+        match cancel {
+            Some(cancel) => crate::stopped(cancel).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = cancelled => Wait::Cancelled,
+        got = tokio::time::timeout_at(deadline, future) => match got {
+            Ok(got) => Wait::Got(got),
+            Err(_) => Wait::TimedOut,
+        },
+    }
+}
+
+/// Sends one request and waits for its end, its deadline, or `cancel`
+/// (the run stopping); with a session, also returns the answer's text when
+/// the request succeeded. Every way it ends is one record: a request cut
+/// by `cancel` is `cancelled`, with how long it had been in flight.
 pub async fn send_outgoing(
     client: &reqwest::Client,
     template: &RequestTemplate,
     origin: Instant,
     outgoing: Outgoing,
+    mut cancel: Option<&mut watch::Receiver<bool>>,
 ) -> (Record, Option<String>) {
     let Outgoing {
         id,
@@ -205,16 +225,27 @@ pub async fn send_outgoing(
         record.done_s = seconds(origin, Instant::now());
         (record, None)
     };
+    let cancelled = |record: Record, what: &str| {
+        let waited = ms(sent, Instant::now());
+        finish(
+            record,
+            Outcome::Cancelled,
+            Some(format!(
+                "cancelled when the run stopped, {what} after {waited:.0} ms in flight"
+            )),
+        )
+    };
 
-    let response = match tokio::time::timeout_at(deadline, request.send()).await {
-        Err(_) => {
+    let response = match wait(deadline, &mut cancel, request.send()).await {
+        Wait::Cancelled => return cancelled(record, "waiting for the response"),
+        Wait::TimedOut => {
             return finish(
                 record,
                 Outcome::Timeout,
                 Some("no response before the timeout".into()),
             );
         }
-        Ok(Err(err)) => {
+        Wait::Got(Err(err)) => {
             let outcome = if err.is_connect() {
                 Outcome::Connect
             } else if err.is_timeout() {
@@ -222,18 +253,17 @@ pub async fn send_outgoing(
             } else {
                 Outcome::Reset
             };
-            return finish(record, outcome, Some(error_chain(&err)));
+            return finish(record, outcome, Some(crate::http::error_chain(&err)));
         }
-        Ok(Ok(response)) => response,
+        Wait::Got(Ok(response)) => response,
     };
     let status = response.status();
     record.status = Some(status.as_u16());
     if !status.is_success() {
-        let text = tokio::time::timeout_at(deadline, response.text())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let text = match wait(deadline, &mut cancel, response.text()).await {
+            Wait::Got(Ok(text)) => text,
+            _ => String::new(),
+        };
         let shown: String = text.chars().take(200).collect();
         return finish(
             record,
@@ -243,16 +273,23 @@ pub async fn send_outgoing(
     }
 
     if !template.stream {
-        let body = match tokio::time::timeout_at(deadline, response.bytes()).await {
-            Err(_) => {
+        let body = match wait(deadline, &mut cancel, response.bytes()).await {
+            Wait::Cancelled => return cancelled(record, "reading the response"),
+            Wait::TimedOut => {
                 return finish(
                     record,
                     Outcome::Timeout,
                     Some("no end of response before the timeout".into()),
                 );
             }
-            Ok(Err(err)) => return finish(record, Outcome::Truncated, Some(error_chain(&err))),
-            Ok(Ok(body)) => body,
+            Wait::Got(Err(err)) => {
+                return finish(
+                    record,
+                    Outcome::Truncated,
+                    Some(crate::http::error_chain(&err)),
+                );
+            }
+            Wait::Got(Ok(body)) => body,
         };
         let elapsed = ms(sent, Instant::now());
         return match serde_json::from_slice::<serde_json::Value>(&body) {
@@ -294,18 +331,23 @@ pub async fn send_outgoing(
     let mut body = response.bytes_stream();
     let mut cut = None;
     let mut timed_out = false;
+    let mut was_cancelled = false;
     loop {
-        match tokio::time::timeout_at(deadline, body.next()).await {
-            Err(_) => {
+        match wait(deadline, &mut cancel, body.next()).await {
+            Wait::Cancelled => {
+                was_cancelled = true;
+                break;
+            }
+            Wait::TimedOut => {
                 timed_out = true;
                 break;
             }
-            Ok(None) => break,
-            Ok(Some(Err(err))) => {
-                cut = Some(error_chain(&err));
+            Wait::Got(None) => break,
+            Wait::Got(Some(Err(err))) => {
+                cut = Some(crate::http::error_chain(&err));
                 break;
             }
-            Ok(Some(Ok(bytes))) => {
+            Wait::Got(Some(Ok(bytes))) => {
                 reader.feed(&bytes, ms(sent, Instant::now()));
                 if reader.is_finished() {
                     break;
@@ -318,6 +360,11 @@ pub async fn send_outgoing(
     record.latency_ms = result.latency_ms;
     record.itl = result.itl;
     record.output_tokens = result.output_tokens;
+    if was_cancelled && result.outcome != Outcome::Ok {
+        // What had come so far stays in the record: when the first token
+        // came, the gaps; the verdict is the run's, not the stack's.
+        return cancelled(record, "streaming");
+    }
     let answer = result.text.filter(|_| result.outcome == Outcome::Ok);
     (finish(record, result.outcome, result.error).0, answer)
 }

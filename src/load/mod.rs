@@ -52,6 +52,8 @@ pub struct LiveStats {
     pub failed: AtomicU64,
     pub dropped: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Send lag (sent − scheduled) of the requests sent since the last read.
+    pub lag: LagMeter,
 }
 
 impl LiveStats {
@@ -62,6 +64,80 @@ impl LiveStats {
             _ => &self.failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Send lag as it happens, for the progress line: a log-scale histogram
+/// of atomics (each bucket 19% wide), read and emptied once a second. The
+/// report's figures come from the records, not from here.
+#[derive(Debug)]
+pub struct LagMeter {
+    buckets: [AtomicU64; LagMeter::BUCKETS],
+}
+
+impl Default for LagMeter {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// Percentiles of the lag since the last read, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LagNow {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl LagMeter {
+    const BUCKETS: usize = 128;
+
+    fn bucket(lag: Duration) -> usize {
+        // Four buckets per doubling from 1 µs: bucket 4·log2(µs).
+        let micros = lag.as_secs_f64() * 1e6;
+        if micros <= 1.0 {
+            return 0;
+        }
+        ((4.0 * micros.log2()).ceil() as usize).min(Self::BUCKETS - 1)
+    }
+
+    fn upper_ms(bucket: usize) -> f64 {
+        2f64.powf(bucket as f64 / 4.0) / 1000.0
+    }
+
+    pub fn add(&self, lag: Duration) {
+        self.buckets[Self::bucket(lag)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The lag since the last read (upper bucket bounds), `None` if nothing was sent.
+    pub fn take(&self) -> Option<LagNow> {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.swap(0, Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let at = |q: f64| {
+            let rank = ((q * total as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (i, n) in counts.iter().enumerate() {
+                seen += n;
+                if seen >= rank {
+                    return Self::upper_ms(i);
+                }
+            }
+            Self::upper_ms(Self::BUCKETS - 1)
+        };
+        Some(LagNow {
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        })
     }
 }
 
@@ -79,10 +155,20 @@ pub fn http_client(max_in_flight: usize) -> anyhow::Result<reqwest::Client> {
         .context("cannot build the load's HTTP client")
 }
 
+/// How a load ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadEnd {
+    /// Requests scheduled, each with exactly one record.
+    pub scheduled: u64,
+    /// When the schedule stopped before its end (the run's stop), if it did.
+    pub stopped_at: Option<Instant>,
+}
+
 /// Sends the planned load, starting at `start`, until its duration is over
 /// and every request has ended (or, after `stop` turns true, for at most a
-/// short grace). Times in records are seconds since `origin`. Returns the
-/// number of records made.
+/// short grace, after which what is still in flight is recorded
+/// `cancelled`). Times in records are seconds since `origin`. Every
+/// scheduled request has exactly one record in `sink` when this returns.
 pub async fn run_load(
     plan: LoadPlan,
     client: reqwest::Client,
@@ -91,7 +177,7 @@ pub async fn run_load(
     sink: JsonlSink<Record>,
     live: Arc<LiveStats>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<LoadEnd> {
     let mut arrivals = Arrivals::new(plan.arrival, plan.rate, plan.burstiness, plan.seed)?;
     if let Some(from) = plan.ramp_from {
         arrivals = arrivals.ramp(from, plan.duration.as_secs_f64())?;
@@ -129,31 +215,51 @@ pub async fn run_load(
             let _ = done_tx.send(schedule.run());
         })
         .map_err(|err| anyhow::anyhow!("cannot start the load's schedule thread: {err}"))?;
-    let (id, interrupted) = done_rx
+    let (scheduled, stopped_at) = done_rx
         .await
         .map_err(|_| anyhow::anyhow!("the load's schedule thread died"))?;
     // Wait for the requests still in flight: all of them normally (each has
-    // its own deadline), a short grace when interrupted.
+    // its own deadline), a short grace once stopped; then what is left is
+    // cancelled, and each cancelled request still writes its record before
+    // it gives back its slot.
     let all = u32::try_from(max_in_flight.max(1)).unwrap_or(u32::MAX);
     let drained = slots.acquire_many(all);
-    if interrupted {
-        if tokio::time::timeout(INTERRUPT_GRACE, drained)
+    let stopped_early = if stopped_at.is_some() {
+        tokio::time::timeout(INTERRUPT_GRACE, drained)
+            .await
+            .is_err()
+    } else {
+        tokio::select! {
+            _ = drained => false,
+            _ = crate::stopped(&mut stop) => {
+                tokio::time::timeout(INTERRUPT_GRACE, slots.acquire_many(all))
+                    .await
+                    .is_err()
+            }
+        }
+    };
+    if stopped_early {
+        cancel_tx.send_replace(true);
+        // Cancelling is immediate; the bound only guards against a task
+        // that can no longer run at all.
+        if tokio::time::timeout(CANCEL_BOUND, slots.acquire_many(all))
             .await
             .is_err()
         {
-            let _ = cancel_tx.send(true);
-        }
-    } else {
-        tokio::select! {
-            _ = drained => {}
-            _ = crate::stopped(&mut stop) => {
-                let _ = tokio::time::timeout(INTERRUPT_GRACE, slots.acquire_many(all)).await;
-                let _ = cancel_tx.send(true);
-            }
+            anyhow::bail!(
+                "requests still in flight {}s after they were cancelled: their records are missing",
+                CANCEL_BOUND.as_secs()
+            );
         }
     }
-    Ok(id)
+    Ok(LoadEnd {
+        scheduled,
+        stopped_at: stopped_at.map(Instant::from_std),
+    })
 }
+
+/// How long cancelled requests get to write their records.
+const CANCEL_BOUND: Duration = Duration::from_secs(10);
 
 /// The open-loop schedule: sends each request at its arrival time, or
 /// records it `dropped` when `max_in_flight` requests are outstanding.
@@ -178,19 +284,20 @@ struct Schedule {
 const STOP_CHECK: Duration = Duration::from_millis(20);
 
 impl Schedule {
-    /// Returns how many requests it scheduled, and whether it was stopped.
-    fn run(mut self) -> (u64, bool) {
+    /// Returns how many requests it scheduled, and when it saw the stop
+    /// if it was stopped before its end.
+    fn run(mut self) -> (u64, Option<std::time::Instant>) {
         let mut offset = 0.0f64;
         let mut id = 0u64;
         loop {
             offset += self.arrivals.next_gap(offset);
             if offset >= self.end {
-                return (id, false);
+                return (id, None);
             }
             let due = self.start + Duration::from_secs_f64(offset);
             loop {
                 if *self.stop.borrow() {
-                    return (id, true);
+                    return (id, Some(std::time::Instant::now()));
                 }
                 let now = std::time::Instant::now();
                 if now >= due {
@@ -260,17 +367,19 @@ impl Schedule {
         let origin = Instant::from_std(self.origin);
         live.in_flight.fetch_add(1, Ordering::Relaxed);
         self.runtime.spawn(async move {
-            tokio::select! {
-                (record, answer) = client::send_outgoing(&client, &template, origin, outgoing) => {
-                    if let Some((sessions, turn, question)) = question {
-                        sessions.give_back(turn, question, answer, record.done_s);
-                    }
-                    live.count(&record);
-                    sink.send(record);
-                }
-                _ = crate::stopped(&mut cancel) => {}
+            let due = origin + Duration::from_secs_f64(outgoing.scheduled_s);
+            live.lag.add(Instant::now().saturating_duration_since(due));
+            let (record, answer) =
+                client::send_outgoing(&client, &template, origin, outgoing, Some(&mut cancel))
+                    .await;
+            if let Some((sessions, turn, question)) = question {
+                sessions.give_back(turn, question, answer, record.done_s);
             }
+            live.count(&record);
+            sink.send(record);
             live.in_flight.fetch_sub(1, Ordering::Relaxed);
+            // Last: the load waits for every slot back before it returns,
+            // so every record is in the sink by then.
             drop(permit);
         });
     }

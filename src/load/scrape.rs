@@ -74,7 +74,7 @@ async fn scrape_one(client: &reqwest::Client, target: &str) -> Result<String, St
         .get(target)
         .send()
         .await
-        .map_err(|err| super::client::error_chain(&err))?;
+        .map_err(|err| crate::http::error_chain(&err))?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!("HTTP {status}"));
@@ -82,5 +82,5 @@ async fn scrape_one(client: &reqwest::Client, target: &str) -> Result<String, St
     response
         .text()
         .await
-        .map_err(|err| super::client::error_chain(&err))
+        .map_err(|err| crate::http::error_chain(&err))
 }

@@ -4,13 +4,17 @@
 //!
 //! All times in a summary are seconds since the stack's load started (the
 //! `load_started` event), the clock that fault offsets are written on.
+//! [`faults`] decides which failures each fault caused and when the stack
+//! recovered; [`validity`] says whether the run itself can be trusted.
 
 pub mod engine_metrics;
+pub mod faults;
 pub mod gaps;
 pub mod phases;
 pub mod record;
 pub mod recovery;
 pub mod stats;
+pub mod validity;
 
 use std::collections::BTreeMap;
 
@@ -18,10 +22,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventKind, RunStatus};
 use record::{Outcome, Record};
-use recovery::{RecoveryRule, recovered_at};
 use stats::percentile;
+pub use validity::{Validity, ValidityLimits};
 
-/// A record reduced to what the measurement needs (about 50 bytes), so a
+/// The TTFT p99 a stack must be back under, as a multiple of its
+/// baseline's, for recovery when the playbook gives no
+/// `recovered_when.ttft_p99_ratio`: a stack that answers every request but
+/// three times slower has not recovered.
+pub const DEFAULT_RECOVERY_TTFT_RATIO: f64 = 3.0;
+
+/// A record reduced to what the measurement needs (about 80 bytes), so a
 /// million requests fit in memory comfortably.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
@@ -36,6 +46,8 @@ pub struct Sample {
     /// Inter-token gaps of a stream: their sum and number.
     pub itl_sum_ms: f64,
     pub itl_count: u32,
+    /// Send lag: sent − scheduled; NaN for a request never sent.
+    pub lag_ms: f64,
 }
 
 impl Sample {
@@ -53,11 +65,31 @@ impl Sample {
                 .as_ref()
                 .map_or(0.0, |g| g.mean_ms * f64::from(g.count)),
             itl_count: record.itl.as_ref().map_or(0, |g| g.count),
+            lag_ms: record
+                .sent_s
+                .map_or(f64::NAN, |sent| (sent - record.scheduled_s) * 1000.0),
         }
     }
 
     pub fn ok(&self) -> bool {
         self.outcome == Outcome::Ok
+    }
+
+    /// A failure of the stack's: not ok, and not cut short by shakedown
+    /// itself when the run stopped.
+    pub fn failed(&self) -> bool {
+        !self.ok() && self.outcome != Outcome::Cancelled
+    }
+
+    /// When users began to suffer a failure: a request that timed out
+    /// stalled when its last token came (or when it was sent, if none
+    /// came), long before its timeout; any other failure when it ended.
+    pub fn impact_s(&self) -> f64 {
+        match self.outcome {
+            Outcome::Timeout if self.latency_ms.is_finite() => self.at_s + self.latency_ms / 1000.0,
+            Outcome::Timeout => self.at_s,
+            _ => self.done_s,
+        }
     }
 }
 
@@ -69,11 +101,15 @@ pub struct MeasureSettings {
     pub baseline_s: f64,
     pub success_rate: f64,
     pub hold_s: f64,
+    /// The playbook's `recovered_when.ttft_p99_ratio`; without it,
+    /// [`DEFAULT_RECOVERY_TTFT_RATIO`].
     pub ttft_p99_ratio: Option<f64>,
     /// Per-request service levels, for goodput.
     pub slo: phases::Slo,
     /// Faults that apply to this stack: name, action, planned offset.
     pub faults: Vec<(String, String, f64)>,
+    /// When the run's own measurement stops being trustworthy.
+    pub validity: ValidityLimits,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,7 +143,7 @@ pub struct Window {
     pub latency: Latency,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FaultSummary {
     pub name: String,
     pub action: String,
@@ -115,23 +151,46 @@ pub struct FaultSummary {
     /// What else the fault did, in words (a node cordoned, a delay's size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    /// When it was injected; `None` if the run ended before.
+    /// The playbook's offset for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at_s: Option<f64>,
+    /// When its injection began; `None` if the run ended before.
     pub injected_at_s: Option<f64>,
+    /// How much later than asked it was injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_ms: Option<f64>,
     /// When it was reverted, for faults that last a while.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverted_at_s: Option<f64>,
-    /// From injection to the first failed request's end.
+    /// From injection to the first moment users felt it: a request that
+    /// failed or stalled, or one slower than the recovery's TTFT limit.
     pub first_impact_s: Option<f64>,
     pub recovered_at_s: Option<f64>,
     /// Client side: from injection to recovery.
     pub recovery_s: Option<f64>,
+    /// The load ended before the stack recovered.
     pub unrecovered: bool,
-    /// Requests that failed between injection and recovery (or the next fault).
+    /// ... and it ended early (abort, Ctrl-C, SIGTERM, a failed write):
+    /// the window was cut short, so how long recovery would have taken is
+    /// not known.
+    #[serde(default)]
+    pub cut_short: bool,
+    /// Requests that failed while this fault alone was in force (see
+    /// [`faults`] for the rule); those that failed while several were in
+    /// force are counted once, in the stack's `overlaps`.
     pub failed: u64,
+    /// Of this fault's failures, those counted in an overlap row instead.
+    #[serde(default)]
+    pub shared_failed: u64,
+    /// Faults whose windows overlapped this one's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlapped_with: Vec<String>,
     /// Requests under way between injection and `hold` after recovery.
     #[serde(default)]
     pub requests_during: u64,
-    /// The share of those that failed.
+    /// How many of those failed: what `error_rate` is the share of.
+    #[serde(default)]
+    pub failed_during: u64,
     #[serde(default)]
     pub error_rate: Option<f64>,
     pub truncated: u64,
@@ -146,6 +205,15 @@ pub struct FaultSummary {
     pub error: Option<String>,
 }
 
+/// Failures that happened while several faults were in force: counted
+/// once here, under none of them alone.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Overlap {
+    pub faults: Vec<String>,
+    pub failed: u64,
+    pub truncated: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Second {
     pub t: u32,
@@ -156,6 +224,11 @@ pub struct Second {
     pub ttft_p50_ms: Option<f64>,
     pub ttft_p99_ms: Option<f64>,
     pub in_flight: u64,
+    /// Send lag of the requests sent in the second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_lag_p99_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_lag_max_ms: Option<f64>,
     /// The engines' own view, when their `/metrics` were scraped: requests
     /// running and waiting (summed over engines), KV-cache usage (mean,
     /// 0 to 1), and how many engines answered.
@@ -176,6 +249,9 @@ pub struct StackSummary {
     pub requests_total: u64,
     /// Requests after the warmup: what availability is computed over.
     pub requests: u64,
+    /// Of those, the ok ones.
+    #[serde(default)]
+    pub ok: u64,
     pub outcomes: BTreeMap<String, u64>,
     /// ok / all requests after warmup.
     pub availability: Option<f64>,
@@ -183,12 +259,24 @@ pub struct StackSummary {
     pub slo_seconds: Option<f64>,
     pub latency: Latency,
     pub baseline: Window,
+    /// The TTFT p99 a window must be under to count as recovered: the
+    /// baseline's times `recovery_ttft_ratio` (the playbook's, or
+    /// [`DEFAULT_RECOVERY_TTFT_RATIO`]); `None` without a baseline TTFT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_ttft_limit_ms: Option<f64>,
+    #[serde(default)]
+    pub recovery_ttft_ratio: f64,
     pub faults: Vec<FaultSummary>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlaps: Vec<Overlap>,
     /// Latency and throughput after the warmup, at baseline, during each
     /// fault and after the last recovery.
     #[serde(default)]
     pub phases: Vec<phases::Phase>,
     pub series: Vec<Second>,
+    /// Whether shakedown can vouch for these numbers.
+    #[serde(default)]
+    pub validity: Validity,
     /// Why the stack could not be tested to the end, if it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -232,6 +320,48 @@ fn between(samples: &[Sample], from: f64, to: f64) -> &[Sample] {
     &samples[a..b.max(a)]
 }
 
+/// How a stack's load ended early, if it did: when, on the load's clock,
+/// and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyEnd {
+    pub at_s: f64,
+    pub reason: String,
+}
+
+/// When the load stopped before its duration, from the events: the stop
+/// the load recorded, or for a run killed outright (no `load_finished`),
+/// the last request it sent.
+fn early_end(events: &[Event], load_start: f64, samples: &[Sample]) -> Option<EarlyEnd> {
+    let started = events
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::LoadStarted { .. }));
+    if !started {
+        return None;
+    }
+    let reason = || {
+        events.iter().find_map(|e| match &e.kind {
+            EventKind::Aborted { reason } => Some(format!("aborted: {reason}")),
+            EventKind::StackFailed { error } => Some(format!("failed: {error}")),
+            _ => None,
+        })
+    };
+    let finished = events.iter().find_map(|e| match &e.kind {
+        EventKind::LoadFinished { stopped_at_s, .. } => Some(*stopped_at_s),
+        _ => None,
+    });
+    match finished {
+        Some(None) => None,
+        Some(Some(at)) => Some(EarlyEnd {
+            at_s: at - load_start,
+            reason: reason().unwrap_or_else(|| "interrupted (Ctrl-C or SIGTERM)".into()),
+        }),
+        None => Some(EarlyEnd {
+            at_s: samples.iter().map(|s| s.at_s).fold(0.0, f64::max),
+            reason: reason().unwrap_or_else(|| "the run was killed".into()),
+        }),
+    }
+}
+
 /// Summarises one stack. `samples` need not be sorted; `events` are the
 /// stack's own, with times on the stack's clock (the load start is read
 /// from them and subtracted).
@@ -247,6 +377,9 @@ pub fn summarize_stack(
         .find_map(|e| matches!(e.kind, EventKind::LoadStarted { .. }).then_some(e.t_s))
         .unwrap_or(0.0);
     let duration = settings.duration_s;
+    let early = early_end(events, load_start, &samples);
+    // Recovery and fault windows end where the load did.
+    let load_end = early.as_ref().map_or(duration, |e| e.at_s.min(duration));
 
     let mut outcomes = BTreeMap::new();
     for s in &samples {
@@ -279,15 +412,10 @@ pub fn summarize_stack(
         ),
         latency: latency_of(base.iter()),
     };
-    let max_ttft = settings
+    let ttft_ratio = settings
         .ttft_p99_ratio
-        .zip(baseline.latency.ttft_p99_ms)
-        .map(|(ratio, p99)| ratio * p99);
-    let rule = RecoveryRule {
-        success_rate: settings.success_rate,
-        hold_s: settings.hold_s,
-        max_ttft_p99_ms: max_ttft,
-    };
+        .unwrap_or(DEFAULT_RECOVERY_TTFT_RATIO);
+    let max_ttft = baseline.latency.ttft_p99_ms.map(|p99| ttft_ratio * p99);
 
     let series = per_second(&samples, duration);
     let meets = |sec: &Second| {
@@ -307,222 +435,59 @@ pub fn summarize_stack(
         counted.len() as u64,
     );
 
-    let injections: Vec<Injection> = settings
-        .faults
-        .iter()
-        .map(|(name, _, _)| Injection::find(events, name, load_start))
-        .collect();
-
-    let mut faults = Vec::new();
-    for (i, (fault_name, action, _)) in settings.faults.iter().enumerate() {
-        let injection = &injections[i];
-        let Some(at) = injection.at else {
-            faults.push(FaultSummary {
-                name: fault_name.clone(),
-                action: action.clone(),
-                targets: Vec::new(),
-                detail: None,
-                injected_at_s: None,
-                reverted_at_s: None,
-                first_impact_s: None,
-                recovered_at_s: None,
-                recovery_s: None,
-                unrecovered: false,
-                failed: 0,
-                requests_during: 0,
-                error_rate: None,
-                truncated: 0,
-                worst_second_success_rate: None,
-                ttft_p99_ms: None,
-                ttft_degradation: None,
-                replacement_scheduled_s: None,
-                replacement_ready_s: None,
-                error: injection
-                    .error
-                    .clone()
-                    .or_else(|| Some("not injected".into())),
-            });
-            continue;
-        };
-        let targets = &injection.targets;
-        let next_fault = injections
-            .iter()
-            .filter_map(|f| f.at)
-            .filter(|&t| t > at)
-            .fold(f64::INFINITY, f64::min);
-        let recovered = recovered_at(&samples, at, duration, &rule);
-        let attribution_end = recovered.unwrap_or(duration).min(next_fault);
-        let caused: Vec<&Sample> = samples
-            .iter()
-            .filter(|s| !s.ok() && s.done_s >= at && s.at_s < attribution_end.max(at + 1e-6))
-            .collect();
-        let first_impact = caused
-            .iter()
-            .map(|s| s.done_s)
-            .fold(f64::INFINITY, f64::min);
-        // The error rate is taken over the fault until its recovery was
-        // confirmed (`hold` after it), so that a fault whose only damage was
-        // the streams it cut is not judged over an empty window.
-        let rate_end = recovered
-            .map_or(duration, |r| r + settings.hold_s)
-            .min(next_fault);
-        let alive: Vec<&Sample> = samples
-            .iter()
-            .filter(|s| s.done_s >= at && s.at_s < rate_end)
-            .collect();
-        let error_rate = ratio(
-            alive.iter().filter(|s| !s.ok()).count() as u64,
-            alive.len() as u64,
-        );
-        let window_end = recovered.unwrap_or(duration).max(at + 1.0);
-        let worst = series
-            .iter()
-            .filter(|s| f64::from(s.t) + 1.0 > at && f64::from(s.t) < window_end)
-            .filter_map(|s| s.success_rate)
-            .fold(f64::INFINITY, f64::min);
-        let during = between(&samples, at, window_end);
-        let mut ttft: Vec<f64> = during
-            .iter()
-            .filter(|s| s.ok() && s.ttft_ms.is_finite())
-            .map(|s| s.ttft_ms)
-            .collect();
-        let ttft_p99 = percentile(&mut ttft, 99.0);
-        let (scheduled, ready) = replacement_times(events, targets);
-        faults.push(FaultSummary {
-            name: fault_name.clone(),
-            action: action.clone(),
-            targets: targets.clone(),
-            detail: injection.detail.clone(),
-            injected_at_s: Some(at),
-            reverted_at_s: injection.reverted_at,
-            first_impact_s: first_impact.is_finite().then_some(first_impact - at),
-            recovered_at_s: recovered,
-            recovery_s: recovered.map(|r| r - at),
-            unrecovered: recovered.is_none(),
-            failed: caused.len() as u64,
-            requests_during: alive.len() as u64,
-            error_rate,
-            truncated: caused
-                .iter()
-                .filter(|s| s.outcome == Outcome::Truncated)
-                .count() as u64,
-            worst_second_success_rate: worst.is_finite().then_some(worst),
-            ttft_p99_ms: ttft_p99,
-            ttft_degradation: ttft_p99
-                .zip(baseline.latency.ttft_p99_ms)
-                .map(|(d, b)| d / b),
-            replacement_scheduled_s: scheduled.map(|t| t - load_start - at),
-            replacement_ready_s: ready.map(|t| t - load_start - at),
-            error: injection.error.clone(),
-        });
-    }
+    let context = faults::Context {
+        samples: &samples,
+        series: &series,
+        events,
+        load_start,
+        load_end,
+        cut_short: early.is_some(),
+        settings,
+        baseline_ttft_p99_ms: baseline.latency.ttft_p99_ms,
+        rule: recovery::RecoveryRule {
+            success_rate: settings.success_rate,
+            hold_s: settings.hold_s,
+            max_ttft_p99_ms: max_ttft,
+        },
+    };
+    let (faults, overlaps) = faults::summarize(&context);
+    let validity = validity::assess(
+        &samples,
+        &faults,
+        &overlaps,
+        early.clone(),
+        &settings.validity,
+    );
 
     StackSummary {
         name: name.to_string(),
         requests_total: samples.len() as u64,
         requests: after_warmup.len() as u64,
+        ok: ok_after,
         outcomes,
         availability: ratio(ok_after, after_warmup.len() as u64),
         slo_seconds,
         latency: latency_of(after_warmup.iter()),
         baseline,
+        recovery_ttft_limit_ms: max_ttft,
+        recovery_ttft_ratio: ttft_ratio,
         phases: phases::phases(
             &samples,
             settings.warmup_s,
             (baseline_from, baseline_to),
             &faults,
-            duration,
+            load_end,
             &settings.slo,
         ),
         faults,
+        overlaps,
         series,
+        validity,
         error: events.iter().find_map(|e| match &e.kind {
             EventKind::StackFailed { error } => Some(error.clone()),
             _ => None,
         }),
     }
-}
-
-/// A fault as `events.jsonl` tells it, on the load's clock.
-struct Injection {
-    at: Option<f64>,
-    targets: Vec<String>,
-    detail: Option<String>,
-    reverted_at: Option<f64>,
-    error: Option<String>,
-}
-
-impl Injection {
-    fn find(events: &[Event], name: &str, load_start: f64) -> Self {
-        let mut found = Injection {
-            at: None,
-            targets: Vec::new(),
-            detail: None,
-            reverted_at: None,
-            error: None,
-        };
-        for event in events {
-            match &event.kind {
-                EventKind::FaultInjected {
-                    fault,
-                    targets,
-                    detail,
-                    ..
-                } if fault == name && found.at.is_none() => {
-                    found.at = Some(event.t_s - load_start);
-                    found.targets = targets.clone();
-                    found.detail = detail.clone();
-                }
-                EventKind::FaultReverted { fault }
-                    if fault == name && found.reverted_at.is_none() =>
-                {
-                    found.reverted_at = Some(event.t_s - load_start);
-                }
-                EventKind::FaultFailed { fault, error }
-                    if fault == name && found.error.is_none() =>
-                {
-                    found.error = Some(error.clone());
-                }
-                _ => {}
-            }
-        }
-        found
-    }
-}
-
-/// For each target pod, the replacement that names it in `replaces`: when
-/// it was scheduled and when it turned Ready. The fault's times are the
-/// latest over its targets (the stack is whole again only when all are
-/// back), on the stack's clock; `None` if any replacement never came.
-fn replacement_times(events: &[Event], targets: &[String]) -> (Option<f64>, Option<f64>) {
-    if targets.is_empty() {
-        return (None, None);
-    }
-    let mut scheduled = Some(f64::NEG_INFINITY);
-    let mut ready = Some(f64::NEG_INFINITY);
-    for target in targets {
-        let replacement = events.iter().find_map(|e| match &e.kind {
-            EventKind::PodScheduled {
-                pod,
-                replaces: Some(r),
-                ..
-            } if r == target => Some((pod.clone(), e.t_s)),
-            _ => None,
-        });
-        let Some((pod, at)) = replacement else {
-            return (None, None);
-        };
-        scheduled = scheduled.map(|s| s.max(at));
-        let ready_at = events.iter().find_map(|e| match &e.kind {
-            EventKind::PodReady { pod: p, .. } if *p == pod => Some(e.t_s),
-            _ => None,
-        });
-        ready = match (ready, ready_at) {
-            (Some(r), Some(t)) => Some(r.max(t)),
-            _ => None,
-        };
-    }
-    (scheduled, ready)
 }
 
 /// One point per second of the load, by send time.
@@ -538,6 +503,8 @@ fn per_second(samples: &[Sample], duration: f64) -> Vec<Second> {
             ttft_p50_ms: None,
             ttft_p99_ms: None,
             in_flight: 0,
+            send_lag_p99_ms: None,
+            send_lag_max_ms: None,
             engine_running: None,
             engine_waiting: None,
             kv_cache_usage: None,
@@ -545,6 +512,7 @@ fn per_second(samples: &[Sample], duration: f64) -> Vec<Second> {
         })
         .collect();
     let mut ttfts: Vec<Vec<f64>> = vec![Vec::new(); seconds];
+    let mut lags: Vec<Vec<f64>> = vec![Vec::new(); seconds];
     // In flight at the end of each second: sent before it, done after it.
     let mut delta = vec![0i64; seconds + 1];
     for s in samples {
@@ -561,6 +529,9 @@ fn per_second(samples: &[Sample], duration: f64) -> Vec<Second> {
                 if s.ttft_ms.is_finite() {
                     ttfts[t].push(s.ttft_ms);
                 }
+            }
+            if s.lag_ms.is_finite() {
+                lags[t].push(s.lag_ms);
             }
         }
         if s.outcome != Outcome::Dropped {
@@ -579,6 +550,8 @@ fn per_second(samples: &[Sample], duration: f64) -> Vec<Second> {
         sec.success_rate = ratio(sec.ok, sec.requests);
         sec.ttft_p50_ms = percentile(&mut ttfts[t], 50.0);
         sec.ttft_p99_ms = percentile(&mut ttfts[t], 99.0);
+        sec.send_lag_p99_ms = percentile(&mut lags[t], 99.0);
+        sec.send_lag_max_ms = lags[t].last().copied();
     }
     series
 }
@@ -608,6 +581,7 @@ mod tests {
             output_tokens: 10,
             itl_sum_ms: 45.0,
             itl_count: 9,
+            lag_ms: 0.2,
         }
     }
 
@@ -621,6 +595,7 @@ mod tests {
             ttft_p99_ratio: None,
             slo: phases::Slo::default(),
             faults: vec![("kill-router".into(), "pod-kill".into(), 10.0)],
+            validity: ValidityLimits::default(),
         }
     }
 
@@ -637,12 +612,21 @@ mod tests {
         let events = vec![
             event(5.0, EventKind::LoadStarted { duration_s: 30.0 }),
             event(
+                35.1,
+                EventKind::LoadFinished {
+                    requests: 300,
+                    stopped_at_s: None,
+                },
+            ),
+            event(
                 15.0,
                 EventKind::FaultInjected {
                     fault: "kill-router".into(),
                     action: "pod-kill".into(),
                     targets: vec!["router-0-0".into()],
                     detail: None,
+                    requested_s: Some(10.0),
+                    started_s: Some(15.0),
                 },
             ),
             event(
@@ -722,5 +706,203 @@ mod tests {
         let in_flight: Vec<u64> = series.iter().map(|s| s.in_flight).collect();
         assert_eq!(in_flight, vec![1, 1, 1, 0, 0]);
         assert_eq!(series[0].requests, 1);
+    }
+
+    fn injected(t: f64, name: &str, planned: f64) -> Event {
+        event(
+            t,
+            EventKind::FaultInjected {
+                fault: name.into(),
+                action: "pod-kill".into(),
+                targets: vec![],
+                detail: None,
+                requested_s: Some(planned),
+                started_s: Some(t),
+            },
+        )
+    }
+
+    #[test]
+    fn an_aborted_stack_is_cut_short_never_recovered() {
+        // Down from 10 s; the abort stops the load at 17 s, and the one
+        // request sent at that instant succeeds: no recovery is shown.
+        let mut samples: Vec<Sample> = (0..170)
+            .map(|i| {
+                let at = i as f64 * 0.1;
+                let outcome = if at >= 10.0 {
+                    Outcome::Connect
+                } else {
+                    Outcome::Ok
+                };
+                sample(at, outcome, 40.0)
+            })
+            .collect();
+        samples.push(sample(17.0, Outcome::Ok, 40.0));
+        let events = vec![
+            event(0.0, EventKind::LoadStarted { duration_s: 30.0 }),
+            injected(10.0, "kill-router", 10.0),
+            event(
+                17.0,
+                EventKind::Aborted {
+                    reason: "success rate below 10% for 7s".into(),
+                },
+            ),
+            event(
+                17.2,
+                EventKind::LoadFinished {
+                    requests: 171,
+                    stopped_at_s: Some(17.0),
+                },
+            ),
+        ];
+        let summary = summarize_stack("s", samples, &events, &settings());
+        let fault = &summary.faults[0];
+        assert_eq!(fault.recovery_s, None, "{fault:?}");
+        assert!(fault.unrecovered && fault.cut_short, "{fault:?}");
+        let early = summary.validity.ended_early.as_ref().unwrap();
+        assert_eq!(early.at_s, 17.0);
+        assert!(early.reason.contains("aborted"), "{early:?}");
+    }
+
+    #[test]
+    fn a_run_killed_outright_cuts_its_faults_short_at_its_last_request() {
+        let (mut samples, mut events) = scenario();
+        samples.retain(|s| s.at_s < 11.0);
+        events.retain(|e| !matches!(e.kind, EventKind::LoadFinished { .. }));
+        let summary = summarize_stack("s", samples, &events, &settings());
+        assert!(summary.faults[0].cut_short);
+        assert!(
+            summary
+                .validity
+                .ended_early
+                .unwrap()
+                .reason
+                .contains("killed"),
+        );
+    }
+
+    #[test]
+    fn failures_shared_by_overlapping_faults_are_counted_once() {
+        // Two kills at 10 s and 12 s; the stack is down from 10 s to 16 s.
+        // A request that failed at 5 s belongs to neither.
+        let samples: Vec<Sample> = (0..300)
+            .map(|i| {
+                let at = i as f64 * 0.1;
+                let down = (10.0..16.0).contains(&at) || (5.0..5.05).contains(&at);
+                Sample {
+                    done_s: at + 0.05,
+                    ..sample(at, if down { Outcome::Connect } else { Outcome::Ok }, 40.0)
+                }
+            })
+            .collect();
+        let events = vec![
+            event(0.0, EventKind::LoadStarted { duration_s: 30.0 }),
+            injected(10.0, "a", 10.0),
+            injected(12.0, "b", 12.0),
+            event(
+                30.1,
+                EventKind::LoadFinished {
+                    requests: 300,
+                    stopped_at_s: None,
+                },
+            ),
+        ];
+        let settings = MeasureSettings {
+            faults: vec![
+                ("a".into(), "pod-kill".into(), 10.0),
+                ("b".into(), "pod-kill".into(), 12.0),
+            ],
+            ..settings()
+        };
+        let summary = summarize_stack("s", samples, &events, &settings);
+        let (a, b) = (&summary.faults[0], &summary.faults[1]);
+        let total_failed = summary.outcomes["connect"];
+        assert_eq!(total_failed, 61, "60 in the outage, 1 before any fault");
+        // 10.0–11.9 a alone; 12.0–15.9 both: counted once, in the overlap.
+        assert_eq!(a.failed, 20, "{a:?}");
+        assert_eq!(b.failed, 0, "{b:?}");
+        assert_eq!(summary.overlaps.len(), 1);
+        assert_eq!(summary.overlaps[0].faults, vec!["a", "b"]);
+        assert_eq!(summary.overlaps[0].failed, 40);
+        assert_eq!(a.failed + b.failed + summary.overlaps[0].failed, 60);
+        assert_eq!(a.shared_failed, 40);
+        assert_eq!(a.overlapped_with, vec!["b"]);
+        assert_eq!(summary.validity.overlapping_failures, 40);
+    }
+
+    #[test]
+    fn slowness_without_errors_is_an_impact_and_delays_recovery() {
+        // A delay from 10 s to 15 s: every request still ok, TTFT ×13.
+        let samples: Vec<Sample> = (0..300)
+            .map(|i| {
+                let at = i as f64 * 0.1;
+                let ttft = if (10.0..15.0).contains(&at) {
+                    540.0
+                } else {
+                    40.0
+                };
+                sample(at, Outcome::Ok, ttft)
+            })
+            .collect();
+        let mut events = vec![
+            event(0.0, EventKind::LoadStarted { duration_s: 30.0 }),
+            injected(10.0, "kill-router", 10.0),
+            event(
+                15.0,
+                EventKind::FaultReverted {
+                    fault: "kill-router".into(),
+                },
+            ),
+        ];
+        events.push(event(
+            30.1,
+            EventKind::LoadFinished {
+                requests: 300,
+                stopped_at_s: None,
+            },
+        ));
+        let summary = summarize_stack("s", samples, &events, &settings());
+        let fault = &summary.faults[0];
+        assert_eq!(fault.failed, 0);
+        assert_eq!(fault.first_impact_s, Some(0.0), "{fault:?}");
+        let recovery = fault.recovery_s.unwrap();
+        assert!((recovery - 5.0).abs() < 0.11, "recovery {recovery}");
+        assert_eq!(summary.recovery_ttft_ratio, DEFAULT_RECOVERY_TTFT_RATIO);
+        assert!((summary.recovery_ttft_limit_ms.unwrap() - 120.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_stall_hits_when_the_request_was_sent_not_when_it_timed_out() {
+        let (mut samples, events) = scenario();
+        // Up again from 10 s; one request sent at 10.5 s got no token and
+        // timed out a minute later.
+        for s in samples.iter_mut() {
+            s.outcome = Outcome::Ok;
+        }
+        let stalled = samples.iter_mut().find(|s| s.at_s >= 10.5).unwrap();
+        stalled.outcome = Outcome::Timeout;
+        stalled.latency_ms = f64::NAN;
+        stalled.done_s = stalled.at_s + 60.0;
+        let at = stalled.at_s;
+        let summary = summarize_stack("s", samples, &events, &settings());
+        let first = summary.faults[0].first_impact_s.unwrap();
+        assert!((first - (at - 10.0)).abs() < 1e-9, "first impact {first}");
+    }
+
+    #[test]
+    fn fault_lateness_is_measured_from_when_the_injection_began() {
+        let (samples, mut events) = scenario();
+        for e in events.iter_mut() {
+            if let EventKind::FaultInjected { started_s, .. } = &mut e.kind {
+                // Asked for at 10 s (stack clock 15 s), begun 0.4 s late,
+                // acknowledged at 15.0 + whatever the API took.
+                *started_s = Some(15.4);
+            }
+        }
+        let summary = summarize_stack("s", samples, &events, &settings());
+        let fault = &summary.faults[0];
+        assert!((fault.injected_at_s.unwrap() - 10.4).abs() < 1e-9);
+        assert!((fault.late_ms.unwrap() - 400.0).abs() < 1e-6);
+        assert_eq!(summary.validity.verdict, validity::Verdict::Degraded);
     }
 }

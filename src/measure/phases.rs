@@ -68,11 +68,15 @@ pub struct Phase {
     /// from the records' gap buckets.
     #[serde(default)]
     pub itl_ms: Percentiles,
+    /// How late the load sent the phase's requests (sent − scheduled):
+    /// shakedown's own accuracy, not the stack's.
+    #[serde(default)]
+    pub send_lag_ms: Percentiles,
 }
 
 /// Percentiles of millisecond values, kept in microseconds in an HDR
 /// histogram (3 significant digits): constant memory however many values.
-fn percentiles(values: impl Iterator<Item = f64>) -> Percentiles {
+pub(crate) fn percentiles(values: impl Iterator<Item = f64>) -> Percentiles {
     let Ok(mut histogram) = Histogram::<u64>::new_with_bounds(1, 24 * 3600 * 1_000_000, 3) else {
         return Percentiles::default();
     };
@@ -131,6 +135,12 @@ pub fn phase(name: &str, samples: &[Sample], from: f64, to: f64, slo: &Slo) -> P
         e2e_ms: percentiles(ok.iter().map(|s| s.latency_ms)),
         itl_mean_ms: (gaps > 0).then(|| gap_sum / gaps as f64),
         itl_ms: Percentiles::default(),
+        send_lag_ms: percentiles(
+            window
+                .iter()
+                .filter(|s| s.lag_ms.is_finite())
+                .map(|s| s.lag_ms.max(0.0)),
+        ),
     }
 }
 
@@ -250,6 +260,7 @@ mod tests {
             output_tokens: 32,
             itl_sum_ms: 310.0,
             itl_count: 31,
+            lag_ms: 0.2,
         }
     }
 
@@ -297,24 +308,10 @@ mod tests {
         let fault = FaultSummary {
             name: "kill".into(),
             action: "pod-kill".into(),
-            targets: vec![],
-            detail: None,
             injected_at_s: Some(10.0),
-            reverted_at_s: None,
-            first_impact_s: None,
             recovered_at_s: Some(12.0),
             recovery_s: Some(2.0),
-            unrecovered: false,
-            failed: 0,
-            requests_during: 0,
-            error_rate: None,
-            truncated: 0,
-            worst_second_success_rate: None,
-            ttft_p99_ms: None,
-            ttft_degradation: None,
-            replacement_scheduled_s: None,
-            replacement_ready_s: None,
-            error: None,
+            ..FaultSummary::default()
         };
         let names: Vec<(String, f64, f64)> =
             phases(&samples, 2.0, (5.0, 10.0), &[fault], 30.0, &Slo::default())

@@ -23,10 +23,14 @@ pub enum Outcome {
     Malformed,
     /// Never sent: the client was at `max_in_flight`.
     Dropped,
+    /// Still in flight when the run stopped (abort, Ctrl-C, SIGTERM, a
+    /// failed write): cut short by shakedown, not by the stack. Counted as
+    /// not ok, and shown apart from the stack's own failures.
+    Cancelled,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::Http,
         Outcome::Connect,
@@ -36,6 +40,7 @@ impl Outcome {
         Outcome::ErrorEvent,
         Outcome::Malformed,
         Outcome::Dropped,
+        Outcome::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +54,7 @@ impl Outcome {
             Outcome::ErrorEvent => "error_event",
             Outcome::Malformed => "malformed",
             Outcome::Dropped => "dropped",
+            Outcome::Cancelled => "cancelled",
         }
     }
 

@@ -82,6 +82,7 @@ mod tests {
                 output_tokens: 4,
                 itl_sum_ms: 0.0,
                 itl_count: 0,
+                lag_ms: 0.1,
             })
             .collect()
     }

@@ -35,9 +35,43 @@ pub struct Playbook {
     pub faults: Vec<Fault>,
     #[serde(default)]
     pub abort: Option<Abort>,
-    /// Read and checked for form; judged by the gate, which is not built yet.
+    /// The pass/fail policy of `shakedown gate` (and `run --gate`).
     #[serde(default)]
     pub gate: Option<Gate>,
+    /// When shakedown stops vouching for its own measurement.
+    #[serde(default)]
+    pub validity: ValidityLimits,
+}
+
+/// Past these limits a stack's results are `degraded`: the load generator
+/// fell behind its schedule, or a fault went in late.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidityLimits {
+    /// Send lag (sent − scheduled) p99 over the stack's requests.
+    #[serde(default = "ValidityLimits::default_send_lag")]
+    pub max_send_lag_p99: HumanDuration,
+    /// How much later than its `at` a fault may begin.
+    #[serde(default = "ValidityLimits::default_fault_lateness")]
+    pub max_fault_lateness: HumanDuration,
+}
+
+impl ValidityLimits {
+    fn default_send_lag() -> HumanDuration {
+        HumanDuration::from_secs_f64(0.050)
+    }
+    fn default_fault_lateness() -> HumanDuration {
+        HumanDuration::from_secs_f64(0.250)
+    }
+}
+
+impl Default for ValidityLimits {
+    fn default() -> Self {
+        Self {
+            max_send_lag_p99: Self::default_send_lag(),
+            max_fault_lateness: Self::default_fault_lateness(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -566,6 +600,11 @@ pub struct Regression {
     /// This many more truncated streams are allowed (absolute).
     #[serde(default = "Regression::default_truncated_slack")]
     pub truncated_slack: u64,
+    /// A rate (failed requests, truncated streams, errors during a fault)
+    /// regresses only when a one-sided Fisher exact test on the counts
+    /// says it rose at this confidence, beyond the slack.
+    #[serde(default = "Regression::default_confidence")]
+    pub confidence: f64,
 }
 
 impl Regression {
@@ -584,6 +623,9 @@ impl Regression {
     fn default_truncated_slack() -> u64 {
         2
     }
+    fn default_confidence() -> f64 {
+        0.95
+    }
 }
 
 impl Default for Regression {
@@ -594,6 +636,7 @@ impl Default for Regression {
             recovery_slack: Self::default_recovery_slack(),
             error_rate_rise: Self::default_error_rate_rise(),
             truncated_slack: Self::default_truncated_slack(),
+            confidence: Self::default_confidence(),
         }
     }
 }

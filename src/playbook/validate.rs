@@ -183,6 +183,19 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
     if let Some(gate) = &pb.gate {
         validate_gate(gate, root().key("gate"))?;
     }
+    let vpath = root().key("validity");
+    if pb.validity.max_send_lag_p99.is_zero() {
+        return at(
+            vpath.key("max_send_lag_p99"),
+            "a send lag limit above zero, such as `50ms`",
+        );
+    }
+    if pb.validity.max_fault_lateness.is_zero() {
+        return at(
+            vpath.key("max_fault_lateness"),
+            "a lateness limit above zero, such as `250ms`",
+        );
+    }
     Ok(())
 }
 
@@ -232,11 +245,18 @@ pub fn validate_gate(gate: &Gate, path: FieldPath) -> Result<(), Problem> {
         "a fraction from 0 to 1, such as 0.005",
     )?;
     check_range(
-        rpath.key("error_rate_rise"),
+        rpath.clone().key("error_rate_rise"),
         reg.error_rate_rise,
         0.0,
         1.0,
         "a fraction from 0 to 1, such as 0.02",
+    )?;
+    check_range(
+        rpath.key("confidence"),
+        reg.confidence,
+        0.5,
+        0.9999,
+        "a confidence from 0.5 to 0.9999, such as 0.95",
     )?;
     Ok(())
 }

@@ -3,7 +3,10 @@
 //! and on paper.
 
 use super::charts;
-use super::tables::{Rows, fault_names, fault_rows, outcomes_rows, phase_rows, stacks_rows};
+use super::tables::{
+    NOTES, Rows, degraded_lines, fault_names, fault_rows, outcomes_rows, overlap_rows, phase_rows,
+    stacks_rows, validity_rows,
+};
 use crate::measure::Summary;
 
 fn escape(text: &str) -> String {
@@ -25,7 +28,7 @@ fn table(rows: Rows) -> String {
         for (i, cell) in row.iter().enumerate() {
             let tag = if i == 0 { "th" } else { "td" };
             let class = match cell.as_str() {
-                "unrecovered" | "FAIL" => " class=\"bad\"",
+                "unrecovered" | "cut short" | "FAIL" | "degraded" => " class=\"bad\"",
                 _ => "",
             };
             out.push_str(&format!("<{tag}{class}>{}</{tag}>", escape(cell)));
@@ -53,6 +56,7 @@ table { border-collapse: collapse; margin: 0.6rem 0; font-variant-numeric: tabul
 th, td { border: 1px solid var(--line); padding: 0.25rem 0.6rem; text-align: right; }
 thead th, tbody th { text-align: left; }
 .bad { color: var(--bad); font-weight: 600; }
+.warning { border: 2px solid var(--bad); padding: 0.5rem 0.8rem; border-radius: 4px; }
 .chart svg { width: 100%; height: auto; }
 .legend span { display: inline-block; margin-right: 1rem; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; vertical-align: -0.1em; margin-right: 0.3em; }
@@ -82,6 +86,9 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
         escape(&summary.tool_version),
         escape(&summary.playbook_sha256)
     ));
+    for line in degraded_lines(summary) {
+        out.push_str(&format!("<p class=\"bad warning\">{}</p>\n", escape(&line)));
+    }
     out.push_str("<h2>Stacks</h2>\n");
     out.push_str(&table(stacks_rows(summary)));
     for s in summary.stacks.iter().filter(|s| s.error.is_some()) {
@@ -102,8 +109,15 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
             out.push_str(&format!("<h3>{} ({})</h3>\n", escape(name), escape(action)));
             out.push_str(&table(fault_rows(summary, name)));
         }
-        out.push_str("<p class=\"note\">Recovery is client side: from injection to the first moment after which the requests sent during <code>hold</code> meet <code>recovered_when</code>. Replacement times are cluster side, from <code>events.jsonl</code>.</p>\n");
+        let overlaps = overlap_rows(summary);
+        if overlaps.len() > 1 {
+            out.push_str("<h3>While several faults overlapped</h3>\n<p class=\"note\">Failures that happened while more than one fault was in force, counted here once and under none of them alone.</p>\n");
+            out.push_str(&table(overlaps));
+        }
+        out.push_str(&format!("<p class=\"note\">{}</p>\n", escape(NOTES.trim())));
     }
+    out.push_str("<h2>Validity</h2>\n<p class=\"note\">What the run measured of itself: send lag (sent − scheduled), how late each fault went in, requests shakedown cut short when the run stopped (<code>cancelled</code>) or could not send (<code>dropped</code>). Every scheduled request has one record.</p>\n");
+    out.push_str(&table(validity_rows(summary)));
 
     out.push_str("<h2>Latency by phase</h2>\n<p class=\"note\">As <code>vllm bench serve</code> reports them, over the ok requests sent in each phase; goodput counts those that met <code>load.slo</code>.</p>\n");
     for stack in &summary.stacks {

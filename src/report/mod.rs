@@ -46,6 +46,10 @@ pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
                 e2e_ms: ms(slo.e2e),
             }
         }),
+        validity: crate::measure::ValidityLimits {
+            max_send_lag_p99_ms: pb.validity.max_send_lag_p99.as_secs_f64() * 1000.0,
+            max_fault_lateness_ms: pb.validity.max_fault_lateness.as_secs_f64() * 1000.0,
+        },
         faults: pb
             .faults_for(stack)
             .into_iter()

@@ -6,6 +6,7 @@ use tabled::builder::Builder;
 use tabled::settings::Style;
 
 use crate::measure::record::Outcome;
+use crate::measure::validity::Verdict as Validity;
 use crate::measure::{FaultSummary, StackSummary, Summary};
 
 /// A header row, then data rows.
@@ -45,6 +46,7 @@ fn strings<const N: usize>(cells: [&str; N]) -> Vec<String> {
 pub fn stacks_rows(summary: &Summary) -> Rows {
     let mut rows = vec![strings([
         "stack",
+        "measurement",
         "requests",
         "availability",
         "SLO seconds",
@@ -57,6 +59,7 @@ pub fn stacks_rows(summary: &Summary) -> Rows {
     for s in &summary.stacks {
         rows.push(vec![
             s.name.clone(),
+            s.validity.verdict.as_str().to_string(),
             s.requests.to_string(),
             pct(s.availability),
             pct(s.slo_seconds),
@@ -149,11 +152,81 @@ pub fn fault_names(summary: &Summary) -> Vec<(String, String)> {
 pub fn recovery_text(f: &FaultSummary) -> String {
     if f.injected_at_s.is_none() {
         "not injected".into()
+    } else if f.cut_short {
+        "cut short".into()
     } else if f.unrecovered {
         "unrecovered".into()
     } else {
         secs(f.recovery_s)
     }
+}
+
+/// Whether shakedown can vouch for each stack's numbers, and why not.
+pub fn validity_rows(summary: &Summary) -> Rows {
+    let mut rows = vec![strings([
+        "stack",
+        "verdict",
+        "send lag p50",
+        "send lag p99",
+        "send lag max",
+        "latest fault",
+        "scheduled",
+        "cancelled",
+        "dropped",
+        "failures in overlaps",
+        "load ended",
+    ])];
+    let lag = |v: Option<f64>| {
+        v.map(|v| format!("{v:.2} ms"))
+            .unwrap_or_else(|| "–".into())
+    };
+    for s in &summary.stacks {
+        let v = &s.validity;
+        let latest = v
+            .fault_lateness
+            .iter()
+            .max_by(|a, b| a.late_ms.total_cmp(&b.late_ms))
+            .map(|l| format!("{} {:.0} ms late", l.fault, l.late_ms))
+            .unwrap_or_else(|| "–".into());
+        rows.push(vec![
+            s.name.clone(),
+            v.verdict.as_str().to_string(),
+            lag(v.send_lag_ms.p50),
+            lag(v.send_lag_ms.p99),
+            lag(v.send_lag_ms.max),
+            latest,
+            v.scheduled.to_string(),
+            v.cancelled.to_string(),
+            v.dropped.to_string(),
+            v.overlapping_failures.to_string(),
+            match &v.ended_early {
+                Some(early) => format!("at {:.2} s: {}", early.at_s, early.reason),
+                None => "at its end".into(),
+            },
+        ]);
+    }
+    rows
+}
+
+/// Failures shared by overlapping faults, counted once per stack.
+pub fn overlap_rows(summary: &Summary) -> Rows {
+    let mut rows = vec![strings([
+        "stack",
+        "while these faults overlapped",
+        "failed requests",
+        "truncated streams",
+    ])];
+    for s in &summary.stacks {
+        for o in &s.overlaps {
+            rows.push(vec![
+                s.name.clone(),
+                o.faults.join(" + "),
+                o.failed.to_string(),
+                o.truncated.to_string(),
+            ]);
+        }
+    }
+    rows
 }
 
 /// One table per fault, one column per stack, as a comparison reads.
@@ -162,8 +235,13 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
     header.extend(summary.stacks.iter().map(|s| s.name.clone()));
     let mut rows = vec![header];
     type Cell = fn(&FaultSummary) -> String;
-    let cells: [(&str, Cell); 15] = [
+    let cells: [(&str, Cell); 17] = [
         ("injected at", |f| secs(f.injected_at_s)),
+        ("injected late by", |f| {
+            f.late_ms
+                .map(|l| format!("{l:.0} ms"))
+                .unwrap_or_else(|| "–".into())
+        }),
         ("reverted at", |f| secs(f.reverted_at_s)),
         ("targets", |f| {
             if f.targets.is_empty() {
@@ -173,14 +251,32 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
             }
         }),
         ("what it did", |f| f.detail.clone().unwrap_or_default()),
+        ("overlapped with", |f| f.overlapped_with.join(", ")),
         ("first impact after", |f| secs(f.first_impact_s)),
         ("recovery (client side)", recovery_text),
         ("replacement scheduled after", |f| {
             secs(f.replacement_scheduled_s)
         }),
         ("replacement Ready after", |f| secs(f.replacement_ready_s)),
-        ("failed requests", |f| f.failed.to_string()),
-        ("error rate until recovered", |f| pct(f.error_rate)),
+        ("failed requests", |f| {
+            if f.shared_failed > 0 {
+                format!("{} (+{} in overlaps)", f.failed, f.shared_failed)
+            } else {
+                f.failed.to_string()
+            }
+        }),
+        ("error rate until recovered", |f| {
+            if f.requests_during > 0 {
+                format!(
+                    "{} ({}/{})",
+                    pct(f.error_rate),
+                    f.failed_during,
+                    f.requests_during
+                )
+            } else {
+                pct(f.error_rate)
+            }
+        }),
         ("truncated streams", |f| f.truncated.to_string()),
         (
             "worst second, success",
@@ -206,7 +302,9 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
                     .unwrap_or_else(|| "n/a".into())
             })
             .collect();
-        if matches!(label, "error" | "what it did") && values.iter().all(String::is_empty) {
+        if matches!(label, "error" | "what it did" | "overlapped with")
+            && values.iter().all(String::is_empty)
+        {
             continue;
         }
         let mut row = vec![label.to_string()];
@@ -249,6 +347,16 @@ pub fn markdown(summary: &Summary) -> String {
         summary.tool_version,
         summary.playbook_sha256
     ));
+    for line in degraded_lines(summary) {
+        out.push_str(&format!("> **{line}**\n>\n"));
+    }
+    if summary
+        .stacks
+        .iter()
+        .any(|s| s.validity.verdict != Validity::Valid)
+    {
+        out.push('\n');
+    }
     out.push_str("## Stacks\n\n");
     out.push_str(&as_markdown(stacks_rows(summary)));
     for s in summary.stacks.iter().filter(|s| s.error.is_some()) {
@@ -259,6 +367,9 @@ pub fn markdown(summary: &Summary) -> String {
         ));
     }
     out.push_str("\n\nAvailability is ok / all requests sent after the warmup. SLO seconds is the fraction of those seconds whose requests met `recovered_when`.\n\n");
+    out.push_str("## Validity\n\nWhat the run measured of itself: how late requests were sent (send lag = sent − scheduled) and faults injected, requests shakedown cut short when the run stopped (`cancelled`) or could not send (`dropped`). Every scheduled request has one record.\n\n");
+    out.push_str(&as_markdown(validity_rows(summary)));
+    out.push_str("\n\n");
     out.push_str("## Outcomes\n\nEvery request of the run, warmup included.\n\n");
     out.push_str(&as_markdown(outcomes_rows(summary)));
     out.push_str("\n\n");
@@ -276,17 +387,71 @@ pub fn markdown(summary: &Summary) -> String {
             out.push_str(&as_markdown(fault_rows(summary, &name)));
             out.push_str("\n\n");
         }
-        out.push_str("Recovery is client side: from injection to the first moment after which the requests sent during `hold` meet `recovered_when`. Replacement times are cluster side, from `events.jsonl`.\n");
+        let overlaps = overlap_rows(summary);
+        if overlaps.len() > 1 {
+            out.push_str("### While several faults overlapped\n\nFailures that happened while more than one fault was in force, counted here once and under none of them alone.\n\n");
+            out.push_str(&as_markdown(overlaps));
+            out.push_str("\n\n");
+        }
+        out.push_str(NOTES);
+        out.push_str(&ttft_limits(summary));
     }
     out
 }
 
+/// How the report's figures are defined, printed under the fault tables.
+pub const NOTES: &str = "Recovery is client side: from injection to the first moment after which the requests sent during `hold` meet `recovered_when`, on errors and on latency (TTFT p99 within the stack's limit, the baseline's p99 times `ttft_p99_ratio`, 3 when the playbook gives none). `cut short` means the run ended (abort, Ctrl-C) before the stack recovered: no time is known. First impact is the first moment users felt the fault: a request that failed (for one that timed out, when it was sent or its stream stalled, not when the timeout fired), or an ok one slower than the TTFT limit. A failed request belongs to every fault whose window it overlapped (it ended after the injection and was sent before the recovery); one that belongs to several is counted once, under the overlap. Replacement times are cluster side, from `events.jsonl`.\n";
+
+/// Each stack's TTFT limit for recovery, in words.
+fn ttft_limits(summary: &Summary) -> String {
+    let mut out = String::new();
+    for s in &summary.stacks {
+        if let Some(limit) = s.recovery_ttft_limit_ms {
+            out.push_str(&format!(
+                "\nStack `{}` counts as recovered only with TTFT p99 ≤ {limit:.0} ms (baseline p99 {} × {}).",
+                s.name,
+                ms(s.baseline.latency.ttft_p99_ms),
+                s.recovery_ttft_ratio
+            ));
+        }
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
+/// One line per stack whose numbers shakedown cannot vouch for.
+pub fn degraded_lines(summary: &Summary) -> Vec<String> {
+    summary
+        .stacks
+        .iter()
+        .filter(|s| s.validity.verdict != Validity::Valid)
+        .map(|s| {
+            format!(
+                "Measurement degraded for stack `{}`: {}. Its figures are shown but not vouched for; the gate will not judge them.",
+                s.name,
+                s.validity.reasons.join("; ")
+            )
+        })
+        .collect()
+}
+
 /// The tables printed at the end of `shakedown run` and by `shakedown report`.
 pub fn terminal(summary: &Summary) -> String {
-    let mut out = as_boxes(stacks_rows(summary));
+    let mut out = String::new();
+    for line in degraded_lines(summary) {
+        out.push_str(&format!("WARNING: {line}\n"));
+    }
+    out.push_str(&as_boxes(stacks_rows(summary)));
     for (name, action) in fault_names(summary) {
         out.push_str(&format!("\n\nfault {name} ({action})\n"));
         out.push_str(&as_boxes(fault_rows(summary, &name)));
+    }
+    let overlaps = overlap_rows(summary);
+    if overlaps.len() > 1 {
+        out.push_str("\n\nwhile several faults overlapped (counted once, here)\n");
+        out.push_str(&as_boxes(overlaps));
     }
     out.push('\n');
     out

@@ -28,7 +28,7 @@ use axum::routing::get;
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
 
-use crate::load::client::error_chain;
+use crate::http::error_chain;
 use crate::playbook::duration::parse_duration;
 use crate::playbook::{Discovery, RoutingPolicy};
 use policy::RouteKey;
@@ -175,7 +175,7 @@ pub async fn serve(
         .route("/health", get(health))
         .fallback(route)
         .with_state(state);
-    let result = axum::serve(listener, app)
+    let result = axum::serve(crate::http::without_nagle(listener), app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("router server failed");

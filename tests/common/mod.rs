@@ -18,23 +18,41 @@ pub struct Run {
 }
 
 pub fn start(playbook: &str) -> Run {
+    start_with(playbook, |_| {})
+}
+
+/// Starts a run after `setup` has had its say on the command (extra
+/// arguments, limits).
+pub fn start_with(playbook: &str, setup: impl FnOnce(&mut Command)) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("playbook.yaml");
     std::fs::write(&path, playbook).unwrap();
     let reports = dir.path().join("reports");
-    let child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(["run", "-q", "--reports"])
         .arg(&reports)
         .arg(&path)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    setup(&mut command);
+    let child = command.spawn().unwrap();
     Run {
         dir,
         reports,
         child,
     }
+}
+
+/// How many requests each stack's load scheduled, as it said when it ended.
+pub fn scheduled(run_dir: &Path) -> u64 {
+    events(&run_dir.join("events.jsonl"))
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::LoadFinished { requests, .. } => Some(requests),
+            _ => None,
+        })
+        .sum()
 }
 
 impl Run {

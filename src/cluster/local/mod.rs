@@ -190,7 +190,7 @@ impl LocalCluster {
             .with_state(shared.ready_engines.subscribe());
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(discovery, app)
+            let _ = axum::serve(crate::http::without_nagle(discovery), app)
                 .with_graceful_shutdown(async move {
                     let _ = crate::stopped(&mut stop).await;
                 })

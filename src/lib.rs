@@ -25,6 +25,7 @@ pub mod measure;
 pub mod plan;
 pub mod playbook;
 pub mod progress;
+pub mod record;
 pub mod report;
 pub mod router;
 pub mod run;

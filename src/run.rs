@@ -33,7 +33,7 @@ use crate::load::client::RequestTemplate;
 use crate::load::{self, LiveStats, LoadPlan};
 use crate::measure::Summary;
 use crate::measure::engine_metrics::MetricSample;
-use crate::measure::record::Record;
+use crate::record::Record;
 use crate::playbook::{Abort, Api, ClusterKind, Fault, LoadedPlaybook, Playbook, Schedule, Stack};
 use crate::progress::{CurrentFault, Progress};
 use crate::state::RunState;

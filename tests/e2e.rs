@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use shakedown::events::EventKind;
-use shakedown::measure::record::{Outcome, Record};
+use shakedown::record::{Outcome, Record};
 
 const ROUTER_KILL: &str = r#"
 apiVersion: shakedown/v1

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use shakedown::engine::{self, EngineArgs};
 use shakedown::load::client::{self, RequestTemplate};
-use shakedown::load::lengths::TokenCount;
-use shakedown::measure::record::Outcome;
+use shakedown::playbook::lengths::TokenCount;
+use shakedown::record::Outcome;
 use shakedown::playbook::Api;
 use tokio::net::TcpListener;
 use tokio::time::Instant;

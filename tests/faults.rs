@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use shakedown::events::{Event, EventKind};
 use shakedown::measure::engine_metrics::MetricSample;
-use shakedown::measure::record::{Outcome, Record};
+use shakedown::record::{Outcome, Record};
 
 /// How many engine pods were Ready after each event, from the ground truth.
 fn ready_engines_over_time(events: &[Event]) -> Vec<(f64, usize)> {

@@ -12,10 +12,10 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use shakedown::jsonl;
 use shakedown::load::client::RequestTemplate;
-use shakedown::load::lengths::{DistKind, Spread, TokenCount};
+use shakedown::playbook::lengths::{DistKind, Spread, TokenCount};
 use shakedown::load::{LiveStats, LoadPlan, http_client, run_load};
 use shakedown::measure::Sample;
-use shakedown::measure::record::{Outcome, Record};
+use shakedown::record::{Outcome, Record};
 use shakedown::playbook::{Api, Arrival, HumanDuration, Sessions};
 use tokio::net::TcpListener;
 
@@ -251,7 +251,7 @@ async fn headers_lengths_and_sharegpt_questions_reach_the_wire() {
         stddev: None,
     });
     plan.template.prompts = Some(Arc::new(
-        shakedown::load::prompts::read_sharegpt(&file).unwrap(),
+        shakedown::playbook::prompts::read_sharegpt(&file).unwrap(),
     ));
     let records = run(plan).await;
     assert!(records.iter().all(|r| r.outcome == Outcome::Ok));

@@ -9,9 +9,9 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::lengths::TokenCount;
+use crate::playbook::lengths::TokenCount;
 use super::sse::StreamReader;
-use crate::measure::record::{Outcome, Record, Turn};
+use crate::record::{Outcome, Record, Turn};
 use crate::playbook::Api;
 
 /// What every request of a stack's load shares.

@@ -9,8 +9,6 @@
 
 pub mod arrival;
 pub mod client;
-pub mod lengths;
-pub mod prompts;
 pub mod scrape;
 pub mod sessions;
 pub mod sse;
@@ -23,7 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::jsonl::JsonlSink;
-use crate::measure::record::{Outcome, Record};
+use crate::record::{Outcome, Record};
 use crate::playbook::Arrival;
 use arrival::Arrivals;
 use client::RequestTemplate;

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::jsonl::JsonlSink;
-use crate::measure::engine_metrics::{MetricSample, parse_exposition};
+use crate::record::metrics::{MetricSample, parse_exposition};
 
 /// A scrape that takes longer than this (or the interval) is a failed one.
 const MAX_SCRAPE_TIME: Duration = Duration::from_secs(2);

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use reqwest::header::HeaderName;
 
-use crate::measure::record::Turn;
+use crate::record::Turn;
 
 #[derive(Debug)]
 pub struct Sessions {

@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 
-use crate::measure::record::{Gaps, Outcome};
+use crate::record::{Gaps, Outcome};
 
 /// A line longer than this is not SSE from an LLM server: stop buffering.
 const MAX_LINE: usize = 1 << 20;
@@ -204,7 +204,7 @@ impl StreamReader {
                     self.gap_count += 1;
                     self.gap_sum_ms += gap;
                     self.gap_max_ms = self.gap_max_ms.max(gap);
-                    crate::measure::gaps::add(&mut self.gap_buckets, gap);
+                    crate::record::gaps::add(&mut self.gap_buckets, gap);
                 }
             }
             self.last_ms = Some(now_ms);
@@ -307,8 +307,8 @@ mod tests {
         let itl = res.itl.unwrap();
         assert_eq!((itl.count, itl.mean_ms, itl.max_ms), (2, 15.0, 20.0));
         let (ten, twenty) = (
-            crate::measure::gaps::bucket(10.0),
-            crate::measure::gaps::bucket(20.0),
+            crate::record::gaps::bucket(10.0),
+            crate::record::gaps::bucket(20.0),
         );
         assert_eq!(itl.buckets, vec![(ten, 1), (twenty, 1)]);
     }

@@ -22,7 +22,7 @@ use super::recovery::{RecoveryRule, recovered_at};
 use super::stats::percentile;
 use super::{FaultSummary, MeasureSettings, Overlap, Sample, Second, between, ratio};
 use crate::events::{Event, EventKind};
-use crate::measure::record::Outcome;
+use crate::record::Outcome;
 
 /// Everything the fault summaries are computed from, for one stack.
 pub struct Context<'a> {

@@ -9,9 +9,7 @@
 
 pub mod engine_metrics;
 pub mod faults;
-pub mod gaps;
 pub mod phases;
-pub mod record;
 pub mod recovery;
 pub mod stats;
 pub mod validity;
@@ -21,7 +19,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventKind, RunStatus};
-use record::{Outcome, Record};
+use crate::record::{Outcome, Record};
 use stats::percentile;
 pub use validity::{Validity, ValidityLimits};
 

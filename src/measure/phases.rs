@@ -167,7 +167,7 @@ impl ItlByPhase {
     }
 
     /// The gaps of an ok request sent at `at_s` on the load's clock.
-    pub fn add(&mut self, at_s: f64, gaps: &super::record::Gaps) {
+    pub fn add(&mut self, at_s: f64, gaps: &crate::record::Gaps) {
         for (i, &(from, to)) in self.windows.iter().enumerate() {
             if !(from..to).contains(&at_s) {
                 continue;
@@ -176,7 +176,7 @@ impl ItlByPhase {
             self.sums[i].1 += u64::from(gaps.count);
             if let Some(histogram) = &mut self.histograms[i] {
                 for &(bucket, count) in &gaps.buckets {
-                    let us = (super::gaps::value(bucket) * 1000.0).round() as u64;
+                    let us = (crate::record::gaps::value(bucket) * 1000.0).round() as u64;
                     let _ = histogram.record_n(us.max(1), u64::from(count));
                 }
             }
@@ -247,7 +247,7 @@ pub fn phases(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::measure::record::Outcome;
+    use crate::record::Outcome;
 
     fn sample(at: f64, ttft: f64, ok: bool) -> Sample {
         Sample {
@@ -331,8 +331,8 @@ mod tests {
 
     #[test]
     fn itl_percentiles_cover_every_gap_of_the_phase() {
-        use super::super::gaps;
-        use super::super::record::Gaps;
+        use crate::record::gaps;
+        use crate::record::Gaps;
         let mut phase = phase("p", &[], 0.0, 10.0, &Slo::default());
         let mut other = phase.clone();
         other.from_s = 20.0;

@@ -68,7 +68,7 @@ pub fn recovered_at(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::measure::record::Outcome;
+    use crate::record::Outcome;
 
     fn samples(spec: &[(f64, bool)]) -> Vec<Sample> {
         spec.iter()

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::phases::{Percentiles, percentiles};
-use super::record::Outcome;
+use crate::record::Outcome;
 use super::{EarlyEnd, FaultSummary, Overlap, Sample};
 
 /// Past these, a stack's measurement is `degraded`.

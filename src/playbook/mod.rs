@@ -6,7 +6,10 @@
 //! would be valid, so `shakedown validate` can print it as it is.
 
 pub mod duration;
+pub mod lengths;
 pub mod locate;
+pub mod prompts;
+pub mod yaml;
 pub mod schema;
 mod validate;
 
@@ -72,7 +75,7 @@ pub fn load(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
         Some(file) => {
             // Relative to the playbook, so a playbook and its data travel together.
             let file = path.parent().unwrap_or(Path::new(".")).join(file);
-            let questions = crate::load::prompts::read_sharegpt(&file).map_err(|err| {
+            let questions = crate::playbook::prompts::read_sharegpt(&file).map_err(|err| {
                 let field = FieldPath::default()
                     .key("load")
                     .key("request")

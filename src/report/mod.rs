@@ -20,7 +20,7 @@ use crate::events::{Event, EventKind, RunStatus};
 use crate::jsonl;
 use crate::measure::engine_metrics::{self, MetricSample};
 use crate::measure::phases::ItlByPhase;
-use crate::measure::record::{Gaps, Outcome, Record};
+use crate::record::{Gaps, Outcome, Record};
 use crate::measure::{MeasureSettings, Sample, StackSummary, Summary, summarize_stack};
 use crate::playbook::{self, Playbook};
 

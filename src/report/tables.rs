@@ -5,7 +5,7 @@
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
-use crate::measure::record::Outcome;
+use crate::record::Outcome;
 use crate::measure::validity::Verdict as Validity;
 use crate::measure::{FaultSummary, StackSummary, Summary};
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shakedown::events::{Event, EventKind};
 use shakedown::measure::Summary;
-use shakedown::measure::record::Record;
+use shakedown::record::Record;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shakedown");
 

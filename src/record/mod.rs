@@ -1,4 +1,10 @@
-//! One request as the client saw it: the line format of `requests.jsonl`.
+//! One request as the client saw it: the line format of `requests.jsonl`,
+//! the bottom layer that the load writes and the measurement reads.
+//! [`gaps`] is how a record keeps every inter-token gap in little room;
+//! [`metrics`] is the line format of `metrics.jsonl`.
+
+pub mod gaps;
+pub mod metrics;
 
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +75,7 @@ pub struct Gaps {
     pub count: u32,
     pub mean_ms: f64,
     pub max_ms: f64,
-    /// Every gap, as `[bucket, count]` pairs of [`super::gaps`]' log
+    /// Every gap, as `[bucket, count]` pairs of [`gaps`]' log
     /// buckets: what ITL percentiles are computed from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub buckets: Vec<(u16, u32)>,

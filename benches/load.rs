@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::resource::{UsageWho, getrusage};
 use shakedown::load::client::RequestTemplate;
-use shakedown::playbook::lengths::TokenCount;
 use shakedown::load::{LiveStats, LoadPlan, http_client, run_load};
+use shakedown::playbook::lengths::TokenCount;
+use shakedown::playbook::{Api, Arrival};
 use shakedown::record::gaps::bucket;
 use shakedown::record::{Gaps, Outcome, Record};
-use shakedown::playbook::{Api, Arrival};
 
 struct Engine(Child);
 

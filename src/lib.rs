@@ -30,6 +30,7 @@ pub mod report;
 pub mod router;
 pub mod run;
 pub mod state;
+pub mod timeline;
 pub mod tokens;
 
 /// Resolves once a stop flag turns true (or its sender is gone): the one

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shakedown::events::RunStatus;
-use shakedown::{engine, playbook, report, router, run};
+use shakedown::playbook::PlaybookError;
+use shakedown::{engine, faults, playbook, report, router, run};
 
 #[derive(Parser)]
 #[command(
@@ -126,28 +127,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Validate { playbooks } => {
-            let mut bad = false;
-            for path in playbooks {
-                match playbook::load(&path) {
-                    Ok(loaded) => println!(
-                        "{}: ok ({} stacks, {} faults)",
-                        path.display(),
-                        loaded.playbook.stacks.len(),
-                        loaded.playbook.faults.len()
-                    ),
-                    Err(err) => {
-                        eprintln!("error: {err}");
-                        bad = true;
-                    }
-                }
-            }
-            Ok(if bad {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
+        Command::Validate { playbooks } => Ok(validate(&playbooks)),
         Command::Gate {
             run,
             baseline,
@@ -160,162 +140,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             junit.as_deref(),
         ))),
         Command::Run {
-            playbook: path,
+            playbook,
             reports,
             quiet,
-            gate: with_gate,
-        } => {
-            let loaded = match playbook::load(&path) {
-                Ok(loaded) => loaded,
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            let exe = std::env::current_exe()
-                .context("cannot find the shakedown binary to start engines and routers")?;
-            let options = run::RunOptions {
-                reports_dir: reports,
-                quiet,
-                exe,
-            };
-            let result = run::run(&loaded, &options).await?;
-            println!("{}", report::terminal(&result.summary));
-            println!("run directory: {}", result.dir.display());
-            println!("report:        {}", result.dir.join("report.md").display());
-            for err in &result.errors {
-                eprintln!("error: {err}");
-            }
-            if with_gate {
-                println!();
-                return Ok(ExitCode::from(gate(&result.dir, None, None, None)));
-            }
-            let degraded = result
-                .summary
-                .stacks
-                .iter()
-                .any(|s| s.validity.verdict == shakedown::measure::validity::Verdict::Degraded);
-            Ok(match result.status {
-                RunStatus::Completed if degraded => ExitCode::from(EXIT_DEGRADED),
-                RunStatus::Completed => ExitCode::SUCCESS,
-                RunStatus::Failed | RunStatus::Aborted => ExitCode::from(1),
-                RunStatus::Interrupted => ExitCode::from(130),
-            })
-        }
-        Command::Plan { playbook: path } => match playbook::load(&path) {
-            Ok(loaded) => {
-                let pb = &loaded.playbook;
-                print!("{}", shakedown::plan::render(pb));
-                // Kubernetes targets are resolved now, read-only.
-                let mut code = ExitCode::SUCCESS;
-                for stack in pb
-                    .stacks
-                    .iter()
-                    .filter(|s| s.cluster.kind == playbook::ClusterKind::Kubernetes)
-                {
-                    println!("\nstack {} on the cluster now:", stack.name);
-                    let faults = pb.faults_for(&stack.name);
-                    let described = async {
-                        let client = shakedown::cluster::kubernetes::client(
-                            stack.cluster.context.as_deref(),
-                        )
-                        .await?;
-                        let log = shakedown::events::EventLog::new(
-                            shakedown::jsonl::JsonlSink::discard(),
-                            None,
-                            tokio::time::Instant::now(),
-                        );
-                        let kube = shakedown::cluster::kubernetes::KubeCluster::from_client(
-                            client, stack, "plan", log,
-                        );
-                        kube.describe_targets(&faults).await
-                    };
-                    match described.await {
-                        Ok(text) => print!("{text}"),
-                        Err(err) => {
-                            println!("  cannot resolve the targets: {err:#}");
-                            code = ExitCode::from(1);
-                        }
-                    }
-                }
-                Ok(code)
-            }
-            Err(err) => {
-                eprintln!("error: {err}");
-                Ok(ExitCode::from(2))
-            }
-        },
-        Command::Cleanup { reports, context } => {
-            // A named context: everything shakedown left there, any run's.
-            if let Some(context) = &context {
-                let context = (!context.is_empty()).then_some(context.as_str());
-                let cleaned = shakedown::cluster::kubernetes::cleanup(context, None).await?;
-                print_kubernetes_cleanup("kubernetes", &cleaned);
-            }
-            let cleaned = shakedown::state::cleanup(&reports)?;
-            if cleaned.is_empty() && context.is_none() {
-                println!("nothing to clean up under {}", reports.display());
-            }
-            let mut failed = false;
-            for run in cleaned {
-                if run.still_running {
-                    println!("{}: still running, left alone", run.run.display());
-                    continue;
-                }
-                if run.killed.is_empty() {
-                    println!("{}: nothing was left running", run.run.display());
-                } else {
-                    println!("{}: stopped {}", run.run.display(), run.killed.join(", "));
-                }
-                // What the dead run changed on its clusters, and only that.
-                for context in &run.kubernetes {
-                    let label = format!(
-                        "{}: kubernetes context {}",
-                        run.run.display(),
-                        context.as_deref().unwrap_or("(current)")
-                    );
-                    match shakedown::cluster::kubernetes::cleanup(
-                        context.as_deref(),
-                        Some(&run.run_id),
-                    )
-                    .await
-                    {
-                        Ok(cleaned) => print_kubernetes_cleanup(&label, &cleaned),
-                        Err(err) => {
-                            eprintln!("{label}: {err:#}");
-                            failed = true;
-                        }
-                    }
-                }
-            }
-            Ok(if failed {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Command::Report { runs, out } => {
-            let mut summaries = Vec::new();
-            for dir in &runs {
-                summaries.push(
-                    report::summarize_dir(dir)
-                        .with_context(|| format!("cannot report on {}", dir.display()))?,
-                );
-            }
-            let out = match (out, runs.as_slice()) {
-                (Some(out), _) => out,
-                (None, [one]) => one.clone(),
-                (None, _) => PathBuf::from("reports").join(format!(
-                    "compare-{}",
-                    chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
-                )),
-            };
-            let summary = report::combine(summaries);
-            report::write(&summary, &out)?;
-            println!("{}", report::terminal(&summary));
-            println!("report: {}", out.join("report.html").display());
-            Ok(ExitCode::SUCCESS)
-        }
+            gate,
+        } => run_playbook(&playbook, reports, quiet, gate).await,
+        Command::Plan { playbook } => plan(&playbook).await,
+        Command::Cleanup { reports, context } => cleanup(&reports, context).await,
+        Command::Report { runs, out } => report_runs(&runs, out),
         Command::Engine(args) => {
             let listener = bind(&args.host, args.port).await?;
             say(format_args!(
@@ -336,6 +168,208 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Prints every problem of a playbook, one located line each.
+fn print_playbook_error(err: &PlaybookError) {
+    for problem in err.all() {
+        eprintln!("error: {problem}");
+    }
+}
+
+/// `shakedown validate`: 0 when every playbook is valid, 2 otherwise.
+fn validate(playbooks: &[PathBuf]) -> ExitCode {
+    let mut bad = false;
+    for path in playbooks {
+        match faults::load_playbook(path) {
+            Ok(loaded) => println!(
+                "{}: ok ({}, {})",
+                path.display(),
+                count(loaded.playbook.stacks.len(), "stack"),
+                count(loaded.playbook.faults.len(), "fault")
+            ),
+            Err(err) => {
+                print_playbook_error(&err);
+                bad = true;
+            }
+        }
+    }
+    if bad {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// "1 stack", "2 stacks".
+fn count(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// `shakedown run`: runs a playbook; the exit code says how it ended.
+async fn run_playbook(
+    path: &Path,
+    reports: PathBuf,
+    quiet: bool,
+    with_gate: bool,
+) -> anyhow::Result<ExitCode> {
+    let loaded = match faults::load_playbook(path) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            print_playbook_error(&err);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let exe = std::env::current_exe()
+        .context("cannot find the shakedown binary to start engines and routers")?;
+    let options = run::RunOptions {
+        reports_dir: reports,
+        quiet,
+        exe,
+    };
+    let result = run::run(&loaded, &options).await?;
+    println!("{}", report::terminal(&result.summary));
+    println!("run directory: {}", result.dir.display());
+    println!("report:        {}", result.dir.join("report.md").display());
+    for err in &result.errors {
+        eprintln!("error: {err}");
+    }
+    if with_gate {
+        println!();
+        return Ok(ExitCode::from(gate(&result.dir, None, None, None)));
+    }
+    let degraded = result
+        .summary
+        .stacks
+        .iter()
+        .any(|s| s.validity.verdict == shakedown::measure::validity::Verdict::Degraded);
+    Ok(match result.status {
+        RunStatus::Completed if degraded => ExitCode::from(EXIT_DEGRADED),
+        RunStatus::Completed => ExitCode::SUCCESS,
+        RunStatus::Failed | RunStatus::Aborted => ExitCode::from(1),
+        RunStatus::Interrupted => ExitCode::from(130),
+    })
+}
+
+/// `shakedown plan`: the timeline and blast radius, and on Kubernetes the
+/// targets as they are now, read-only.
+async fn plan(path: &Path) -> anyhow::Result<ExitCode> {
+    let loaded = match faults::load_playbook(path) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            print_playbook_error(&err);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let pb = &loaded.playbook;
+    print!("{}", shakedown::plan::render(pb));
+    let mut code = ExitCode::SUCCESS;
+    for stack in pb
+        .stacks
+        .iter()
+        .filter(|s| s.cluster.kind == playbook::ClusterKind::Kubernetes)
+    {
+        println!("\nstack {} on the cluster now:", stack.name);
+        let stack_faults = pb.faults_for(&stack.name);
+        let described = async {
+            let client =
+                shakedown::cluster::kubernetes::client(stack.cluster.context.as_deref()).await?;
+            let log = shakedown::events::EventLog::new(
+                shakedown::jsonl::JsonlSink::discard(),
+                None,
+                tokio::time::Instant::now(),
+            );
+            let kube = shakedown::cluster::kubernetes::KubeCluster::from_client(
+                client, stack, "plan", log,
+            );
+            let needed = faults::permissions(kube.targets(), &stack_faults);
+            kube.describe_targets(&needed).await
+        };
+        match described.await {
+            Ok(text) => print!("{text}"),
+            Err(err) => {
+                println!("  cannot resolve the targets: {err:#}");
+                code = ExitCode::from(1);
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// `shakedown cleanup`: what killed runs left behind, and on a named
+/// Kubernetes context what any run left there.
+async fn cleanup(reports: &Path, context: Option<String>) -> anyhow::Result<ExitCode> {
+    if let Some(context) = &context {
+        let context = (!context.is_empty()).then_some(context.as_str());
+        let cleaned = shakedown::cluster::kubernetes::cleanup(context, None).await?;
+        print_kubernetes_cleanup("kubernetes", &cleaned);
+    }
+    let cleaned = shakedown::state::cleanup(reports)?;
+    if cleaned.is_empty() && context.is_none() {
+        println!("nothing to clean up under {}", reports.display());
+    }
+    let mut failed = false;
+    for run in cleaned {
+        if run.still_running {
+            println!("{}: still running, left alone", run.run.display());
+            continue;
+        }
+        if run.killed.is_empty() {
+            println!("{}: nothing was left running", run.run.display());
+        } else {
+            println!("{}: stopped {}", run.run.display(), run.killed.join(", "));
+        }
+        // What the dead run changed on its clusters, and only that.
+        for context in &run.kubernetes {
+            let label = format!(
+                "{}: kubernetes context {}",
+                run.run.display(),
+                context.as_deref().unwrap_or("(current)")
+            );
+            match shakedown::cluster::kubernetes::cleanup(context.as_deref(), Some(&run.run_id))
+                .await
+            {
+                Ok(cleaned) => print_kubernetes_cleanup(&label, &cleaned),
+                Err(err) => {
+                    eprintln!("{label}: {err:#}");
+                    failed = true;
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `shakedown report`: rebuilds the report of one run, or of several side by side.
+fn report_runs(runs: &[PathBuf], out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let mut summaries = Vec::new();
+    for dir in runs {
+        summaries.push(
+            report::summarize_dir(dir)
+                .with_context(|| format!("cannot report on {}", dir.display()))?,
+        );
+    }
+    let out = match (out, runs) {
+        (Some(out), _) => out,
+        (None, [one]) => one.clone(),
+        (None, _) => PathBuf::from("reports").join(format!(
+            "compare-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+        )),
+    };
+    let summary = report::combine(summaries);
+    report::write(&summary, &out)?;
+    println!("{}", report::terminal(&summary));
+    println!("report: {}", out.join("report.html").display());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `shakedown gate`: judges a run directory; returns the exit code (0 pass,
 /// 1 fail, 2 could not judge), having said why.
 fn gate(run: &Path, baseline: Option<&Path>, policy: Option<&Path>, junit: Option<&Path>) -> u8 {
@@ -351,11 +385,11 @@ fn gate(run: &Path, baseline: Option<&Path>, policy: Option<&Path>, junit: Optio
         Some(file) => match playbook::load_gate_policy(file) {
             Ok(policy) => policy,
             Err(err) => {
-                eprintln!("error: {err}");
+                print_playbook_error(&err);
                 return CANNOT_JUDGE;
             }
         },
-        None => match playbook::read(&run.join("playbook.yaml")).map(|pb| pb.gate) {
+        None => match faults::read_playbook(&run.join("playbook.yaml")).map(|pb| pb.gate) {
             Ok(Some(policy)) => policy,
             Ok(None) => {
                 eprintln!(
@@ -364,7 +398,7 @@ fn gate(run: &Path, baseline: Option<&Path>, policy: Option<&Path>, junit: Optio
                 return CANNOT_JUDGE;
             }
             Err(err) => {
-                eprintln!("error: {err}");
+                print_playbook_error(&err);
                 return CANNOT_JUDGE;
             }
         },

@@ -6,7 +6,8 @@
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
-use crate::playbook::{ClusterKind, Direction, Fault, FaultAction, Playbook, Stack};
+use crate::faults::{Lasts, Playbook};
+use crate::playbook::{ClusterKind, HumanDuration, Stack};
 
 /// A setting as the playbook spells it (`least-request`, not `LeastRequest`).
 fn spelled<T: serde::Serialize>(value: &T) -> String {
@@ -14,68 +15,6 @@ fn spelled<T: serde::Serialize>(value: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
-}
-
-fn blast_radius(fault: &Fault, stack: &Stack) -> String {
-    let replicas = match (stack.cluster.kind, fault.target.as_str()) {
-        (ClusterKind::Local, "engine") => {
-            Some(stack.cluster.engine.as_ref().map_or(1, |e| e.replicas))
-        }
-        (ClusterKind::Local, "router") => Some(1),
-        _ => None,
-    };
-    let of = replicas.map(|r| format!(" of {r}")).unwrap_or_default();
-    let grace = |default: &str| {
-        fault
-            .grace_period
-            .map(|g| format!("grace {g}"))
-            .unwrap_or_else(|| default.to_string())
-    };
-    match fault.action {
-        FaultAction::PodKill => {
-            let how_many = match (fault.count, fault.percent) {
-                (Some(n), _) => n.to_string(),
-                (None, Some(p)) => format!("{p}%"),
-                (None, None) => "1".into(),
-            };
-            let signal = if fault.grace_period.is_none_or(|g| g.is_zero()) {
-                "SIGKILL".to_string()
-            } else {
-                format!("SIGTERM, {}", grace(""))
-            };
-            format!("{how_many}{of} `{}` pods, {signal}", fault.target)
-        }
-        FaultAction::NodeDrain => format!(
-            "{}: cordon, evict its `{}` pods, at most {} unavailable, {}, uncordon {}",
-            fault
-                .node
-                .clone()
-                .unwrap_or_else(|| format!("a node hosting `{}` pods", fault.target)),
-            fault.target,
-            fault.max_unavailable.unwrap_or(1),
-            grace("grace 10s"),
-            fault
-                .uncordon_after
-                .map(|u| format!("after {u}"))
-                .unwrap_or_else(|| "at the end".into())
-        ),
-        FaultAction::NetworkDelay => {
-            let mut text = format!(
-                "all{of} `{}` pods: {} ± {}",
-                fault.target,
-                fault.delay.unwrap_or_default(),
-                fault.jitter.unwrap_or_default()
-            );
-            if let Some(loss) = fault.loss {
-                text.push_str(&format!(", {:.1}% of connections dropped", loss * 100.0));
-            }
-            text.push_str(match fault.direction.unwrap_or_default() {
-                Direction::Egress => ", on what they send",
-                Direction::Both => ", both directions",
-            });
-            text
-        }
-    }
 }
 
 fn describe_cluster(stack: &Stack) -> String {
@@ -143,22 +82,17 @@ pub fn render(pb: &Playbook) -> String {
         let mut table = Builder::default();
         table.push_record(["from", "until", "fault", "action", "blast radius"]);
         for fault in faults {
-            let lasts = match fault.action {
-                FaultAction::PodKill => None,
-                FaultAction::NodeDrain => Some(fault.uncordon_after),
-                FaultAction::NetworkDelay => Some(fault.duration),
-            };
-            let until = match lasts {
-                None => "–".to_string(),
-                Some(None) => "end".to_string(),
-                Some(Some(d)) => crate::playbook::HumanDuration(fault.at.0 + d.0).to_string(),
+            let until = match fault.spec.lasts() {
+                Lasts::Instant => "–".to_string(),
+                Lasts::UntilEnd => "end".to_string(),
+                Lasts::For(d) => HumanDuration(fault.at.0 + d).to_string(),
             };
             table.push_record([
                 fault.at.to_string(),
                 until,
                 fault.name.clone(),
-                fault.action.as_str().to_string(),
-                blast_radius(fault, stack),
+                fault.spec.action().to_string(),
+                fault.spec.plan(&fault.target, stack),
             ]);
         }
         out.push_str(&table.build().with(Style::rounded()).to_string());
@@ -172,7 +106,7 @@ pub fn render(pb: &Playbook) -> String {
 mod tests {
     #[test]
     fn the_quickstart_plan_shows_every_fault_per_stack() {
-        let pb = crate::playbook::load(std::path::Path::new("playbooks/quickstart.yaml"))
+        let pb = crate::faults::load_playbook(std::path::Path::new("playbooks/quickstart.yaml"))
             .unwrap()
             .playbook;
         let text = super::render(&pb);

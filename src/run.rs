@@ -27,16 +27,17 @@ use crate::cluster::Cluster;
 use crate::cluster::kubernetes::KubeCluster;
 use crate::cluster::local::{LocalCluster, LocalClusterSpec};
 use crate::events::{Event, EventKind, EventLog, RunStatus};
-use crate::faults::{self, FaultAction, Injected};
+use crate::faults::{self, Fault, Held, LoadedPlaybook, Playbook, Target};
 use crate::jsonl::{self, JsonlSink, JsonlWriter};
 use crate::load::client::RequestTemplate;
 use crate::load::{self, LiveStats, LoadPlan};
 use crate::measure::Summary;
 use crate::measure::engine_metrics::MetricSample;
-use crate::record::Record;
-use crate::playbook::{Abort, Api, ClusterKind, Fault, LoadedPlaybook, Playbook, Schedule, Stack};
+use crate::playbook::{Abort, Api, ClusterKind, Schedule, Stack};
 use crate::progress::{CurrentFault, Progress};
+use crate::record::Record;
 use crate::state::RunState;
+use crate::timeline::{Step, Timeline};
 
 /// The model name a local cluster serves when the playbook names none.
 pub const DEFAULT_LOCAL_MODEL: &str = "shakedown/emulated-llm";
@@ -243,13 +244,6 @@ struct StackRun<'a> {
     state: Arc<RunState>,
 }
 
-/// A step of the fault timeline, due at an offset from the load's start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Step {
-    Inject(usize),
-    Revert(usize),
-}
-
 impl StackRun<'_> {
     /// The playbook's faults that apply to this stack.
     fn faults(&self) -> Vec<&Fault> {
@@ -298,7 +292,8 @@ impl StackRun<'_> {
                 self.state
                     .uses_kubernetes(self.stack.cluster.context.as_deref());
                 // Permissions and targets, before anything is changed.
-                kube.preflight(&self.faults()).await?;
+                kube.preflight(&faults::permissions(kube.targets(), &self.faults()))
+                    .await?;
                 kube.start_observing();
                 Cluster::Kubernetes(Box::new(kube))
             }
@@ -402,15 +397,11 @@ impl StackRun<'_> {
             });
 
         let faults = self.faults();
-        let mut timeline: BTreeMap<(Duration, Step), ()> = faults
-            .iter()
-            .enumerate()
-            .map(|(i, f)| ((f.at.0, Step::Inject(i)), ()))
-            .collect();
-        let mut active: BTreeMap<usize, (Box<dyn FaultAction>, Injected)> = BTreeMap::new();
+        let mut timeline = Timeline::new(faults.iter().map(|f| f.at.0));
+        let mut held: BTreeMap<usize, Held> = BTreeMap::new();
         let mut load_result = None;
         let mut stack_stop_rx = stack_stop.clone();
-        while let Some(((due, step), ())) = timeline.pop_first() {
+        while let Some((due, step)) = timeline.next_step() {
             tokio::select! {
                 _ = tokio::time::sleep_until(load_start + due) => {}
                 _ = crate::stopped(&mut stack_stop_rx) => break,
@@ -423,28 +414,25 @@ impl StackRun<'_> {
                     // No `?` between an injection and the reverts below: a
                     // step that fails is recorded, and the faults in force
                     // are still reverted.
-                    let injected = match faults::from_spec(fault) {
-                        Ok(action) => action
-                            .inject(cluster, fault_seed(pb.seed, &fault.name))
-                            .await
-                            .map(|done| (action, done)),
-                        Err(err) => Err(err),
+                    let target = Target {
+                        cluster,
+                        role: &fault.target,
+                        seed: faults::fault_seed(pb.seed, &fault.name),
                     };
-                    match injected {
-                        Ok((action, done)) => {
+                    match fault.spec.inject(target).await {
+                        Ok((done, state)) => {
                             log.emit(EventKind::FaultInjected {
                                 fault: fault.name.clone(),
-                                action: fault.action.as_str().into(),
+                                action: fault.spec.action().into(),
                                 targets: done.targets.clone(),
                                 detail: done.detail.clone(),
                                 requested_s: Some(due.as_secs_f64()),
                                 started_s: Some(started_s),
                             });
-                            if action.needs_revert() {
-                                if let Some(lasts) = action.lasts() {
-                                    timeline.insert((due + lasts, Step::Revert(i)), ());
-                                }
-                                active.insert(i, (action, done));
+                            let lasts = fault.spec.lasts();
+                            timeline.injected(i, due, lasts);
+                            if lasts != faults::Lasts::Instant {
+                                held.insert(i, state);
                             }
                         }
                         Err(err) => {
@@ -457,12 +445,13 @@ impl StackRun<'_> {
                     }
                 }
                 Step::Revert(i) => {
-                    if let Some((action, done)) = active.remove(&i) {
-                        revert(cluster, log, &faults[i].name, action.as_ref(), &done).await;
+                    timeline.reverted(i);
+                    if let Some(state) = held.remove(&i) {
+                        revert(cluster, log, faults[i], state).await;
                     }
                 }
             }
-            show_active(&current_fault, &faults, &active);
+            show_active(&current_fault, &faults, &timeline);
         }
         // Faults without an end stay in force until the load ends or stops.
         if load_result.is_none() {
@@ -472,10 +461,13 @@ impl StackRun<'_> {
             }
         }
         // However the stack ended, nothing stays in force.
-        for (i, (action, done)) in std::mem::take(&mut active).into_iter().rev() {
-            revert(cluster, log, &faults[i].name, action.as_ref(), &done).await;
+        for i in timeline.in_force().into_iter().rev() {
+            timeline.reverted(i);
+            if let Some(state) = held.remove(&i) {
+                revert(cluster, log, faults[i], state).await;
+            }
         }
-        show_active(&current_fault, &faults, &active);
+        show_active(&current_fault, &faults, &timeline);
         let sent = match load_result {
             Some(result) => result,
             None => load.await,
@@ -560,41 +552,25 @@ async fn first_failure(failures: Vec<watch::Receiver<Option<String>>>) -> String
     futures_util::future::select_all(waits).await.0
 }
 
-/// Each fault's random choices depend on the playbook's seed and its name
-/// only, so every stack sees the same choices.
-fn fault_seed(seed: u64, name: &str) -> u64 {
-    crate::tokens::mix(
-        seed ^ name
-            .bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
-    )
-}
-
-async fn revert(
-    cluster: &Cluster,
-    log: &EventLog,
-    name: &str,
-    action: &dyn FaultAction,
-    done: &Injected,
-) {
-    match action.revert(cluster, done).await {
+async fn revert(cluster: &Cluster, log: &EventLog, fault: &Fault, held: Held) {
+    match fault.spec.revert(cluster, held).await {
         Ok(()) => log.emit(EventKind::FaultReverted {
-            fault: name.to_string(),
+            fault: fault.name.clone(),
         }),
         Err(err) => log.emit(EventKind::FaultFailed {
-            fault: name.to_string(),
+            fault: fault.name.clone(),
             error: format!("revert failed: {err:#}"),
         }),
     }
 }
 
-fn show_active(
-    current: &CurrentFault,
-    faults: &[&Fault],
-    active: &BTreeMap<usize, (Box<dyn FaultAction>, Injected)>,
-) {
+fn show_active(current: &CurrentFault, faults: &[&Fault], timeline: &Timeline) {
     if let Ok(mut shown) = current.lock() {
-        let names: Vec<&str> = active.keys().map(|&i| faults[i].name.as_str()).collect();
+        let names: Vec<&str> = timeline
+            .in_force()
+            .into_iter()
+            .map(|i| faults[i].name.as_str())
+            .collect();
         *shown = (!names.is_empty()).then(|| names.join(", "));
     }
 }

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use shakedown::engine::{self, EngineArgs};
 use shakedown::load::client::{self, RequestTemplate};
+use shakedown::playbook::Api;
 use shakedown::playbook::lengths::TokenCount;
 use shakedown::record::Outcome;
-use shakedown::playbook::Api;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 

@@ -14,8 +14,7 @@ use serde_json::json;
 use shakedown::cluster::Cluster;
 use shakedown::cluster::kubernetes::{ANNOTATION, KubeCluster};
 use shakedown::events::{Event, EventKind, EventLog};
-use shakedown::faults::{self, Injected};
-use shakedown::playbook::{self, Playbook};
+use shakedown::faults::{self, Held, Injected, Playbook, Target};
 
 fn playbook(faults: &str) -> Playbook {
     let text = format!(
@@ -37,7 +36,7 @@ faults:
 {faults}
 "#
     );
-    playbook::parse(std::path::Path::new("k8s.yaml"), &text).unwrap()
+    faults::parse_playbook(std::path::Path::new("k8s.yaml"), &text).unwrap()
 }
 
 /// Four engines, two on each GPU node, a router on a CPU node.
@@ -105,10 +104,28 @@ impl Harness {
         }
     }
 
-    async fn inject(&self, pb: &Playbook, i: usize) -> (Box<dyn faults::FaultAction>, Injected) {
-        let action = faults::from_spec(&pb.faults[i]).unwrap();
-        let injected = action.inject(&self.cluster, 42).await.unwrap();
-        (action, injected)
+    async fn inject(&self, pb: &Playbook, i: usize) -> (Held, Injected) {
+        let fault = &pb.faults[i];
+        let target = Target {
+            cluster: &self.cluster,
+            role: &fault.target,
+            seed: 42,
+        };
+        let (injected, held) = fault.spec.inject(target).await.unwrap();
+        (held, injected)
+    }
+
+    async fn revert(&self, pb: &Playbook, i: usize, held: Held) {
+        pb.faults[i].spec.revert(&self.cluster, held).await.unwrap();
+    }
+
+    /// What preflight checks for the playbook's faults.
+    fn permissions(&self, pb: &Playbook) -> Vec<shakedown::cluster::kubernetes::rbac::Permission> {
+        let Cluster::Kubernetes(kube) = &self.cluster else {
+            unreachable!()
+        };
+        let faults: Vec<_> = pb.faults.iter().collect();
+        faults::permissions(kube.targets(), &faults)
     }
 
     async fn events(mut self) -> Vec<Event> {
@@ -181,7 +198,7 @@ async fn a_drain_is_paced_by_the_disruption_budget_and_its_revert_uncordons() {
         "  - { name: drain, at: 1s, action: node-drain, target: engine, node: gpu-a, grace_period: 1s, timeout: 20s }",
     );
     let harness = Harness::new(&server, &pb).await;
-    let (action, injected) = harness.inject(&pb, 0).await;
+    let (held, injected) = harness.inject(&pb, 0).await;
     assert_eq!(
         injected.targets,
         vec!["vllm-0", "vllm-1"],
@@ -215,7 +232,7 @@ async fn a_drain_is_paced_by_the_disruption_budget_and_its_revert_uncordons() {
         .collect();
     assert!(on_a.is_empty(), "{on_a:?}");
 
-    action.revert(&harness.cluster, &injected).await.unwrap();
+    harness.revert(&pb, 0, held).await;
     let node = server.node("gpu-a");
     assert!(node["spec"]["unschedulable"].is_null(), "{node}");
     assert!(node["metadata"]["annotations"][ANNOTATION].is_null());
@@ -257,7 +274,7 @@ async fn a_node_cordoned_by_someone_else_stays_cordoned() {
         "  - { name: drain, at: 1s, action: node-drain, target: engine, node: gpu-b, grace_period: 0s }",
     );
     let harness = Harness::new(&server, &pb).await;
-    let (action, injected) = harness.inject(&pb, 0).await;
+    let (held, injected) = harness.inject(&pb, 0).await;
     assert!(
         injected
             .detail
@@ -265,7 +282,7 @@ async fn a_node_cordoned_by_someone_else_stays_cordoned() {
             .unwrap()
             .contains("cordoned already")
     );
-    action.revert(&harness.cluster, &injected).await.unwrap();
+    harness.revert(&pb, 0, held).await;
     assert_eq!(
         server.node("gpu-b")["spec"]["unschedulable"],
         true,
@@ -290,8 +307,8 @@ async fn preflight_names_the_missing_permission_and_an_empty_role() {
     let Cluster::Kubernetes(kube) = &harness.cluster else {
         unreachable!()
     };
-    let faults: Vec<_> = pb.faults.iter().collect();
-    let err = format!("{:#}", kube.preflight(&faults).await.unwrap_err());
+    let needed = harness.permissions(&pb);
+    let err = format!("{:#}", kube.preflight(&needed).await.unwrap_err());
     assert!(
         err.contains("`create` on pods/eviction (cluster-wide)"),
         "{err}"
@@ -299,12 +316,12 @@ async fn preflight_names_the_missing_permission_and_an_empty_role() {
     assert!(err.contains("nothing was injected"), "{err}");
 
     server.world.lock().unwrap().denied.clear();
-    kube.preflight(&faults).await.unwrap();
+    kube.preflight(&needed).await.unwrap();
     // A selector that matches nothing is named.
     let mut stack = pb.stacks[0].clone();
     stack.roles.get_mut("router").unwrap().selector = "app=nothing".into();
     let lonely = KubeCluster::from_client(server.client().await, &stack, "run-1", log_to_nowhere());
-    let err = format!("{:#}", lonely.preflight(&faults).await.unwrap_err());
+    let err = format!("{:#}", lonely.preflight(&needed).await.unwrap_err());
     assert!(
         err.contains("role `router` selects no Ready pod") && err.contains("app=nothing"),
         "{err}"
@@ -588,7 +605,7 @@ async fn a_missing_kubeconfig_is_an_error_before_anything_runs() {
 fn rbac_yaml_grants_exactly_the_verbs_shakedown_uses() {
     use serde::Deserialize;
     use shakedown::cluster::kubernetes::Target;
-    use shakedown::cluster::kubernetes::preflight::permissions_needed;
+
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/faults/rbac.yaml")).unwrap();
     let mut granted = std::collections::BTreeSet::new();
@@ -613,14 +630,23 @@ fn rbac_yaml_grants_exactly_the_verbs_shakedown_uses() {
     let pb = playbook(
         "  - { name: a, at: 2s, action: pod-kill, target: engine }\n  - { name: b, at: 3s, action: node-drain, target: engine }\n  - { name: c, at: 4s, action: network-delay, target: router, delay: 10ms, duration: 5s }\n  - { name: d, at: 5s, action: network-delay, target: router, delay: 10ms, duration: 5s, mechanism: chaos-mesh }",
     );
-    let targets = [Target {
-        role: "engine".into(),
-        namespace: "llm".into(),
-        selector: "app=vllm".into(),
-    }];
+    let targets = [
+        Target {
+            role: "engine".into(),
+            namespace: "llm".into(),
+            selector: "app=vllm".into(),
+        },
+        Target {
+            role: "router".into(),
+            namespace: "gw".into(),
+            selector: "app=router".into(),
+        },
+    ];
+    let targets: std::collections::BTreeMap<String, Target> =
+        targets.into_iter().map(|t| (t.role.clone(), t)).collect();
     let faults: Vec<_> = pb.faults.iter().collect();
     let mut needed: std::collections::BTreeSet<(String, String, String)> =
-        permissions_needed(&targets, &faults)
+        faults::permissions(&targets, &faults)
             .into_iter()
             .map(|p| {
                 let resource = if p.subresource.is_empty() {
@@ -655,17 +681,17 @@ async fn a_chaos_mesh_delay_is_a_network_chaos_deleted_on_revert() {
     let Cluster::Kubernetes(kube) = &harness.cluster else {
         unreachable!()
     };
-    let faults: Vec<_> = pb.faults.iter().collect();
+    let needed = harness.permissions(&pb);
     // Not installed: said before anything is injected.
-    let err = format!("{:#}", kube.preflight(&faults).await.unwrap_err());
+    let err = format!("{:#}", kube.preflight(&needed).await.unwrap_err());
     assert!(
         err.contains("does not serve chaos-mesh.org/v1alpha1 NetworkChaos"),
         "{err}"
     );
 
     server.world.lock().unwrap().chaos_mesh = true;
-    kube.preflight(&faults).await.unwrap();
-    let (action, injected) = harness.inject(&pb, 0).await;
+    kube.preflight(&needed).await.unwrap();
+    let (held, injected) = harness.inject(&pb, 0).await;
     assert_eq!(injected.targets, vec!["router-0"]);
     let made: Vec<_> = server
         .world
@@ -683,7 +709,7 @@ async fn a_chaos_mesh_delay_is_a_network_chaos_deleted_on_revert() {
     );
     assert_eq!(spec["delay"], json!({"latency": "150ms", "jitter": "10ms"}));
     assert_eq!(spec["duration"], "30s");
-    action.revert(&harness.cluster, &injected).await.unwrap();
+    harness.revert(&pb, 0, held).await;
     assert!(
         server.world.lock().unwrap().network_chaos.is_empty(),
         "not deleted on revert"
@@ -708,8 +734,8 @@ async fn an_early_revert_takes_the_delay_off_through_exec_and_an_on_time_one_doe
     );
     let harness = Harness::new(&server, &pb).await;
     // Aborted long before its 30 s: removed at once, in its own container.
-    let (early, injected) = harness.inject(&pb, 0).await;
-    early.revert(&harness.cluster, &injected).await.unwrap();
+    let (early, _) = harness.inject(&pb, 0).await;
+    harness.revert(&pb, 0, early).await;
     let execs = server.world.lock().unwrap().execs.clone();
     let container = server.world.lock().unwrap().ephemeral[0].1["name"]
         .as_str()
@@ -726,9 +752,9 @@ async fn an_early_revert_takes_the_delay_off_through_exec_and_an_on_time_one_doe
         )]
     );
     // Reverted at its end: the container took it off itself, no exec.
-    let (on_time, injected) = harness.inject(&pb, 1).await;
+    let (on_time, _) = harness.inject(&pb, 1).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    on_time.revert(&harness.cluster, &injected).await.unwrap();
+    harness.revert(&pb, 1, on_time).await;
     assert_eq!(server.world.lock().unwrap().execs.len(), 1);
     harness.events().await;
 }

@@ -12,11 +12,11 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use shakedown::jsonl;
 use shakedown::load::client::RequestTemplate;
-use shakedown::playbook::lengths::{DistKind, Spread, TokenCount};
 use shakedown::load::{LiveStats, LoadPlan, http_client, run_load};
 use shakedown::measure::Sample;
-use shakedown::record::{Outcome, Record};
+use shakedown::playbook::lengths::{DistKind, Spread, TokenCount};
 use shakedown::playbook::{Api, Arrival, HumanDuration, Sessions};
+use shakedown::record::{Outcome, Record};
 use tokio::net::TcpListener;
 
 /// What the server saw of one request.

@@ -24,7 +24,7 @@ fn every_shipped_playbook_is_valid() {
     let files = yaml_files("playbooks");
     assert!(files.len() >= 4);
     for file in files {
-        if let Err(err) = shakedown::playbook::load(&file) {
+        if let Err(err) = shakedown::faults::load_playbook(&file) {
             panic!("{err}");
         }
     }
@@ -48,7 +48,7 @@ fn every_bad_playbook_is_refused_where_the_defect_is() {
             .strip_prefix("# expect: ")
             .unwrap();
         let (line, field) = header.split_once(' ').unwrap_or((header, ""));
-        let err = match shakedown::playbook::load(file) {
+        let err = match shakedown::faults::load_playbook(file) {
             Ok(_) => {
                 wrong.push(format!("{}: accepted", file.display()));
                 continue;

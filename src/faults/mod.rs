@@ -1,25 +1,66 @@
-//! Faults: what a playbook does to a stack. One file per action, each
-//! implementing [`FaultAction`] for every kind of [`Cluster`].
+//! Faults: what a playbook does to a stack.
 //!
-//! Start at [`from_spec`], which turns a playbook fault into its action:
-//! [`pod_kill`], [`node_drain`], [`network_delay`]. The playbook engine
-//! injects each at its offset, and reverts it after [`FaultAction::lasts`]
-//! or when the run ends, however it ends.
-
-pub mod network_delay;
-pub mod node_drain;
-pub mod pod_kill;
+//! One module per action owns everything about it ([`Action`]): its fields
+//! (a serde struct, typed from the playbook), its checks (located errors),
+//! its plan text and how long it lasts, the Kubernetes permissions it
+//! needs, and what it does and undoes on each kind of cluster. The
+//! registry below is the closed list of actions, [`FaultSpec`]; adding one
+//! is a new module and one line in `registry!`.
+//!
+//! Start at [`load_playbook`], which reads a playbook with its faults
+//! typed, and at [`FaultSpec::inject`] and [`FaultSpec::revert`], which the
+//! playbook engine ([`crate::run`]) calls on its timeline.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::cluster::Cluster;
-use crate::playbook::{Fault, FaultAction as Action};
+use crate::cluster::kubernetes::rbac::Permission;
+use crate::playbook::{
+    self, FaultSpecs, FieldPath, HumanDuration, Params, PlaybookError, Problem, Stack,
+};
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// A playbook with its faults typed: what `run`, `plan` and `report` use.
+pub type Playbook = playbook::Playbook<FaultSpec>;
+/// A playbook's fault with its action's spec.
+pub type Fault = playbook::Fault<FaultSpec>;
+pub type LoadedPlaybook = playbook::LoadedPlaybook<FaultSpec>;
 
-/// What an injection did, for `events.jsonl` and for its revert.
+/// Reads, checks and types a playbook file, and the data files it names.
+pub fn load_playbook(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
+    playbook::load(path)
+}
+
+/// Reads, checks and types a playbook file alone (a run directory's copy).
+pub fn read_playbook(path: &Path) -> Result<Playbook, PlaybookError> {
+    playbook::read(path)
+}
+
+/// Parses playbook text; `file` only names it in errors.
+pub fn parse_playbook(file: &Path, text: &str) -> Result<Playbook, PlaybookError> {
+    playbook::parse(file, text)
+}
+
+/// How long a fault stays in force once injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lasts {
+    /// Done once injected: nothing to revert (a pod kill).
+    Instant,
+    /// Reverted this long after its injection.
+    For(Duration),
+    /// In force until the load ends, however it ends.
+    UntilEnd,
+}
+
+impl Lasts {
+    /// From an optional duration field: `None` lasts until the end.
+    pub fn from_field(field: Option<HumanDuration>) -> Self {
+        field.map_or(Lasts::UntilEnd, |d| Lasts::For(d.0))
+    }
+}
+
+/// What an injection did, for `events.jsonl`.
 #[derive(Debug, Clone, Default)]
 pub struct Injected {
     /// The pods hit.
@@ -28,41 +69,357 @@ pub struct Injected {
     pub detail: Option<String>,
 }
 
-pub trait FaultAction: Send + Sync {
-    /// Injects the fault. `seed` makes its random choices repeatable.
-    fn inject<'a>(
-        &'a self,
-        cluster: &'a Cluster,
-        seed: u64,
-    ) -> BoxFuture<'a, anyhow::Result<Injected>>;
+/// Where a fault's own checks look: the playbook, the fault, and where the
+/// fault is in the file, for located problems.
+pub struct Checked<'a> {
+    pub playbook: &'a Playbook,
+    pub fault: &'a Fault,
+    pub path: &'a FieldPath,
+}
 
-    /// Undoes what `inject` did, if anything stays in place. A pod kill
-    /// leaves nothing: the cluster re-creates the pod on its own.
-    fn revert<'a>(
-        &'a self,
-        _cluster: &'a Cluster,
-        _injected: &'a Injected,
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
+impl Checked<'_> {
+    /// A problem with one of the fault's fields.
+    pub fn problem(&self, field: &str, message: impl Into<String>) -> Problem {
+        Problem::at(self.path.clone().key(field), message)
     }
 
-    /// Whether there is anything for `revert` to undo.
-    fn needs_revert(&self) -> bool {
-        false
+    /// `Err` of [`Checked::problem`].
+    pub fn refuse(&self, field: &str, message: impl Into<String>) -> Result<(), Problem> {
+        Err(self.problem(field, message))
     }
 
-    /// How long after injection the fault is reverted; `None` for as long as
-    /// the run lasts.
-    fn lasts(&self) -> Option<Duration> {
-        None
+    /// The stacks the fault applies to.
+    pub fn stacks(&self) -> impl Iterator<Item = &Stack> {
+        self.playbook
+            .stacks
+            .iter()
+            .filter(|s| self.fault.applies_to(&s.name))
+    }
+
+    /// A duration field (`duration`, `uncordon_after`) must end the fault
+    /// inside the run.
+    pub fn fits(&self, field: &str, lasts: Option<HumanDuration>) -> Result<(), Problem> {
+        playbook::fits(self.playbook, self.path.clone(), self.fault, field, lasts)
     }
 }
 
-/// The action of a validated playbook fault.
-pub fn from_spec(fault: &Fault) -> anyhow::Result<Box<dyn FaultAction>> {
-    match fault.action {
-        Action::PodKill => Ok(Box::new(pod_kill::PodKill::from_spec(fault))),
-        Action::NodeDrain => Ok(Box::new(node_drain::NodeDrain::from_spec(fault))),
-        Action::NetworkDelay => Ok(Box::new(network_delay::NetworkDelay::from_spec(fault))),
+/// What a fault is injected on: the stack's cluster, the target role, and
+/// the seed its random choices come from.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub cluster: &'a Cluster,
+    pub role: &'a str,
+    pub seed: u64,
+}
+
+/// Everything one action is and does.
+pub trait Action: Sized + serde::de::DeserializeOwned + Send + Sync {
+    /// Its `action:` in a playbook.
+    const NAME: &'static str;
+
+    /// What an injection leaves in place until its revert.
+    type Held: Send;
+
+    /// A spec as the docs show it: the registry's tests plan and check it.
+    fn example() -> Self;
+
+    /// Checks that need the playbook (the fault's stacks, the run's end).
+    fn check(&self, at: &Checked) -> Result<(), Problem>;
+
+    fn lasts(&self) -> Lasts;
+
+    /// What it will do to `target` of `stack`, in words, for `plan`.
+    fn plan(&self, target: &str, stack: &Stack) -> String;
+
+    /// What it needs on a Kubernetes cluster, the target in `namespace`.
+    fn permissions(&self, namespace: &str) -> Vec<Permission>;
+
+    fn inject(
+        &self,
+        target: Target<'_>,
+    ) -> impl Future<Output = anyhow::Result<(Injected, Self::Held)>> + Send;
+
+    /// Undoes what `inject` left in place.
+    fn revert(
+        &self,
+        cluster: &Cluster,
+        held: Self::Held,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// The closed list of actions, and the dispatch from the enum to each.
+macro_rules! registry {
+    ($($variant:ident($module:ident::$spec:ident)),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// A fault's action and its own fields.
+        #[derive(Debug, Clone)]
+        pub enum FaultSpec {
+            $($variant($module::$spec),)*
+        }
+
+        /// What an injected fault holds until its revert.
+        pub enum Held {
+            $($variant(<$module::$spec as Action>::Held),)*
+        }
+
+        /// Every action, as a playbook names it.
+        pub const ACTIONS: &[&str] = &[$(<$module::$spec as Action>::NAME),*];
+
+        impl FaultSpec {
+            pub fn action(&self) -> &'static str {
+                match self {
+                    $(FaultSpec::$variant(_) => <$module::$spec as Action>::NAME,)*
+                }
+            }
+
+            pub fn lasts(&self) -> Lasts {
+                match self {
+                    $(FaultSpec::$variant(spec) => spec.lasts(),)*
+                }
+            }
+
+            pub fn plan(&self, target: &str, stack: &Stack) -> String {
+                match self {
+                    $(FaultSpec::$variant(spec) => spec.plan(target, stack),)*
+                }
+            }
+
+            pub fn permissions(&self, namespace: &str) -> Vec<Permission> {
+                match self {
+                    $(FaultSpec::$variant(spec) => spec.permissions(namespace),)*
+                }
+            }
+
+            pub async fn inject(&self, target: Target<'_>) -> anyhow::Result<(Injected, Held)> {
+                match self {
+                    $(FaultSpec::$variant(spec) => {
+                        let (injected, held) = spec.inject(target).await?;
+                        Ok((injected, Held::$variant(held)))
+                    })*
+                }
+            }
+
+            pub async fn revert(&self, cluster: &Cluster, held: Held) -> anyhow::Result<()> {
+                match (self, held) {
+                    $((FaultSpec::$variant(spec), Held::$variant(held)) => spec.revert(cluster, held).await,)*
+                    #[allow(unreachable_patterns)]
+                    (spec, _) => anyhow::bail!("internal: a `{}` fault was given another fault's state to revert", spec.action()),
+                }
+            }
+
+            /// One example of each action, as the docs show them.
+            pub fn examples() -> Vec<FaultSpec> {
+                vec![$(FaultSpec::$variant(<$module::$spec as Action>::example()),)*]
+            }
+
+            fn check_own(&self, at: &Checked) -> Result<(), Problem> {
+                match self {
+                    $(FaultSpec::$variant(spec) => spec.check(at),)*
+                }
+            }
+
+            fn parse_action(params: &Params) -> Option<Result<FaultSpec, Problem>> {
+                $(
+                    if params.action == <$module::$spec as Action>::NAME {
+                        return Some(typed::<$module::$spec>(params).map(FaultSpec::$variant));
+                    }
+                )*
+                None
+            }
+        }
+    };
+}
+
+registry! {
+    PodKill(pod_kill::PodKill),
+    NodeDrain(node_drain::NodeDrain),
+    NetworkDelay(network_delay::NetworkDelay),
+}
+
+impl FaultSpecs for FaultSpec {
+    fn parse(params: &Params) -> Result<Self, Problem> {
+        FaultSpec::parse_action(params).unwrap_or_else(|| {
+            Err(Problem::at(
+                FieldPath::default().key("action"),
+                format!(
+                    "`{}` is not a fault action: the actions are {}",
+                    params.action,
+                    quoted(ACTIONS.iter().copied())
+                ),
+            ))
+        })
+    }
+
+    fn check(pb: &Playbook, fault: &Fault, path: &FieldPath) -> Result<(), Problem> {
+        fault.spec.check_own(&Checked {
+            playbook: pb,
+            fault,
+            path,
+        })
+    }
+}
+
+fn quoted<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An action's own fields, typed from what the playbook gave; the
+/// problem names the field to blame.
+fn typed<A: Action>(params: &Params) -> Result<A, Problem> {
+    let value = serde_json::Value::Object(params.fields.clone());
+    serde_path_to_error::deserialize::<_, A>(value).map_err(|err| {
+        let path = FieldPath::default().join(err.path());
+        let field = path.to_string();
+        let message = err.into_inner().to_string();
+        let message = match message.strip_prefix("unknown field ") {
+            // serde lists the action's own fields; a reader wants them all.
+            Some(rest) => {
+                let own: Vec<&str> = rest
+                    .split_once(", expected ")
+                    .map(|(_, expected)| {
+                        expected
+                            .trim_start_matches("one of ")
+                            .split(", ")
+                            .map(|f| f.trim_matches('`'))
+                            .filter(|f| !f.is_empty() && *f != "there are no fields")
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let all = playbook::COMMON_FAULT_FIELDS
+                    .iter()
+                    .copied()
+                    .chain(own.iter().copied());
+                format!(
+                    "`{field}` does not apply to `action: {}`; its fields are {}",
+                    A::NAME,
+                    quoted(all)
+                )
+            }
+            None => playbook::explain(&message, &field),
+        };
+        Problem::at(path, message)
+    })
+}
+
+/// Everything a stack's faults need on a Kubernetes cluster, with
+/// watching the targets' pods: what preflight checks and `faults/rbac.yaml`
+/// grants.
+pub fn permissions(
+    targets: &std::collections::BTreeMap<String, crate::cluster::kubernetes::Target>,
+    faults: &[&Fault],
+) -> Vec<Permission> {
+    let mut needed: std::collections::BTreeSet<Permission> =
+        crate::cluster::kubernetes::preflight::watch_permissions(targets.values())
+            .into_iter()
+            .collect();
+    for fault in faults {
+        if let Some(target) = targets.get(&fault.target) {
+            needed.extend(fault.spec.permissions(&target.namespace));
+        }
+    }
+    needed.into_iter().collect()
+}
+
+/// Each fault's random choices depend on the playbook's seed and its name
+/// only, so every stack sees the same choices.
+pub fn fault_seed(seed: u64, name: &str) -> u64 {
+    crate::tokens::mix(
+        seed ^ name
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_action_has_a_plan_permissions_and_a_doc_section() {
+        let docs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/faults/README.md"))
+                .unwrap_or_default();
+        let pb = load_playbook(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/playbooks/quickstart.yaml"
+        )))
+        .map(|l| l.playbook);
+        let stack = &pb.as_ref().ok().map(|pb| pb.stacks[0].clone());
+        let examples = FaultSpec::examples();
+        assert_eq!(examples.len(), ACTIONS.len());
+        for spec in examples {
+            let action = spec.action();
+            assert!(
+                docs.contains(&format!("\n## {action}\n")),
+                "faults/README.md has no `## {action}` section"
+            );
+            if let Some(stack) = stack {
+                assert!(
+                    !spec.plan("engine", stack).is_empty(),
+                    "{action}: no plan text"
+                );
+            }
+            assert!(
+                !spec.permissions("llm").is_empty(),
+                "{action}: no Kubernetes permissions declared"
+            );
+        }
+    }
+
+    #[test]
+    fn each_fault_needs_its_verbs_in_its_role_namespace() {
+        use crate::cluster::kubernetes::Target;
+        let targets: std::collections::BTreeMap<String, Target> =
+            [("engine", "llm", "app=e"), ("router", "gw", "app=r")]
+                .into_iter()
+                .map(|(role, namespace, selector)| {
+                    (
+                        role.to_string(),
+                        Target {
+                            role: role.into(),
+                            namespace: namespace.into(),
+                            selector: selector.into(),
+                        },
+                    )
+                })
+                .collect();
+        let fault = |target: &str, spec: FaultSpec| Fault {
+            name: "f".into(),
+            at: HumanDuration::from_secs_f64(1.0),
+            target: target.into(),
+            stacks: None,
+            spec,
+        };
+        let kill = fault("router", FaultSpec::PodKill(Default::default()));
+        let drain = fault("engine", FaultSpec::NodeDrain(Default::default()));
+        let needed: Vec<String> = permissions(&targets, &[&kill, &drain])
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert!(
+            needed.contains(&"`delete` on pods in namespace gw".to_string()),
+            "{needed:?}"
+        );
+        assert!(needed.contains(&"`create` on pods/eviction (cluster-wide)".to_string()));
+        assert!(needed.contains(&"`patch` on nodes (cluster-wide)".to_string()));
+        assert!(needed.contains(&"`watch` on pods in namespace llm".to_string()));
+        assert!(!needed.iter().any(|p| p.contains("ephemeralcontainers")));
+    }
+
+    #[test]
+    fn an_unknown_action_lists_the_known_ones() {
+        let problem = FaultSpec::parse(&Params {
+            action: "restart".into(),
+            fields: Default::default(),
+        })
+        .unwrap_err();
+        assert_eq!(problem.path.to_string(), "action");
+        for action in ACTIONS {
+            assert!(problem.message.contains(action), "{}", problem.message);
+        }
     }
 }

@@ -13,35 +13,77 @@
 //! `mechanism: chaos-mesh`, a Chaos Mesh NetworkChaos with the same delay
 //! and duration is created instead, and deleted on revert.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::cluster::kubernetes::PodRef;
+use serde::{Deserialize, Serialize};
 
-use super::{BoxFuture, FaultAction, Injected};
+use super::{Action, Checked, Injected, Lasts, Target};
 use crate::cluster::Cluster;
-use crate::cluster::kubernetes::chaos_mesh;
+use crate::cluster::kubernetes::rbac::Permission;
+use crate::cluster::kubernetes::{PodRef, chaos_mesh};
 use crate::cluster::local::Role;
 use crate::cluster::local::proxy::Shaping;
-use crate::playbook::{DelayMechanism, Direction, Fault};
+use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetworkDelay {
-    role: String,
-    delay: Duration,
-    jitter: Duration,
-    loss: f64,
-    direction: Direction,
-    duration: Option<Duration>,
-    image: String,
-    mechanism: DelayMechanism,
-    /// Kubernetes: when it was injected, and the containers added.
-    added: Mutex<Option<Added>>,
-    /// Kubernetes with Chaos Mesh: the NetworkChaos made (namespace, name).
-    chaos: Mutex<Option<(String, String)>>,
+    /// How long each chunk is held.
+    #[serde(default)]
+    pub delay: Option<HumanDuration>,
+    /// ± this much, drawn per chunk.
+    #[serde(default)]
+    pub jitter: Option<HumanDuration>,
+    /// How long the delay lasts; until the end of the run by default
+    /// (required on Kubernetes, where it ends by itself).
+    #[serde(default)]
+    pub duration: Option<HumanDuration>,
+    /// Local: the share of requests whose connection is reset.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// `egress` (default): what the target sends, as `tc netem` on its
+    /// interface; `both`: also what it receives (local).
+    #[serde(default)]
+    pub direction: Option<Direction>,
+    /// Kubernetes: `ephemeral-container` (default) or `chaos-mesh`.
+    #[serde(default)]
+    pub mechanism: Option<DelayMechanism>,
+    /// Kubernetes: the image of the ephemeral container that runs `tc`.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
-/// When a delay was injected on Kubernetes, and the (pod, container)s added.
-type Added = (tokio::time::Instant, Vec<(PodRef, String)>);
+/// How a delay is applied on Kubernetes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DelayMechanism {
+    /// `tc netem` in an ephemeral container that removes it itself.
+    #[default]
+    EphemeralContainer,
+    /// A Chaos Mesh `NetworkChaos`, deleted on revert.
+    ChaosMesh,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    #[default]
+    Egress,
+    Both,
+}
+
+/// What a delay holds until its revert.
+pub enum Delayed {
+    /// The proxies of the role's pods shape their traffic.
+    Local(Role),
+    /// Ephemeral containers added (pod, container), and when.
+    Containers {
+        started: tokio::time::Instant,
+        added: Vec<(PodRef, String)>,
+    },
+    /// A Chaos Mesh NetworkChaos (namespace, name).
+    Chaos { namespace: String, name: String },
+}
 
 /// A small image with `tc` and `sh`, unless the fault names another.
 pub const DEFAULT_IMAGE: &str = "nicolaka/netshoot:v0.13";
@@ -76,34 +118,28 @@ pub fn delay_container(name: &str, image: &str, command: Vec<String>) -> serde_j
 }
 
 impl NetworkDelay {
-    pub fn from_spec(fault: &Fault) -> Self {
-        Self {
-            role: fault.target.clone(),
-            delay: fault.delay.map(|d| d.0).unwrap_or_default(),
-            jitter: fault.jitter.map(|d| d.0).unwrap_or_default(),
-            loss: fault.loss.unwrap_or(0.0),
-            direction: fault.direction.unwrap_or_default(),
-            duration: fault.duration.map(|d| d.0),
-            image: fault.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
-            mechanism: fault.mechanism.unwrap_or_default(),
-            added: Mutex::new(None),
-            chaos: Mutex::new(None),
-        }
+    fn delay(&self) -> Duration {
+        self.delay.map(|d| d.0).unwrap_or_default()
+    }
+
+    fn jitter(&self) -> Duration {
+        self.jitter.map(|d| d.0).unwrap_or_default()
+    }
+
+    fn mechanism(&self) -> DelayMechanism {
+        self.mechanism.unwrap_or_default()
     }
 
     fn describe(&self) -> String {
         let mut text = format!(
             "{}ms ± {}ms",
-            self.delay.as_millis(),
-            self.jitter.as_millis()
+            self.delay().as_millis(),
+            self.jitter().as_millis()
         );
-        if self.loss > 0.0 {
-            text.push_str(&format!(
-                ", {:.1}% of connections dropped",
-                self.loss * 100.0
-            ));
+        if let Some(loss) = self.loss.filter(|l| *l > 0.0) {
+            text.push_str(&format!(", {:.1}% of requests' connections cut", loss * 100.0));
         }
-        text.push_str(match self.direction {
+        text.push_str(match self.direction.unwrap_or_default() {
             Direction::Egress => ", on what the pods send",
             Direction::Both => ", both directions",
         });
@@ -111,159 +147,263 @@ impl NetworkDelay {
     }
 }
 
-impl FaultAction for NetworkDelay {
-    fn inject<'a>(
-        &'a self,
-        cluster: &'a Cluster,
-        seed: u64,
-    ) -> BoxFuture<'a, anyhow::Result<Injected>> {
-        Box::pin(async move {
-            match cluster {
-                Cluster::Local(local) => {
-                    let shaping = Shaping {
-                        delay: self.delay,
-                        jitter: self.jitter,
-                        loss: self.loss,
-                        both_directions: self.direction == Direction::Both,
-                        seed,
-                    };
-                    let targets = local.shape(Role::from_target(&self.role)?, shaping);
-                    Ok(Injected {
+impl Action for NetworkDelay {
+    const NAME: &'static str = "network-delay";
+    type Held = Delayed;
+
+    fn example() -> Self {
+        NetworkDelay {
+            delay: Some(HumanDuration::from_secs_f64(0.2)),
+            jitter: Some(HumanDuration::from_secs_f64(0.02)),
+            duration: Some(HumanDuration::from_secs_f64(45.0)),
+            ..NetworkDelay::default()
+        }
+    }
+
+    fn check(&self, at: &Checked) -> Result<(), Problem> {
+        for stack in at.stacks() {
+            match stack.cluster.kind {
+                ClusterKind::Kubernetes => {
+                    // tc netem in an ephemeral container that ends the delay itself.
+                    if self.duration.is_none() {
+                        return at.refuse(
+                            "duration",
+                            format!(
+                                "on Kubernetes (stack `{}`) a delay needs `duration`: the delay ends by itself after that time (the container removes it, or Chaos Mesh does), even if shakedown dies",
+                                stack.name
+                            ),
+                        );
+                    }
+                    if self.loss.is_some() {
+                        return at.refuse(
+                            "loss",
+                            "`loss` is built for the local cluster only; on Kubernetes use delay and jitter",
+                        );
+                    }
+                    if self.direction == Some(Direction::Both) {
+                        return at.refuse(
+                            "direction",
+                            "on Kubernetes a delay is egress only (netem on the pod's eth0)",
+                        );
+                    }
+                }
+                ClusterKind::Local => {
+                    if self.mechanism.is_some() {
+                        return at.refuse(
+                            "mechanism",
+                            "`mechanism` picks how a delay is applied on Kubernetes (`ephemeral-container` or `chaos-mesh`); a local cluster has its proxies",
+                        );
+                    }
+                    if self.image.is_some() {
+                        return at.refuse(
+                            "image",
+                            "`image` is the ephemeral container of a delay on Kubernetes; a local cluster has none",
+                        );
+                    }
+                }
+            }
+        }
+        if self.delay.is_none() && self.loss.is_none() {
+            return at.refuse(
+                "delay",
+                "a network fault needs a `delay` (such as `200ms`), a `loss`, or both",
+            );
+        }
+        if self.delay() > Duration::from_secs(60) {
+            return at.refuse(
+                "delay",
+                "a delay of more than 60s would only time every request out: use at most `60s`",
+            );
+        }
+        if self.jitter.is_some() && self.jitter() > self.delay() {
+            return at.refuse(
+                "jitter",
+                "the jitter is at most the delay, so no chunk is held for less than nothing",
+            );
+        }
+        if let Some(loss) = self.loss
+            && !(0.0..=1.0).contains(&loss)
+        {
+            return at.refuse(
+                "loss",
+                format!(
+                    "{loss} is out of range: the share of requests cut, from 0 to 1, such as 0.05"
+                ),
+            );
+        }
+        at.fits("duration", self.duration)
+    }
+
+    fn lasts(&self) -> Lasts {
+        Lasts::from_field(self.duration)
+    }
+
+    fn plan(&self, target: &str, stack: &Stack) -> String {
+        let of = super::pod_kill::local_replicas(stack, target)
+            .map(|r| format!(" of {r}"))
+            .unwrap_or_default();
+        let mut text = format!(
+            "all{of} `{target}` pods: {} ± {}",
+            HumanDuration(self.delay()),
+            HumanDuration(self.jitter())
+        );
+        if let Some(loss) = self.loss {
+            text.push_str(&format!(", {:.1}% of requests' connections cut", loss * 100.0));
+        }
+        text.push_str(match self.direction.unwrap_or_default() {
+            Direction::Egress => ", on what they send",
+            Direction::Both => ", both directions",
+        });
+        text
+    }
+
+    fn permissions(&self, namespace: &str) -> Vec<Permission> {
+        match self.mechanism() {
+            DelayMechanism::ChaosMesh => vec![
+                Permission::of_group("create", chaos_mesh::GROUP, "networkchaos", Some(namespace)),
+                Permission::of_group("delete", chaos_mesh::GROUP, "networkchaos", Some(namespace)),
+            ],
+            DelayMechanism::EphemeralContainer => vec![
+                Permission::core("patch", "pods/ephemeralcontainers", Some(namespace)),
+                Permission::core("create", "pods/exec", Some(namespace)),
+            ],
+        }
+    }
+
+    async fn inject(&self, target: Target<'_>) -> anyhow::Result<(Injected, Delayed)> {
+        let role = target.role;
+        match target.cluster {
+            Cluster::Local(local) => {
+                let shaping = Shaping {
+                    delay: self.delay(),
+                    jitter: self.jitter(),
+                    loss: self.loss.unwrap_or(0.0),
+                    both_directions: self.direction == Some(Direction::Both),
+                    seed: target.seed,
+                };
+                let role = Role::from_target(role)?;
+                let targets = local.shape(role, shaping);
+                Ok((
+                    Injected {
                         targets,
                         detail: Some(self.describe()),
-                    })
-                }
-                Cluster::Kubernetes(kube) if self.mechanism == DelayMechanism::ChaosMesh => {
-                    let Some(lasts) = self.duration else {
-                        anyhow::bail!("a delay on Kubernetes needs `duration`");
-                    };
-                    let target = kube.target(&self.role)?;
-                    let name = format!("shakedown-delay-{:08x}", seed as u32);
-                    let chaos = chaos_mesh::network_chaos(
-                        &name,
-                        target,
-                        &kube.run_id,
-                        self.delay,
-                        self.jitter,
-                        lasts,
-                    )?;
-                    let targets = kube
-                        .serving_pods(&self.role)
-                        .await?
-                        .into_iter()
-                        .map(|p| p.name)
-                        .collect();
-                    kube.create_network_chaos(chaos).await?;
-                    if let Ok(mut slot) = self.chaos.lock() {
-                        *slot = Some((target.namespace.clone(), name.clone()));
-                    }
-                    Ok(Injected {
+                    },
+                    Delayed::Local(role),
+                ))
+            }
+            Cluster::Kubernetes(kube) if self.mechanism() == DelayMechanism::ChaosMesh => {
+                let Some(lasts) = self.duration else {
+                    anyhow::bail!("a delay on Kubernetes needs `duration`");
+                };
+                let spec = kube.target(role)?;
+                let name = format!("shakedown-delay-{:08x}", target.seed as u32);
+                let chaos = chaos_mesh::network_chaos(
+                    &name,
+                    spec,
+                    &kube.run_id,
+                    self.delay(),
+                    self.jitter(),
+                    lasts.0,
+                )?;
+                let targets = kube
+                    .serving_pods(role)
+                    .await?
+                    .into_iter()
+                    .map(|p| p.name)
+                    .collect();
+                kube.create_network_chaos(chaos).await?;
+                Ok((
+                    Injected {
                         targets,
                         detail: Some(format!(
                             "{} (Chaos Mesh NetworkChaos {}/{name})",
                             self.describe(),
-                            target.namespace
+                            spec.namespace
                         )),
-                    })
+                    },
+                    Delayed::Chaos {
+                        namespace: spec.namespace.clone(),
+                        name,
+                    },
+                ))
+            }
+            Cluster::Kubernetes(kube) => {
+                let Some(lasts) = self.duration else {
+                    anyhow::bail!("a delay on Kubernetes needs `duration`");
+                };
+                let pods = kube.serving_pods(role).await?;
+                if pods.is_empty() {
+                    anyhow::bail!("no Ready `{role}` pod to delay");
                 }
-                Cluster::Kubernetes(kube) => {
-                    let Some(lasts) = self.duration else {
-                        anyhow::bail!("a delay on Kubernetes needs `duration`");
-                    };
-                    let pods = kube.serving_pods(&self.role).await?;
-                    if pods.is_empty() {
-                        anyhow::bail!("no Ready `{}` pod to delay", self.role);
+                // Ephemeral containers stay in the pod spec: each
+                // injection needs a name of its own.
+                let name = format!("shakedown-delay-{:08x}", target.seed as u32);
+                let command = netem_command(self.delay(), self.jitter(), lasts.0);
+                let image = self.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into());
+                let started = tokio::time::Instant::now();
+                let mut added = Vec::new();
+                for pod in &pods {
+                    let container = delay_container(&name, &image, command.clone());
+                    if let Err(err) = kube.add_ephemeral_container(pod, container).await {
+                        // The pods already delayed are said in the error;
+                        // each ends its delay by itself.
+                        let done: Vec<&str> = added.iter().map(|(p, _): &(PodRef, String)| p.name.as_str()).collect();
+                        return Err(err.context(format!(
+                            "the delay is in force on {} pods already ({}), each ending by itself",
+                            done.len(),
+                            done.join(", ")
+                        )));
                     }
-                    // Ephemeral containers stay in the pod spec: each
-                    // injection needs a name of its own.
-                    let name = format!("shakedown-delay-{:08x}", seed as u32);
-                    let command = netem_command(self.delay, self.jitter, lasts);
-                    let started = tokio::time::Instant::now();
-                    let mut added = Vec::new();
-                    let mut result = Ok(());
-                    for pod in &pods {
-                        let container = delay_container(&name, &self.image, command.clone());
-                        match kube.add_ephemeral_container(pod, container).await {
-                            Ok(()) => added.push((pod.clone(), name.clone())),
-                            Err(err) => {
-                                result = Err(err);
-                                break;
-                            }
-                        }
-                    }
-                    let targets = added.iter().map(|(p, _)| p.name.clone()).collect();
-                    if let Ok(mut slot) = self.added.lock() {
-                        *slot = Some((started, added));
-                    }
-                    // The pods already delayed stay recorded for the revert.
-                    result?;
-                    Ok(Injected {
+                    added.push((pod.clone(), name.clone()));
+                }
+                let targets = added.iter().map(|(p, _)| p.name.clone()).collect();
+                Ok((
+                    Injected {
                         targets,
                         detail: Some(format!(
                             "{} (tc netem in container {name})",
                             self.describe()
                         )),
-                    })
-                }
+                    },
+                    Delayed::Containers { started, added },
+                ))
             }
-        })
+        }
     }
 
-    fn revert<'a>(
-        &'a self,
-        cluster: &'a Cluster,
-        _injected: &'a Injected,
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move {
-            match cluster {
-                Cluster::Local(local) => {
-                    local.shape(Role::from_target(&self.role)?, Shaping::default());
+    async fn revert(&self, cluster: &Cluster, held: Delayed) -> anyhow::Result<()> {
+        match (cluster, held) {
+            (Cluster::Local(local), Delayed::Local(role)) => {
+                local.shape(role, Shaping::default());
+                Ok(())
+            }
+            // Deleting the object ends the delay, early or not.
+            (Cluster::Kubernetes(kube), Delayed::Chaos { namespace, name }) => {
+                kube.delete_network_chaos(&namespace, &name).await
+            }
+            (Cluster::Kubernetes(kube), Delayed::Containers { started, added }) => {
+                // On time, each container has taken its delay off itself.
+                let lasts = self.duration.map(|d| d.0).unwrap_or_default();
+                if started.elapsed() + Duration::from_millis(500) >= lasts {
+                    return Ok(());
+                }
+                let mut failures = Vec::new();
+                for (pod, container) in &added {
+                    if let Err(err) = kube.exec(pod, container, netem_removal()).await {
+                        failures.push(format!("{}: {err:#}", pod.name));
+                    }
+                }
+                if failures.is_empty() {
                     Ok(())
-                }
-                Cluster::Kubernetes(kube) if self.mechanism == DelayMechanism::ChaosMesh => {
-                    // Deleting the object ends the delay, early or not.
-                    match self.chaos.lock().ok().and_then(|mut c| c.take()) {
-                        Some((namespace, name)) => {
-                            kube.delete_network_chaos(&namespace, &name).await
-                        }
-                        None => Ok(()),
-                    }
-                }
-                Cluster::Kubernetes(kube) => {
-                    let Some((started, added)) = self.added.lock().ok().and_then(|mut a| a.take())
-                    else {
-                        return Ok(());
-                    };
-                    // On time, each container has taken its delay off itself.
-                    let lasts = self.duration.unwrap_or_default();
-                    if started.elapsed() + Duration::from_millis(500) >= lasts {
-                        return Ok(());
-                    }
-                    let mut failures = Vec::new();
-                    for (pod, container) in &added {
-                        if let Err(err) = kube.exec(pod, container, netem_removal()).await {
-                            failures.push(format!("{}: {err:#}", pod.name));
-                        }
-                    }
-                    if failures.is_empty() {
-                        Ok(())
-                    } else {
-                        anyhow::bail!(
-                            "the delay could not be taken off early (it ends by itself {:.0} s after injection): {}",
-                            lasts.as_secs_f64(),
-                            failures.join("; ")
-                        )
-                    }
+                } else {
+                    anyhow::bail!(
+                        "the delay could not be taken off early (it ends by itself {:.0} s after injection): {}",
+                        lasts.as_secs_f64(),
+                        failures.join("; ")
+                    )
                 }
             }
-        })
-    }
-
-    fn needs_revert(&self) -> bool {
-        true
-    }
-
-    fn lasts(&self) -> Option<Duration> {
-        self.duration
+            _ => anyhow::bail!("internal: a delay's state does not match its cluster"),
+        }
     }
 }

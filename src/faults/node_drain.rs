@@ -15,58 +15,70 @@
 //! a refusal is retried with backoff until `timeout`. Revert uncordons the
 //! node only if shakedown cordoned it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
+use serde::Deserialize;
 use tokio::task::JoinHandle;
 
-use super::{BoxFuture, FaultAction, Injected};
+use super::{Action, Checked, Injected, Lasts, Target};
 use crate::cluster::Cluster;
+use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::kubernetes::{Eviction, Evictor, PodRef};
 use crate::cluster::local::{LocalControl, Phase, Role};
 use crate::events::EventKind;
-use crate::playbook::Fault;
+use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
 /// Grace period of an eviction when the playbook gives none: shorter than
 /// Kubernetes' 30 s default, as emulated engines drain in well under that.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
-pub struct NodeDrain {
-    role: String,
-    node: Option<String>,
-    uncordon_after: Option<Duration>,
-    max_unavailable: usize,
-    grace: Duration,
-    /// Kubernetes: how long a refused eviction is retried.
-    timeout: Duration,
-    drain: Mutex<Option<Drain>>,
-}
-
 /// How long refused evictions are retried when the playbook gives no `timeout`.
 const DEFAULT_EVICTION_TIMEOUT: Duration = Duration::from_secs(300);
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDrain {
+    /// The node to drain; by default a seeded pick among the GPU nodes
+    /// hosting the role.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// When to uncordon; the end of the run by default.
+    #[serde(default)]
+    pub uncordon_after: Option<HumanDuration>,
+    /// At most this many of the role's pods down at once (local cluster).
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
+    /// Kubernetes: how long a refused eviction is retried.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// Each eviction's grace period (10 s by default).
+    #[serde(default)]
+    pub grace_period: Option<HumanDuration>,
+}
+
 /// What an injected drain holds until its revert.
-struct Drain {
+pub struct Drain {
     node: String,
     cordoned_by_us: bool,
     evicting: JoinHandle<()>,
 }
 
 impl NodeDrain {
-    pub fn from_spec(fault: &Fault) -> Self {
-        Self {
-            role: fault.target.clone(),
-            node: fault.node.clone(),
-            uncordon_after: fault.uncordon_after.map(|d| d.0),
-            max_unavailable: fault.max_unavailable.unwrap_or(1).max(1) as usize,
-            grace: fault.grace_period.map(|g| g.0).unwrap_or(DEFAULT_GRACE),
-            timeout: fault.timeout.map_or(DEFAULT_EVICTION_TIMEOUT, |t| t.0),
-            drain: Mutex::new(None),
-        }
+    fn max_unavailable(&self) -> usize {
+        self.max_unavailable.unwrap_or(1).max(1) as usize
+    }
+
+    fn grace(&self) -> Duration {
+        self.grace_period.map(|g| g.0).unwrap_or(DEFAULT_GRACE)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout.map_or(DEFAULT_EVICTION_TIMEOUT, |t| t.0)
     }
 }
 
@@ -133,167 +145,219 @@ async fn evict_through_budgets(
     }
 }
 
-impl FaultAction for NodeDrain {
-    fn inject<'a>(
-        &'a self,
-        cluster: &'a Cluster,
-        seed: u64,
-    ) -> BoxFuture<'a, anyhow::Result<Injected>> {
-        Box::pin(async move {
-            match cluster {
-                Cluster::Local(local) => {
-                    let role = Role::from_target(&self.role)?;
-                    if role != Role::Engine {
-                        bail!(
-                            "only `engine` pods sit on GPU nodes in a local cluster, not `{}`",
-                            self.role
-                        );
-                    }
-                    let pods = local.pods(Some(role));
-                    let node = match &self.node {
-                        Some(node) => node.clone(),
-                        None => {
-                            let mut hosting: Vec<String> =
-                                pods.iter().filter_map(|p| p.node.clone()).collect();
-                            hosting.sort();
-                            hosting.dedup();
-                            match hosting.choose(&mut StdRng::seed_from_u64(seed)) {
-                                Some(node) => node.clone(),
-                                None => bail!("no node hosts a `{}` pod to drain", self.role),
-                            }
-                        }
-                    };
-                    let cordoned_by_us = local.cordon(&node)?;
-                    let on_node: Vec<String> = pods
-                        .into_iter()
-                        .filter(|p| {
-                            p.node.as_deref() == Some(node.as_str())
-                                && matches!(p.phase, Phase::Starting | Phase::Ready)
-                        })
-                        .map(|p| p.pod)
-                        .collect();
-                    let evicting = tokio::spawn(evict(
-                        local.control(),
-                        role,
-                        on_node.clone(),
-                        self.max_unavailable,
-                        self.grace,
-                    ));
-                    if let Ok(mut drain) = self.drain.lock() {
-                        *drain = Some(Drain {
-                            node: node.clone(),
-                            cordoned_by_us,
-                            evicting,
-                        });
-                    }
-                    let detail = format!(
-                        "node {node} cordoned{}, {} pods to evict, at most {} unavailable",
-                        if cordoned_by_us { "" } else { " already" },
-                        on_node.len(),
-                        self.max_unavailable
+impl Action for NodeDrain {
+    const NAME: &'static str = "node-drain";
+    type Held = Drain;
+
+    fn example() -> Self {
+        NodeDrain {
+            uncordon_after: Some(HumanDuration::from_secs_f64(90.0)),
+            ..NodeDrain::default()
+        }
+    }
+
+    fn check(&self, at: &Checked) -> Result<(), Problem> {
+        if self.max_unavailable == Some(0) {
+            return at.refuse(
+                "max_unavailable",
+                "max_unavailable is at least 1: a drain that may take nothing down never ends",
+            );
+        }
+        at.fits("uncordon_after", self.uncordon_after)?;
+        for stack in at.stacks() {
+            if stack.cluster.kind != ClusterKind::Local {
+                continue;
+            }
+            if at.fault.target != "engine" {
+                return at.refuse(
+                    "target",
+                    "in a local cluster only `engine` pods sit on GPU nodes: drain `target: engine`",
+                );
+            }
+            if let Some(node) = &self.node {
+                let nodes = stack.cluster.nodes.unwrap_or(1);
+                let known: Vec<String> = (0..nodes).map(|n| format!("`gpu-node-{n}`")).collect();
+                if !known.contains(&format!("`{node}`")) {
+                    return at.refuse(
+                        "node",
+                        format!(
+                            "stack `{}` has no node `{node}`: its nodes are {}",
+                            stack.name,
+                            known.join(", ")
+                        ),
                     );
-                    Ok(Injected {
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn lasts(&self) -> Lasts {
+        Lasts::from_field(self.uncordon_after)
+    }
+
+    fn plan(&self, target: &str, _stack: &Stack) -> String {
+        format!(
+            "{}: cordon, evict its `{target}` pods, at most {} unavailable, grace {}, uncordon {}",
+            self.node
+                .clone()
+                .unwrap_or_else(|| format!("a node hosting `{target}` pods")),
+            self.max_unavailable(),
+            HumanDuration(self.grace()),
+            self.uncordon_after
+                .map(|u| format!("after {u}"))
+                .unwrap_or_else(|| "at the end".into())
+        )
+    }
+
+    fn permissions(&self, _namespace: &str) -> Vec<Permission> {
+        vec![
+            Permission::core("get", "nodes", None),
+            Permission::core("list", "nodes", None),
+            Permission::core("patch", "nodes", None),
+            // A drain evicts whatever runs on the node, in any namespace.
+            Permission::core("list", "pods", None),
+            Permission::core("create", "pods/eviction", None),
+        ]
+    }
+
+    async fn inject(&self, target: Target<'_>) -> anyhow::Result<(Injected, Drain)> {
+        let role = target.role;
+        match target.cluster {
+            Cluster::Local(local) => {
+                let role = Role::from_target(role)?;
+                if role != Role::Engine {
+                    bail!(
+                        "only `engine` pods sit on GPU nodes in a local cluster, not `{}`",
+                        role.as_str()
+                    );
+                }
+                let pods = local.pods(Some(role));
+                let node = match &self.node {
+                    Some(node) => node.clone(),
+                    None => {
+                        let mut hosting: Vec<String> =
+                            pods.iter().filter_map(|p| p.node.clone()).collect();
+                        hosting.sort();
+                        hosting.dedup();
+                        match hosting.choose(&mut StdRng::seed_from_u64(target.seed)) {
+                            Some(node) => node.clone(),
+                            None => bail!("no node hosts a `{}` pod to drain", role.as_str()),
+                        }
+                    }
+                };
+                let cordoned_by_us = local.cordon(&node)?;
+                let on_node: Vec<String> = pods
+                    .into_iter()
+                    .filter(|p| {
+                        p.node.as_deref() == Some(node.as_str())
+                            && matches!(p.phase, Phase::Starting | Phase::Ready)
+                    })
+                    .map(|p| p.pod)
+                    .collect();
+                let evicting = tokio::spawn(evict(
+                    local.control(),
+                    role,
+                    on_node.clone(),
+                    self.max_unavailable(),
+                    self.grace(),
+                ));
+                let detail = format!(
+                    "node {node} cordoned{}, {} pods to evict, at most {} unavailable",
+                    if cordoned_by_us { "" } else { " already" },
+                    on_node.len(),
+                    self.max_unavailable()
+                );
+                Ok((
+                    Injected {
                         targets: on_node,
                         detail: Some(detail),
-                    })
-                }
-                Cluster::Kubernetes(kube) => {
-                    let node = match &self.node {
-                        Some(node) => node.clone(),
-                        None => {
-                            let gpu_nodes = kube.gpu_nodes().await?;
-                            let mut hosting: Vec<String> = kube
-                                .serving_pods(&self.role)
-                                .await?
-                                .into_iter()
-                                .filter_map(|p| p.node)
-                                .filter(|n| gpu_nodes.contains(n))
-                                .collect();
-                            hosting.sort();
-                            hosting.dedup();
-                            match hosting.choose(&mut StdRng::seed_from_u64(seed)) {
-                                Some(node) => node.clone(),
-                                None => bail!(
-                                    "no GPU node (allocatable `{}`) hosts a Ready `{}` pod to drain",
-                                    kube.gpu_resource,
-                                    self.role
-                                ),
-                            }
+                    },
+                    Drain {
+                        node,
+                        cordoned_by_us,
+                        evicting,
+                    },
+                ))
+            }
+            Cluster::Kubernetes(kube) => {
+                let node = match &self.node {
+                    Some(node) => node.clone(),
+                    None => {
+                        let gpu_nodes = kube.gpu_nodes().await?;
+                        let mut hosting: Vec<String> = kube
+                            .serving_pods(role)
+                            .await?
+                            .into_iter()
+                            .filter_map(|p| p.node)
+                            .filter(|n| gpu_nodes.contains(n))
+                            .collect();
+                        hosting.sort();
+                        hosting.dedup();
+                        match hosting.choose(&mut StdRng::seed_from_u64(target.seed)) {
+                            Some(node) => node.clone(),
+                            None => bail!(
+                                "no GPU node (allocatable `{}`) hosts a Ready `{role}` pod to drain",
+                                kube.gpu_resource
+                            ),
                         }
-                    };
-                    let cordoned_by_us = kube.cordon(&node).await?;
-                    // Namespaces the playbook did not name are left alone,
-                    // kube-system above all.
-                    let named: Vec<String> =
-                        kube.targets.values().map(|t| t.namespace.clone()).collect();
-                    let (pods, skipped): (Vec<PodRef>, Vec<PodRef>) = kube
-                        .evictable_pods_on(&node)
-                        .await?
-                        .into_iter()
-                        .partition(|p| named.contains(&p.namespace));
-                    let evicting = tokio::spawn(evict_through_budgets(
-                        kube.evictor(),
-                        pods.clone(),
-                        self.grace,
-                        self.timeout,
-                    ));
-                    if let Ok(mut drain) = self.drain.lock() {
-                        *drain = Some(Drain {
-                            node: node.clone(),
-                            cordoned_by_us,
-                            evicting,
-                        });
                     }
-                    let detail = format!(
-                        "node {node} cordoned{}, {} pods to evict through their disruption budgets{}",
-                        if cordoned_by_us { "" } else { " already" },
-                        pods.len(),
-                        if skipped.is_empty() {
-                            String::new()
-                        } else {
-                            format!(
-                                ", {} left alone in namespaces the playbook does not name",
-                                skipped.len()
-                            )
-                        }
-                    );
-                    Ok(Injected {
+                };
+                let cordoned_by_us = kube.cordon(&node).await?;
+                // Namespaces the playbook did not name are left alone,
+                // kube-system above all.
+                let named: Vec<String> =
+                    kube.targets.values().map(|t| t.namespace.clone()).collect();
+                let (pods, skipped): (Vec<PodRef>, Vec<PodRef>) = kube
+                    .evictable_pods_on(&node)
+                    .await?
+                    .into_iter()
+                    .partition(|p| named.contains(&p.namespace));
+                let evicting = tokio::spawn(evict_through_budgets(
+                    kube.evictor(),
+                    pods.clone(),
+                    self.grace(),
+                    self.timeout(),
+                ));
+                let detail = format!(
+                    "node {node} cordoned{}, {} pods to evict through their disruption budgets{}",
+                    if cordoned_by_us { "" } else { " already" },
+                    pods.len(),
+                    if skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ", {} left alone in namespaces the playbook does not name",
+                            skipped.len()
+                        )
+                    }
+                );
+                Ok((
+                    Injected {
                         targets: pods.into_iter().map(|p| p.name).collect(),
                         detail: Some(detail),
-                    })
-                }
+                    },
+                    Drain {
+                        node,
+                        cordoned_by_us,
+                        evicting,
+                    },
+                ))
             }
-        })
+        }
     }
 
-    fn revert<'a>(
-        &'a self,
-        cluster: &'a Cluster,
-        _injected: &'a Injected,
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move {
-            let Some(drain) = self.drain.lock().ok().and_then(|mut d| d.take()) else {
-                return Ok(());
-            };
-            drain.evicting.abort();
-            if !drain.cordoned_by_us {
-                return Ok(());
+    async fn revert(&self, cluster: &Cluster, drain: Drain) -> anyhow::Result<()> {
+        drain.evicting.abort();
+        if !drain.cordoned_by_us {
+            return Ok(());
+        }
+        match cluster {
+            Cluster::Local(local) => {
+                local.uncordon(&drain.node);
+                Ok(())
             }
-            match cluster {
-                Cluster::Local(local) => {
-                    local.uncordon(&drain.node);
-                    Ok(())
-                }
-                Cluster::Kubernetes(kube) => kube.uncordon_ours(&drain.node).await.map(drop),
-            }
-        })
-    }
-
-    fn needs_revert(&self) -> bool {
-        true
-    }
-
-    fn lasts(&self) -> Option<Duration> {
-        self.uncordon_after
+            Cluster::Kubernetes(kube) => kube.uncordon_ours(&drain.node).await.map(drop),
+        }
     }
 }

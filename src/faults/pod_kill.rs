@@ -12,27 +12,31 @@ use anyhow::bail;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use serde::Deserialize;
 
-use super::{BoxFuture, FaultAction, Injected};
+use super::{Action, Checked, Injected, Lasts, Target};
 use crate::cluster::Cluster;
+use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::local::{Phase, Role};
-use crate::playbook::Fault;
+use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PodKill {
-    role: String,
-    count: Option<u32>,
-    percent: Option<f64>,
-    grace: Duration,
+    /// How many of the role's pods; 1 when neither this nor `percent`.
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// A share of the role's pods, rounded up.
+    #[serde(default)]
+    pub percent: Option<f64>,
+    /// 0 (the default) kills at once; above, SIGTERM then SIGKILL after it.
+    #[serde(default)]
+    pub grace_period: Option<HumanDuration>,
 }
 
 impl PodKill {
-    pub fn from_spec(fault: &Fault) -> Self {
-        Self {
-            role: fault.target.clone(),
-            count: fault.count,
-            percent: fault.percent,
-            grace: fault.grace_period.map(|g| g.0).unwrap_or(Duration::ZERO),
-        }
+    fn grace(&self) -> Duration {
+        self.grace_period.map(|g| g.0).unwrap_or(Duration::ZERO)
     }
 
     /// How many of `available` pods to kill: `count`, or `percent` rounded
@@ -47,59 +51,128 @@ impl PodKill {
     }
 }
 
-impl FaultAction for PodKill {
-    fn inject<'a>(
-        &'a self,
-        cluster: &'a Cluster,
-        seed: u64,
-    ) -> BoxFuture<'a, anyhow::Result<Injected>> {
-        Box::pin(async move {
-            match cluster {
-                Cluster::Local(local) => {
-                    let role = Role::from_target(&self.role)?;
-                    let mut running: Vec<String> = local
-                        .pods(Some(role))
-                        .into_iter()
-                        .filter(|p| matches!(p.phase, Phase::Starting | Phase::Ready))
-                        .map(|p| p.pod)
-                        .collect();
-                    if running.is_empty() {
-                        bail!("no running `{}` pod to kill", self.role);
-                    }
-                    let n = self.how_many(running.len());
-                    running.shuffle(&mut StdRng::seed_from_u64(seed));
-                    running.truncate(n);
-                    running.sort();
-                    for pod in &running {
-                        local.kill(pod, self.grace).await?;
-                    }
-                    Ok(Injected {
+impl Action for PodKill {
+    const NAME: &'static str = "pod-kill";
+    type Held = ();
+
+    fn example() -> Self {
+        PodKill {
+            count: Some(1),
+            ..PodKill::default()
+        }
+    }
+
+    fn check(&self, at: &Checked) -> Result<(), Problem> {
+        if self.count.is_some() && self.percent.is_some() {
+            return at.refuse("percent", "give `count` or `percent`, not both");
+        }
+        if self.count == Some(0) {
+            return at.refuse("count", "count is at least 1");
+        }
+        if let Some(percent) = self.percent
+            && !(percent > 0.0 && percent <= 100.0)
+        {
+            return at.refuse(
+                "percent",
+                format!("{percent} is out of range: percent is above 0 and at most 100"),
+            );
+        }
+        Ok(())
+    }
+
+    fn lasts(&self) -> Lasts {
+        Lasts::Instant
+    }
+
+    fn plan(&self, target: &str, stack: &Stack) -> String {
+        let how_many = match (self.count, self.percent) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(p)) => format!("{p}%"),
+            (None, None) => "1".into(),
+        };
+        let of = local_replicas(stack, target)
+            .map(|r| format!(" of {r}"))
+            .unwrap_or_default();
+        let signal = match self.grace_period.filter(|g| !g.is_zero()) {
+            None => "SIGKILL".to_string(),
+            Some(grace) => format!("SIGTERM, grace {grace}"),
+        };
+        format!("{how_many}{of} `{target}` pods, {signal}")
+    }
+
+    fn permissions(&self, namespace: &str) -> Vec<Permission> {
+        vec![Permission::core("delete", "pods", Some(namespace))]
+    }
+
+    async fn inject(&self, target: Target<'_>) -> anyhow::Result<(Injected, ())> {
+        let role = target.role;
+        match target.cluster {
+            Cluster::Local(local) => {
+                let role = Role::from_target(role)?;
+                let mut running: Vec<String> = local
+                    .pods(Some(role))
+                    .into_iter()
+                    .filter(|p| matches!(p.phase, Phase::Starting | Phase::Ready))
+                    .map(|p| p.pod)
+                    .collect();
+                if running.is_empty() {
+                    bail!("no running `{}` pod to kill", role.as_str());
+                }
+                let n = self.how_many(running.len());
+                running.shuffle(&mut StdRng::seed_from_u64(target.seed));
+                running.truncate(n);
+                running.sort();
+                for pod in &running {
+                    local.kill(pod, self.grace()).await?;
+                }
+                Ok((
+                    Injected {
                         targets: running,
                         detail: None,
-                    })
+                    },
+                    (),
+                ))
+            }
+            Cluster::Kubernetes(kube) => {
+                let mut serving = kube.serving_pods(role).await?;
+                if serving.is_empty() {
+                    bail!("no Ready `{role}` pod to kill");
                 }
-                Cluster::Kubernetes(kube) => {
-                    let mut serving = kube.serving_pods(&self.role).await?;
-                    if serving.is_empty() {
-                        bail!("no Ready `{}` pod to kill", self.role);
-                    }
-                    let n = self.how_many(serving.len());
-                    serving.shuffle(&mut StdRng::seed_from_u64(seed));
-                    serving.truncate(n);
-                    serving.sort_by(|a, b| a.name.cmp(&b.name));
-                    for pod in &serving {
-                        kube.delete_pod(pod, self.grace).await?;
-                    }
-                    Ok(Injected {
+                let n = self.how_many(serving.len());
+                serving.shuffle(&mut StdRng::seed_from_u64(target.seed));
+                serving.truncate(n);
+                serving.sort_by(|a, b| a.name.cmp(&b.name));
+                for pod in &serving {
+                    kube.delete_pod(pod, self.grace()).await?;
+                }
+                Ok((
+                    Injected {
                         targets: serving.into_iter().map(|p| p.name).collect(),
                         detail: Some(format!(
                             "deleted with gracePeriodSeconds={}",
-                            self.grace.as_secs()
+                            self.grace().as_secs()
                         )),
-                    })
-                }
+                    },
+                    (),
+                ))
             }
-        })
+        }
+    }
+
+    async fn revert(&self, _cluster: &Cluster, _held: ()) -> anyhow::Result<()> {
+        // The cluster re-creates the pods on its own: nothing to undo.
+        Ok(())
+    }
+}
+
+/// How many pods a local stack's role has, for plans.
+pub(super) fn local_replicas(stack: &Stack, role: &str) -> Option<u32> {
+    match (stack.cluster.kind, role) {
+        (ClusterKind::Local, "engine") => {
+            Some(stack.cluster.engine.as_ref().map_or(1, |e| e.replicas))
+        }
+        (ClusterKind::Local, "router") => Some(1),
+        _ => None,
     }
 }
 
@@ -109,10 +182,9 @@ mod tests {
 
     fn kill(count: Option<u32>, percent: Option<f64>) -> PodKill {
         PodKill {
-            role: "engine".into(),
             count,
             percent,
-            grace: Duration::ZERO,
+            grace_period: None,
         }
     }
 

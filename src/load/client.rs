@@ -9,10 +9,10 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::playbook::lengths::TokenCount;
 use super::sse::StreamReader;
-use crate::record::{Outcome, Record, Turn};
 use crate::playbook::Api;
+use crate::playbook::lengths::TokenCount;
+use crate::record::{Outcome, Record, Turn};
 
 /// What every request of a stack's load shares.
 #[derive(Debug, Clone)]

@@ -21,8 +21,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::jsonl::JsonlSink;
-use crate::record::{Outcome, Record};
 use crate::playbook::Arrival;
+use crate::record::{Outcome, Record};
 use arrival::Arrivals;
 use client::RequestTemplate;
 

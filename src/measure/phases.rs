@@ -331,8 +331,8 @@ mod tests {
 
     #[test]
     fn itl_percentiles_cover_every_gap_of_the_phase() {
-        use crate::record::gaps;
         use crate::record::Gaps;
+        use crate::record::gaps;
         let mut phase = phase("p", &[], 0.0, 10.0, &Slo::default());
         let mut other = phase.clone();
         other.from_s = 20.0;

@@ -14,8 +14,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::phases::{Percentiles, percentiles};
-use crate::record::Outcome;
 use super::{EarlyEnd, FaultSummary, Overlap, Sample};
+use crate::record::Outcome;
 
 /// Past these, a stack's measurement is `degraded`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -1,34 +1,87 @@
 //! Playbooks: what to run, where, under which load, with which faults.
 //!
-//! Start at [`load`]: it reads a file, parses it strictly ([`schema`]) and
-//! checks what the schema alone cannot ([`validate`]). Every failure is a
-//! [`PlaybookError`] that names the file, the line, the field and what
-//! would be valid, so `shakedown validate` can print it as it is.
+//! Start at [`load`]: it reads a file, checks its YAML ([`yaml`]), parses it
+//! strictly ([`schema`]), types each fault's own fields through the fault
+//! kinds it is given ([`FaultSpecs`], implemented by [`crate::faults`]),
+//! and checks what the schema alone cannot ([`validate`]). Every failure is
+//! a [`PlaybookError`] that names the file, the line, the field and what
+//! would be valid, so `shakedown validate` can print it as it is; further
+//! problems of the same file ride along in [`PlaybookError::more`].
+//!
+//! This module knows no fault kind: it is below [`crate::faults`], which
+//! owns each action's fields, checks and behaviour.
 
 pub mod duration;
 pub mod lengths;
-pub mod locate;
 pub mod prompts;
-pub mod yaml;
 pub mod schema;
 mod validate;
+pub mod yaml;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use duration::HumanDuration;
-pub use locate::FieldPath;
 pub use schema::*;
+pub use validate::fits;
+pub use yaml::FieldPath;
+
+/// What went wrong in a playbook, at the field to blame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: FieldPath,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn at(path: FieldPath, message: impl Into<String>) -> Self {
+        Self {
+            path,
+            message: message.into(),
+        }
+    }
+}
+
+/// The fault kinds a playbook can hold: how an action's fields become its
+/// spec, and the checks only the action knows.
+pub trait FaultSpecs: Sized {
+    /// Types a fault's action and fields. A problem's path is relative to
+    /// the fault (`count`, `action`).
+    fn parse(params: &Params) -> Result<Self, Problem>;
+
+    /// The action's own checks of a fault at `path` of `pb`.
+    fn check(pb: &Playbook<Self>, fault: &Fault<Self>, path: &FieldPath) -> Result<(), Problem>;
+}
 
 /// A playbook that could not be used, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlaybookError {
     pub file: PathBuf,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
     /// The field path, such as `faults[1].at`; empty for the whole file.
     pub field: String,
     pub message: String,
+    /// The file's other problems, each located the same way.
+    pub more: Vec<PlaybookError>,
+}
+
+impl PlaybookError {
+    fn whole_file(file: &Path, line: Option<u32>, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            line,
+            column: None,
+            field: String::new(),
+            message: message.into(),
+            more: Vec::new(),
+        }
+    }
+
+    /// This problem and the others of the same file, each on its own.
+    pub fn all(&self) -> impl Iterator<Item = &PlaybookError> {
+        std::iter::once(self).chain(self.more.iter())
+    }
 }
 
 impl fmt::Display for PlaybookError {
@@ -51,23 +104,23 @@ impl std::error::Error for PlaybookError {}
 
 /// A playbook as read, with the text it came from (kept for the run directory).
 #[derive(Debug, Clone)]
-pub struct LoadedPlaybook {
+pub struct LoadedPlaybook<S> {
     pub path: PathBuf,
     pub text: String,
-    pub playbook: Playbook,
+    pub playbook: Playbook<S>,
     /// The questions of `load.request.prompts`, read once.
     pub prompts: Option<std::sync::Arc<Vec<String>>>,
 }
 
 /// Reads, parses and validates a playbook file, without the data files it
 /// names: for a run directory's copy, whose data stayed where it was.
-pub fn read(path: &Path) -> Result<Playbook, PlaybookError> {
+pub fn read<S: FaultSpecs>(path: &Path) -> Result<Playbook<S>, PlaybookError> {
     parse(path, &read_text(path)?)
 }
 
 /// Reads, parses and validates a playbook file and reads the data files it
 /// names, ready to run.
-pub fn load(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
+pub fn load<S: FaultSpecs>(path: &Path) -> Result<LoadedPlaybook<S>, PlaybookError> {
     let text = read_text(path)?;
     let playbook = parse(path, &text)?;
     let prompts = match &playbook.load.request.prompts {
@@ -75,19 +128,12 @@ pub fn load(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
         Some(file) => {
             // Relative to the playbook, so a playbook and its data travel together.
             let file = path.parent().unwrap_or(Path::new(".")).join(file);
-            let questions = crate::playbook::prompts::read_sharegpt(&file).map_err(|err| {
+            let questions = prompts::read_sharegpt(&file).map_err(|err| {
                 let field = FieldPath::default()
                     .key("load")
                     .key("request")
                     .key("prompts");
-                located(
-                    path,
-                    &text,
-                    validate::Problem {
-                        path: field,
-                        message: format!("{err:#}"),
-                    },
-                )
+                located(path, &text, vec![Problem::at(field, format!("{err:#}"))])
             })?;
             Some(std::sync::Arc::new(questions))
         }
@@ -103,29 +149,49 @@ pub fn load(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
 /// Reads a gate policy file: the fields of a playbook's `gate:` section.
 pub fn load_gate_policy(path: &Path) -> Result<Gate, PlaybookError> {
     let text = read_text(path)?;
+    check_syntax(path, &text)?;
     let gate: Gate = deserialize_located(path, &text)?;
     validate::validate_gate(&gate, FieldPath::default())
-        .map_err(|problem| located(path, &text, problem))?;
+        .map_err(|problem| located(path, &text, vec![problem]))?;
     Ok(gate)
 }
 
 fn read_text(path: &Path) -> Result<String, PlaybookError> {
-    let bytes = std::fs::read(path).map_err(|err| PlaybookError {
-        file: path.to_path_buf(),
-        line: None,
-        column: None,
-        field: String::new(),
-        message: format!("cannot read the file: {err}"),
+    let bytes = std::fs::read(path).map_err(|err| {
+        PlaybookError::whole_file(path, None, format!("cannot read the file: {err}"))
     })?;
     String::from_utf8(bytes).map_err(|err| {
         let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
-        PlaybookError {
-            file: path.to_path_buf(),
-            line: Some(valid.iter().filter(|&&b| b == b'\n').count() + 1),
-            column: None,
-            field: String::new(),
-            message: "this is not a text file (it is not UTF-8): a playbook is YAML text; see playbooks/quickstart.yaml".into(),
-        }
+        PlaybookError::whole_file(
+            path,
+            Some(u32::try_from(valid.iter().filter(|&&b| b == b'\n').count() + 1).unwrap_or(u32::MAX)),
+            "this is not a text file (it is not UTF-8): a playbook is YAML text; see playbooks/quickstart.yaml",
+        )
+    })
+}
+
+fn from_yaml_error(file: &Path, err: yaml::YamlError) -> PlaybookError {
+    let field = err.field.to_string();
+    PlaybookError {
+        file: file.to_path_buf(),
+        line: err.position.map(|p| p.line),
+        column: err.position.map(|p| p.column),
+        message: explain(&err.message, &field),
+        field,
+        more: Vec::new(),
+    }
+}
+
+/// A YAML syntax error (or a document past the reader's budgets) is
+/// reported at its own line, before any field is looked at.
+fn check_syntax(file: &Path, text: &str) -> Result<yaml::Spans, PlaybookError> {
+    yaml::Spans::read(text).map_err(|err| PlaybookError {
+        file: file.to_path_buf(),
+        line: err.position.map(|p| p.line),
+        column: err.position.map(|p| p.column),
+        field: String::new(),
+        message: format!("this is not valid YAML: {}", err.message),
+        more: Vec::new(),
     })
 }
 
@@ -134,70 +200,87 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
     file: &Path,
     text: &str,
 ) -> Result<T, PlaybookError> {
-    let deserializer = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(deserializer).map_err(|err| {
-        let field = err.path().to_string();
-        let field = if field == "." { String::new() } else { field };
-        let inner = err.into_inner();
-        let location = inner.location();
-        PlaybookError {
-            file: file.to_path_buf(),
-            line: location.as_ref().map(|l| l.line()),
-            column: location.as_ref().map(|l| l.column()),
-            message: explain_serde(&inner.to_string(), &field),
-            field,
-        }
-    })
+    yaml::from_str(text).map_err(|err| from_yaml_error(file, err))
 }
 
-/// A problem found after parsing, located at the field it blames.
-fn located(file: &Path, text: &str, problem: validate::Problem) -> PlaybookError {
-    let location = locate::locate(text, &problem.path);
-    PlaybookError {
-        file: file.to_path_buf(),
-        line: location.map(|l| l.0),
-        column: location.map(|l| l.1),
-        field: problem.path.to_string(),
-        message: problem.message,
-    }
+/// Problems found after parsing, each located at the field it blames.
+fn located(file: &Path, text: &str, problems: Vec<Problem>) -> PlaybookError {
+    let spans = yaml::Spans::read(text).ok();
+    let mut errors = problems.into_iter().map(|problem| {
+        let position = spans.as_ref().and_then(|s| s.find(&problem.path));
+        PlaybookError {
+            file: file.to_path_buf(),
+            line: position.map(|p| p.line),
+            column: position.map(|p| p.column),
+            field: problem.path.to_string(),
+            message: problem.message,
+            more: Vec::new(),
+        }
+    });
+    let mut first = errors
+        .next()
+        .unwrap_or_else(|| PlaybookError::whole_file(file, None, "the playbook is not valid"));
+    first.more = errors.collect();
+    first
 }
 
 /// Parses and validates playbook text; `file` only names it in errors.
-pub fn parse(file: &Path, text: &str) -> Result<Playbook, PlaybookError> {
+pub fn parse<S: FaultSpecs>(file: &Path, text: &str) -> Result<Playbook<S>, PlaybookError> {
     if text.trim().is_empty()
         || text
             .lines()
             .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
     {
-        return Err(PlaybookError {
-            file: file.to_path_buf(),
-            line: Some(1),
-            column: None,
-            field: String::new(),
-            message: "the playbook is empty: it starts with `apiVersion: shakedown/v1`; see playbooks/quickstart.yaml".into(),
-        });
+        return Err(PlaybookError::whole_file(
+            file,
+            Some(1),
+            "the playbook is empty: it starts with `apiVersion: shakedown/v1`; see playbooks/quickstart.yaml",
+        ));
     }
-    let playbook: Playbook = deserialize_located(file, text)?;
-    validate::validate(&playbook).map_err(|problem| located(file, text, problem))?;
+    check_syntax(file, text)?;
+    let read: Playbook<Params> = deserialize_located(file, text)?;
+    let mut problems = Vec::new();
+    let mut faults = Vec::with_capacity(read.faults.len());
+    for (i, fault) in read.faults.iter().enumerate() {
+        match S::parse(&fault.spec) {
+            Ok(spec) => faults.push(fault.with_spec(spec)),
+            Err(problem) => {
+                let mut path = FieldPath::default().key("faults").index(i);
+                path.0.extend(problem.path.0);
+                problems.push(Problem::at(path, problem.message));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(located(file, text, problems));
+    }
+    let playbook = read.with_faults(faults);
+    let problems = validate::validate(&playbook);
+    if !problems.is_empty() {
+        return Err(located(file, text, problems));
+    }
     Ok(playbook)
 }
 
-/// serde_yaml's messages carry the path in front and the location at the
-/// end; we print both in front, like a compiler, so we take them off. Rust
-/// type names become what a playbook author would call them.
-fn explain_serde(message: &str, field: &str) -> String {
-    let mut message = match message.rfind(" at line ") {
-        Some(i) => &message[..i],
-        None => message,
-    };
-    if let Some((head, rest)) = message.split_once(": ")
-        && !head.contains(' ')
-        && (head == "." || field.starts_with(head))
-    {
-        message = rest;
-    }
+/// A serde message as a playbook author would put it: Rust type names
+/// become what they mean, the valid names are quoted as a playbook spells
+/// them, and a number too large says how large it may be.
+pub fn explain(message: &str, field: &str) -> String {
+    let _ = field;
     let mut message = message.to_string();
     for (rust, words) in [
+        (
+            "invalid u64",
+            "expected a whole number from 0 to 18446744073709551615",
+        ),
+        (
+            "invalid u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("invalid u16", "expected a whole number from 0 to 65535"),
+        ("invalid floating point", "expected a number"),
+        ("invalid f64", "expected a number"),
+        ("invalid boolean", "expected `true` or `false`"),
         ("expected u64", "expected a whole number, 0 or more"),
         ("expected u32", "expected a whole number, 0 or more"),
         ("expected f64", "expected a number"),
@@ -206,8 +289,30 @@ fn explain_serde(message: &str, field: &str) -> String {
             "expected a sequence",
             "expected a list (`- item` lines, or `[a, b]`)",
         ),
+        (
+            "expected sequence start",
+            "expected a list (`- item` lines, or `[a, b]`)",
+        ),
+        (
+            "expected mapping start",
+            "expected a mapping (`key: value` lines, or `{ key: value }`)",
+        ),
+        (
+            "expected string scalar",
+            "expected a single value (text or a number), not a list or a mapping",
+        ),
     ] {
-        message = message.replace(rust, words);
+        if message.starts_with(rust) {
+            message = format!("{words}{}", &message[rust.len()..]);
+            break;
+        }
+    }
+    if let Some((head, names)) = message.split_once("expected one of ") {
+        let quoted: Vec<String> = names
+            .split(", ")
+            .map(|n| format!("`{}`", n.trim_matches('`')))
+            .collect();
+        message = format!("{head}expected one of {}", quoted.join(", "));
     }
     if message.starts_with("invalid type: unit value") {
         message.push_str(" (the field is there but has no value)");
@@ -220,7 +325,7 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> PlaybookError {
-        parse(Path::new("p.yaml"), text).unwrap_err()
+        crate::faults::parse_playbook(Path::new("p.yaml"), text).unwrap_err()
     }
 
     const GOOD: &str = r#"apiVersion: shakedown/v1
@@ -239,7 +344,7 @@ faults:
 
     #[test]
     fn a_good_playbook_parses() {
-        let pb = parse(Path::new("p.yaml"), GOOD).unwrap();
+        let pb = crate::faults::parse_playbook(Path::new("p.yaml"), GOOD).unwrap();
         assert_eq!(pb.stacks[0].name, "a");
         assert_eq!(pb.faults[0].at.as_secs_f64(), 10.0);
     }
@@ -258,7 +363,7 @@ faults:
         let e = err(&GOOD.replace("rate: 5", "rate: fast"));
         assert_eq!(e.line, Some(8));
         assert_eq!(e.field, "load.rate");
-        assert!(e.message.contains("invalid type"), "{e}");
+        assert!(e.message.contains("expected a number"), "{e}");
     }
 
     #[test]

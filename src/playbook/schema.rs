@@ -1,22 +1,31 @@
 //! The playbook schema v1, as `../shared/DESIGN.md` writes it.
 //!
 //! Every struct refuses unknown fields, so a typo is an error rather than a
-//! silently ignored setting. Cluster kinds and fault actions are flat structs
-//! with a `kind`/`action` field rather than tagged enums: serde's tagged enums
-//! buffer their content and lose the line of an error inside them, and a
-//! located error is worth more than a tidier type. `validate` checks that
-//! each kind or action only sets the fields it owns.
+//! silently ignored setting. Cluster kinds are a flat struct with a `kind`
+//! field rather than a tagged enum: serde's tagged enums buffer their
+//! content and lose the line of an error inside them, and a located error
+//! is worth more than a tidier type; `validate` checks that each kind only
+//! sets the fields it owns.
+//!
+//! A fault is read here only as far as every fault goes (name, `at`,
+//! `target`, `stacks`, `action`); its action's own fields are kept as
+//! [`Params`] and typed by the action's module in [`crate::faults`], which
+//! owns everything about it. So a playbook is generic over the type of its
+//! faults' specs: [`Playbook<Params>`] as read, `Playbook<FaultSpec>` ready
+//! to run.
 
 use std::collections::BTreeMap;
 
+use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::duration::HumanDuration;
 pub use super::lengths::TokenCount;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Playbook {
+#[serde(bound(deserialize = "Fault<S>: Deserialize<'de>"))]
+pub struct Playbook<S> {
     #[serde(rename = "apiVersion")]
     pub api_version: String,
     pub name: String,
@@ -31,8 +40,8 @@ pub struct Playbook {
     pub load: Load,
     #[serde(default)]
     pub steady_state: SteadyState,
-    #[serde(default)]
-    pub faults: Vec<Fault>,
+    #[serde(default = "Vec::new")]
+    pub faults: Vec<Fault<S>>,
     #[serde(default)]
     pub abort: Option<Abort>,
     /// The pass/fail policy of `shakedown gate` (and `run --gate`).
@@ -101,6 +110,17 @@ pub struct Stack {
     /// Scrape the engines' Prometheus `/metrics` during the run.
     #[serde(default)]
     pub scrape: Option<Scrape>,
+}
+
+impl Stack {
+    /// The roles a fault may target: a local cluster's `engine` and
+    /// `router`, a Kubernetes stack's `roles`.
+    pub fn role_names(&self) -> Vec<String> {
+        match self.cluster.kind {
+            ClusterKind::Local => vec!["engine".into(), "router".into()],
+            ClusterKind::Kubernetes => self.roles.keys().cloned().collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -450,108 +470,120 @@ impl Default for RecoveredWhen {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FaultAction {
-    PodKill,
-    NodeDrain,
-    NetworkDelay,
-}
-
-impl FaultAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FaultAction::PodKill => "pod-kill",
-            FaultAction::NodeDrain => "node-drain",
-            FaultAction::NetworkDelay => "network-delay",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fault {
+/// A fault: what every fault has, and its action's own fields as `spec`.
+#[derive(Debug, Clone)]
+pub struct Fault<S> {
     pub name: String,
     /// Offset from the start of the load.
     pub at: HumanDuration,
-    pub action: FaultAction,
     /// The role whose pods the fault hits.
     pub target: String,
     /// Limits the fault to these stacks; all stacks when absent.
-    #[serde(default)]
     pub stacks: Option<Vec<String>>,
-    // pod-kill
-    #[serde(default)]
-    pub count: Option<u32>,
-    #[serde(default)]
-    pub percent: Option<f64>,
-    #[serde(default)]
-    pub grace_period: Option<HumanDuration>,
-    // node-drain
-    #[serde(default)]
-    pub node: Option<String>,
-    #[serde(default)]
-    pub uncordon_after: Option<HumanDuration>,
-    #[serde(default)]
-    pub max_unavailable: Option<u32>,
-    #[serde(default)]
-    pub timeout: Option<HumanDuration>,
-    // network-delay
-    #[serde(default)]
-    pub delay: Option<HumanDuration>,
-    #[serde(default)]
-    pub jitter: Option<HumanDuration>,
-    #[serde(default)]
-    pub duration: Option<HumanDuration>,
-    #[serde(default)]
-    pub loss: Option<f64>,
-    /// network-delay on Kubernetes: `ephemeral-container` (default) or
-    /// `chaos-mesh` (a NetworkChaos object, where Chaos Mesh is installed).
-    #[serde(default)]
-    pub mechanism: Option<DelayMechanism>,
-    /// network-delay on Kubernetes: the image of the ephemeral container
-    /// that runs `tc` (needs `tc` and `sleep`).
-    #[serde(default)]
-    pub image: Option<String>,
-    /// `egress` (default): what the target sends, as `tc netem` on its
-    /// interface; `both`: also what it receives.
-    #[serde(default)]
-    pub direction: Option<Direction>,
+    pub spec: S,
 }
 
-impl Fault {
+/// The fields every fault has, whatever its action.
+pub const COMMON_FAULT_FIELDS: [&str; 5] = ["name", "at", "action", "target", "stacks"];
+
+/// A fault's action and its own fields, as read: typed by the action's
+/// module (see [`crate::faults`]).
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    pub action: String,
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<S> Fault<S> {
     /// Whether the fault hits stack `stack`: every stack unless `stacks` names some.
     pub fn applies_to(&self, stack: &str) -> bool {
         self.stacks
             .as_ref()
             .is_none_or(|names| names.iter().any(|n| n == stack))
     }
-}
 
-impl Playbook {
-    /// The faults that hit stack `stack`, in playbook order.
-    pub fn faults_for(&self, stack: &str) -> Vec<&Fault> {
-        self.faults.iter().filter(|f| f.applies_to(stack)).collect()
+    /// The same fault with another spec.
+    pub fn with_spec<T>(&self, spec: T) -> Fault<T> {
+        Fault {
+            name: self.name.clone(),
+            at: self.at,
+            target: self.target.clone(),
+            stacks: self.stacks.clone(),
+            spec,
+        }
     }
 }
 
-/// How a delay is applied on Kubernetes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DelayMechanism {
-    /// `tc netem` in an ephemeral container that removes it itself.
-    #[default]
-    EphemeralContainer,
-    /// A Chaos Mesh `NetworkChaos`, deleted on revert.
-    ChaosMesh,
+impl<S> Playbook<S> {
+    /// The faults that hit stack `stack`, in playbook order.
+    pub fn faults_for(&self, stack: &str) -> Vec<&Fault<S>> {
+        self.faults.iter().filter(|f| f.applies_to(stack)).collect()
+    }
+
+    /// The same playbook with its faults replaced.
+    pub fn with_faults<T>(self, faults: Vec<Fault<T>>) -> Playbook<T> {
+        Playbook {
+            api_version: self.api_version,
+            name: self.name,
+            description: self.description,
+            seed: self.seed,
+            duration: self.duration,
+            schedule: self.schedule,
+            stacks: self.stacks,
+            load: self.load,
+            steady_state: self.steady_state,
+            faults,
+            abort: self.abort,
+            gate: self.gate,
+            validity: self.validity,
+        }
+    }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    #[default]
-    Egress,
-    Both,
+/// Reads the common fields of a fault directly (so an error in one is
+/// located by the YAML reader), and keeps every other field for the
+/// action's module to type.
+impl<'de> Deserialize<'de> for Fault<Params> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FaultVisitor;
+        impl<'de> Visitor<'de> for FaultVisitor {
+            type Value = Fault<Params>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a fault: `{ name: ..., at: ..., action: ..., target: ... }`")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let (mut name, mut at, mut action, mut target, mut stacks) =
+                    (None, None, None, None, None);
+                let mut fields = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "name" => name = Some(map.next_value()?),
+                        "at" => at = Some(map.next_value()?),
+                        "action" => action = Some(map.next_value()?),
+                        "target" => target = Some(map.next_value()?),
+                        "stacks" => stacks = Some(map.next_value()?),
+                        _ => {
+                            let value = map.next_value()?;
+                            fields.insert(key, value);
+                        }
+                    }
+                }
+                Ok(Fault {
+                    name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+                    at: at.ok_or_else(|| de::Error::missing_field("at"))?,
+                    target: target.ok_or_else(|| de::Error::missing_field("target"))?,
+                    stacks,
+                    spec: Params {
+                        action: action.ok_or_else(|| de::Error::missing_field("action"))?,
+                        fields,
+                    },
+                })
+            }
+        }
+        deserializer.deserialize_map(FaultVisitor)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

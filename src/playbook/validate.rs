@@ -1,16 +1,17 @@
 //! Checks that need more than one field at a time, or a range: faults
 //! inside the run, roles that exist, sizes that fit this machine. Each
 //! problem carries the path of the field to blame, so it can be located.
+//! A fault's own fields are checked by its action's module
+//! ([`FaultSpecs::check`]); what every fault has is checked here.
+//!
+//! Independent parts are checked apart, so `validate` reports every
+//! problem it can find, not only the first.
 
 use std::collections::BTreeSet;
 
-use super::locate::FieldPath;
 use super::schema::*;
-
-pub struct Problem {
-    pub path: FieldPath,
-    pub message: String,
-}
+use super::yaml::FieldPath;
+use super::{FaultSpecs, Problem};
 
 fn at(path: FieldPath, message: impl Into<String>) -> Result<(), Problem> {
     Err(Problem {
@@ -55,7 +56,62 @@ fn check_range(
     Ok(())
 }
 
-pub fn validate(pb: &Playbook) -> Result<(), Problem> {
+/// Every problem of a playbook, in file order; none when it is valid.
+pub fn validate<S: FaultSpecs>(pb: &Playbook<S>) -> Vec<Problem> {
+    // Without a sound duration and stacks, most later checks would only
+    // repeat the same mistake in other words.
+    if let Err(problem) = validate_top(pb) {
+        return vec![problem];
+    }
+    let mut problems = Vec::new();
+    let mut sound_stacks = BTreeSet::new();
+    for (i, stack) in pb.stacks.iter().enumerate() {
+        let path = root().key("stacks").index(i);
+        let fields = validate_stack_fields(path.clone(), stack);
+        let cluster = validate_stack(path, stack);
+        if fields.is_ok() && cluster.is_ok() {
+            sound_stacks.insert(stack.name.as_str());
+        }
+        problems.extend(fields.err());
+        problems.extend(cluster.err());
+    }
+    if let Some(problem) = duplicate_stack(pb) {
+        problems.push(problem);
+    }
+    problems.extend(validate_load(&pb.load).err());
+    let steady = validate_steady_state(pb);
+    let steady_is_sound = steady.is_ok();
+    problems.extend(steady.err());
+    // A fault is checked against stacks and a steady state that are sound:
+    // otherwise it would only repeat their problem in other words.
+    let faults_checkable = steady_is_sound && sound_stacks.len() == pb.stacks.len();
+    let mut fault_names = BTreeSet::new();
+    for (i, fault) in pb.faults.iter().enumerate() {
+        if !faults_checkable {
+            break;
+        }
+        let path = root().key("faults").index(i);
+        if let Err(problem) = check_name(path.clone().key("name"), &fault.name) {
+            problems.push(problem);
+        } else if !fault_names.insert(fault.name.as_str()) {
+            problems.push(Problem {
+                path: path.clone().key("name"),
+                message: format!(
+                    "two faults are named `{}`: fault names must differ",
+                    fault.name
+                ),
+            });
+        }
+        match validate_fault(pb, path.clone(), fault) {
+            Err(problem) => problems.push(problem),
+            Ok(()) => problems.extend(S::check(pb, fault, &path).err()),
+        }
+    }
+    problems.extend(validate_tail(pb).err());
+    problems
+}
+
+fn validate_top<S>(pb: &Playbook<S>) -> Result<(), Problem> {
     if pb.api_version != "shakedown/v1" {
         return at(
             root().key("apiVersion"),
@@ -80,87 +136,79 @@ pub fn validate(pb: &Playbook) -> Result<(), Problem> {
     if pb.stacks.is_empty() {
         return at(root().key("stacks"), "list at least one stack to test");
     }
+    Ok(())
+}
+
+fn duplicate_stack<S>(pb: &Playbook<S>) -> Option<Problem> {
     let mut names = BTreeSet::new();
     for (i, stack) in pb.stacks.iter().enumerate() {
-        let path = root().key("stacks").index(i);
-        check_name(path.clone().key("name"), &stack.name)?;
         if !names.insert(stack.name.as_str()) {
-            return at(
-                path.key("name"),
-                format!(
+            return Some(Problem {
+                path: root().key("stacks").index(i).key("name"),
+                message: format!(
                     "two stacks are named `{}`: stack names must differ",
                     stack.name
                 ),
+            });
+        }
+    }
+    None
+}
+
+/// A stack's name, headers and scrape settings.
+fn validate_stack_fields(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
+    check_name(path.clone().key("name"), &stack.name)?;
+    for name in stack.headers.keys() {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return at(
+                path.clone().key("headers").key(name),
+                format!("`{name}` is not an HTTP header name"),
             );
         }
-        for name in stack.headers.keys() {
-            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                return at(
-                    path.clone().key("headers").key(name),
-                    format!("`{name}` is not an HTTP header name"),
-                );
-            }
+    }
+    for (name, value) in &stack.headers {
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return at(
+                path.clone().key("headers").key(name),
+                "the value has characters a header cannot carry",
+            );
         }
-        for (name, value) in &stack.headers {
-            if reqwest::header::HeaderValue::from_str(value).is_err() {
-                return at(
-                    path.clone().key("headers").key(name),
-                    "the value has characters a header cannot carry",
-                );
-            }
+    }
+    if let Some(scrape) = &stack.scrape {
+        let spath = path.clone().key("scrape");
+        let interval = scrape.interval.0;
+        if interval < std::time::Duration::from_millis(100)
+            || interval > std::time::Duration::from_secs(60)
+        {
+            return at(
+                spath.key("interval"),
+                "scrape every 100ms to 60s, such as `1s`",
+            );
         }
-        if let Some(scrape) = &stack.scrape {
-            let spath = path.clone().key("scrape");
-            let interval = scrape.interval.0;
-            if interval < std::time::Duration::from_millis(100)
-                || interval > std::time::Duration::from_secs(60)
+        for (i, url) in scrape.urls.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || reqwest::Url::parse(url).is_err()
             {
                 return at(
-                    spath.key("interval"),
-                    "scrape every 100ms to 60s, such as `1s`",
-                );
-            }
-            for (i, url) in scrape.urls.iter().enumerate() {
-                if !(url.starts_with("http://") || url.starts_with("https://"))
-                    || reqwest::Url::parse(url).is_err()
-                {
-                    return at(
-                        spath.clone().key("urls").index(i),
-                        format!(
-                            "`{url}` is not an http(s) URL, such as `http://10.0.0.5:8000/metrics`"
-                        ),
-                    );
-                }
-            }
-            if scrape.urls.is_empty() && stack.cluster.kind != ClusterKind::Local {
-                return at(
-                    spath.key("urls"),
-                    "give the engines' `/metrics` URLs: only a local cluster knows its engines' itself",
+                    spath.clone().key("urls").index(i),
+                    format!(
+                        "`{url}` is not an http(s) URL, such as `http://10.0.0.5:8000/metrics`"
+                    ),
                 );
             }
         }
-        validate_stack(path, stack)?;
-    }
-
-    validate_load(&pb.load)?;
-    validate_steady_state(pb)?;
-
-    let mut fault_names = BTreeSet::new();
-    for (i, fault) in pb.faults.iter().enumerate() {
-        let path = root().key("faults").index(i);
-        check_name(path.clone().key("name"), &fault.name)?;
-        if !fault_names.insert(fault.name.as_str()) {
+        if scrape.urls.is_empty() && stack.cluster.kind != ClusterKind::Local {
             return at(
-                path.key("name"),
-                format!(
-                    "two faults are named `{}`: fault names must differ",
-                    fault.name
-                ),
+                spath.key("urls"),
+                "give the engines' `/metrics` URLs: only a local cluster knows its engines' itself",
             );
         }
-        validate_fault(pb, path, fault)?;
     }
+    Ok(())
+}
 
+/// What comes after the faults: the abort rule, the gate, the validity limits.
+fn validate_tail<S>(pb: &Playbook<S>) -> Result<(), Problem> {
     if let Some(abort) = &pb.abort {
         let path = root().key("abort");
         check_range(
@@ -527,7 +575,7 @@ fn validate_load(load: &Load) -> Result<(), Problem> {
     Ok(())
 }
 
-fn validate_steady_state(pb: &Playbook) -> Result<(), Problem> {
+fn validate_steady_state<S>(pb: &Playbook<S>) -> Result<(), Problem> {
     let path = root().key("steady_state");
     let ss = &pb.steady_state;
     if ss.warmup >= pb.duration {
@@ -568,7 +616,10 @@ fn validate_steady_state(pb: &Playbook) -> Result<(), Problem> {
     Ok(())
 }
 
-fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), Problem> {
+/// What every fault must hold, whatever its action: it starts inside the
+/// run after the baseline, names stacks that exist, and targets a role each
+/// of them has.
+fn validate_fault<S>(pb: &Playbook<S>, path: FieldPath, fault: &Fault<S>) -> Result<(), Problem> {
     let ss = &pb.steady_state;
     if fault.at >= pb.duration {
         return at(
@@ -592,72 +643,22 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
             ),
         );
     }
-    let applies_to: Vec<&Stack> = match &fault.stacks {
-        None => pb.stacks.iter().collect(),
-        Some(names) => {
-            let mut chosen = Vec::new();
-            for (j, name) in names.iter().enumerate() {
-                match pb.stacks.iter().find(|s| &s.name == name) {
-                    Some(s) => chosen.push(s),
-                    None => {
-                        let known: Vec<_> =
-                            pb.stacks.iter().map(|s| format!("`{}`", s.name)).collect();
-                        return at(
-                            path.key("stacks").index(j),
-                            format!(
-                                "no stack is named `{name}`: the stacks are {}",
-                                known.join(", ")
-                            ),
-                        );
-                    }
-                }
-            }
-            chosen
-        }
-    };
-    for stack in applies_to {
-        if stack.cluster.kind == ClusterKind::Kubernetes
-            && fault.action == FaultAction::NetworkDelay
-        {
-            // tc netem in an ephemeral container that ends the delay itself.
-            if fault.duration.is_none() {
+    if let Some(names) = &fault.stacks {
+        for (j, name) in names.iter().enumerate() {
+            if !pb.stacks.iter().any(|s| &s.name == name) {
+                let known: Vec<_> = pb.stacks.iter().map(|s| format!("`{}`", s.name)).collect();
                 return at(
-                    path.key("duration"),
+                    path.key("stacks").index(j),
                     format!(
-                        "on Kubernetes (stack `{}`) a delay needs `duration`: the delay ends by itself after that time (the container removes it, or Chaos Mesh does), even if shakedown dies",
-                        stack.name
+                        "no stack is named `{name}`: the stacks are {}",
+                        known.join(", ")
                     ),
                 );
             }
-            if fault.loss.is_some() {
-                return at(
-                    path.key("loss"),
-                    "`loss` is built for the local cluster only; on Kubernetes use delay and jitter",
-                );
-            }
-            if fault.direction == Some(Direction::Both) {
-                return at(
-                    path.key("direction"),
-                    "on Kubernetes a delay is egress only (netem on the pod's eth0)",
-                );
-            }
         }
-        if fault.mechanism.is_some() && stack.cluster.kind == ClusterKind::Local {
-            return at(
-                path.key("mechanism"),
-                "`mechanism` picks how a delay is applied on Kubernetes (`ephemeral-container` or `chaos-mesh`); a local cluster has its proxies",
-            );
-        }
-        if fault.image.is_some() && stack.cluster.kind == ClusterKind::Local {
-            return at(
-                path.key("image"),
-                "`image` is the ephemeral container of a delay on Kubernetes; a local cluster has none",
-            );
-        }
-        let roles: Vec<String> = match stack.cluster.kind {
-            ClusterKind::Local => vec!["engine".into(), "router".into()],
-            ClusterKind::Kubernetes => stack.roles.keys().cloned().collect(),
-        };
+    }
+    for stack in pb.stacks.iter().filter(|s| fault.applies_to(&s.name)) {
+        let roles = stack.role_names();
         if !roles.iter().any(|r| r == &fault.target) {
             return at(
                 path.key("target"),
@@ -674,168 +675,15 @@ fn validate_fault(pb: &Playbook, path: FieldPath, fault: &Fault) -> Result<(), P
             );
         }
     }
-
-    let owned: &[&str] = match fault.action {
-        FaultAction::PodKill => &["count", "percent", "grace_period"],
-        FaultAction::NodeDrain => &[
-            "node",
-            "uncordon_after",
-            "max_unavailable",
-            "timeout",
-            "grace_period",
-        ],
-        FaultAction::NetworkDelay => &[
-            "delay",
-            "jitter",
-            "duration",
-            "loss",
-            "direction",
-            "mechanism",
-            "image",
-        ],
-    };
-    let set: [(&str, bool); 14] = [
-        ("count", fault.count.is_some()),
-        ("percent", fault.percent.is_some()),
-        ("grace_period", fault.grace_period.is_some()),
-        ("node", fault.node.is_some()),
-        ("uncordon_after", fault.uncordon_after.is_some()),
-        ("max_unavailable", fault.max_unavailable.is_some()),
-        ("timeout", fault.timeout.is_some()),
-        ("delay", fault.delay.is_some()),
-        ("jitter", fault.jitter.is_some()),
-        ("duration", fault.duration.is_some()),
-        ("loss", fault.loss.is_some()),
-        ("direction", fault.direction.is_some()),
-        ("mechanism", fault.mechanism.is_some()),
-        ("image", fault.image.is_some()),
-    ];
-    for (field, is_set) in set {
-        if is_set && !owned.contains(&field) {
-            return at(
-                path.key(field),
-                format!(
-                    "`{field}` does not apply to `action: {}`; its fields are {}",
-                    fault.action.as_str(),
-                    owned
-                        .iter()
-                        .map(|f| format!("`{f}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            );
-        }
-    }
-
-    match fault.action {
-        FaultAction::PodKill => {
-            if fault.count.is_some() && fault.percent.is_some() {
-                return at(path.key("percent"), "give `count` or `percent`, not both");
-            }
-            if let Some(count) = fault.count
-                && count == 0
-            {
-                return at(path.key("count"), "count is at least 1");
-            }
-            if let Some(percent) = fault.percent {
-                check_range(
-                    path.clone().key("percent"),
-                    percent,
-                    0.001,
-                    100.0,
-                    "percent is above 0 and at most 100",
-                )?;
-            }
-            Ok(())
-        }
-        FaultAction::NodeDrain => {
-            if fault.max_unavailable == Some(0) {
-                return at(
-                    path.key("max_unavailable"),
-                    "max_unavailable is at least 1: a drain that may take nothing down never ends",
-                );
-            }
-            fits(
-                pb,
-                path.clone(),
-                fault,
-                "uncordon_after",
-                fault.uncordon_after,
-            )?;
-            for stack in applies_to_stacks(pb, fault) {
-                if stack.cluster.kind != ClusterKind::Local {
-                    continue;
-                }
-                if fault.target != "engine" {
-                    return at(
-                        path.key("target"),
-                        "in a local cluster only `engine` pods sit on GPU nodes: drain `target: engine`",
-                    );
-                }
-                if let Some(node) = &fault.node {
-                    let nodes = stack.cluster.nodes.unwrap_or(1);
-                    let known: Vec<String> =
-                        (0..nodes).map(|n| format!("`gpu-node-{n}`")).collect();
-                    if !known.contains(&format!("`{node}`")) {
-                        return at(
-                            path.key("node"),
-                            format!(
-                                "stack `{}` has no node `{node}`: its nodes are {}",
-                                stack.name,
-                                known.join(", ")
-                            ),
-                        );
-                    }
-                }
-            }
-            Ok(())
-        }
-        FaultAction::NetworkDelay => {
-            if fault.delay.is_none() && fault.loss.is_none() {
-                return at(
-                    path.key("delay"),
-                    "a network fault needs a `delay` (such as `200ms`), a `loss`, or both",
-                );
-            }
-            if let Some(delay) = fault.delay
-                && delay.0 > std::time::Duration::from_secs(60)
-            {
-                return at(
-                    path.key("delay"),
-                    "a delay of more than 60s would only time every request out: use at most `60s`",
-                );
-            }
-            if let Some(jitter) = fault.jitter
-                && jitter > fault.delay.unwrap_or_default()
-            {
-                return at(
-                    path.key("jitter"),
-                    "the jitter is at most the delay, so no chunk is held for less than nothing",
-                );
-            }
-            if let Some(loss) = fault.loss {
-                check_range(
-                    path.clone().key("loss"),
-                    loss,
-                    0.0,
-                    1.0,
-                    "the share of connections dropped, from 0 to 1, such as 0.05",
-                )?;
-            }
-            fits(pb, path, fault, "duration", fault.duration)
-        }
-    }
+    Ok(())
 }
 
-fn applies_to_stacks<'a>(pb: &'a Playbook, fault: &'a Fault) -> impl Iterator<Item = &'a Stack> {
-    pb.stacks.iter().filter(|s| fault.applies_to(&s.name))
-}
-
-/// A fault that lasts a while must end inside the run.
-fn fits(
-    pb: &Playbook,
+/// A fault that lasts a while must end inside the run: `field` is what
+/// says how long (`duration`, `uncordon_after`).
+pub fn fits<S>(
+    pb: &Playbook<S>,
     path: FieldPath,
-    fault: &Fault,
+    fault: &Fault<S>,
     field: &str,
     lasts: Option<super::HumanDuration>,
 ) -> Result<(), Problem> {

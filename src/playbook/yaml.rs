@@ -69,8 +69,8 @@ impl fmt::Display for FieldPath {
 /// A line and column, both from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
-    pub line: usize,
-    pub column: usize,
+    pub line: u32,
+    pub column: u32,
 }
 
 /// What went wrong reading YAML, and where.
@@ -97,13 +97,13 @@ fn options() -> serde_saphyr::Options {
 
 fn position_of(location: serde_saphyr::Location) -> Option<Position> {
     (location.line() > 0).then(|| Position {
-        line: location.line() as usize,
-        column: location.column() as usize,
+        line: u32::try_from(location.line()).unwrap_or(u32::MAX),
+        column: u32::try_from(location.column()).unwrap_or(u32::MAX),
     })
 }
 
 /// Strict deserialisation of `text`, with the position and field of any error.
-pub fn from_str<T: de::DeserializeOwned>(text: &str) -> Result<T, YamlError> {
+pub fn from_str<T: for<'de> de::Deserialize<'de>>(text: &str) -> Result<T, YamlError> {
     let mut path = None;
     let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options(), |de| {
         serde_path_to_error::deserialize(de).map_err(|err| {
@@ -135,11 +135,10 @@ enum Node {
 }
 
 impl Spans {
-    /// Reads `text`; `None` if it is not YAML at all.
-    pub fn read(text: &str) -> Option<Self> {
-        serde_saphyr::from_str_with_options::<Spanned<Node>>(text, options())
-            .ok()
-            .map(Spans)
+    /// Reads `text`; the error is a YAML syntax error (or a document past
+    /// the reader's budgets), at its own position.
+    pub fn read(text: &str) -> Result<Self, YamlError> {
+        from_str::<Spanned<Node>>(text).map(Spans)
     }
 
     /// Where the node at `path` is; for a path that does not exist (a
@@ -266,7 +265,7 @@ mod tests {
 
     #[test]
     fn finds_block_and_flow_fields() {
-        let spans = Spans::read(DOC).unwrap();
+        let spans = Spans::read(DOC).ok().unwrap();
         let at1 = FieldPath::default().key("faults").index(1).key("at");
         assert_eq!(spans.find(&at1).map(|p| p.line), Some(5));
         let at0 = FieldPath::default().key("faults").index(0).key("at");
@@ -277,7 +276,7 @@ mod tests {
 
     #[test]
     fn a_missing_field_points_at_its_parent() {
-        let spans = Spans::read(DOC).unwrap();
+        let spans = Spans::read(DOC).ok().unwrap();
         let missing = FieldPath::default().key("load").key("request");
         assert_eq!(spans.find(&missing).map(|p| p.line), Some(7));
     }

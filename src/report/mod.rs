@@ -17,12 +17,12 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::events::{Event, EventKind, RunStatus};
+use crate::faults::{self, Playbook};
 use crate::jsonl;
 use crate::measure::engine_metrics::{self, MetricSample};
 use crate::measure::phases::ItlByPhase;
-use crate::record::{Gaps, Outcome, Record};
 use crate::measure::{MeasureSettings, Sample, StackSummary, Summary, summarize_stack};
-use crate::playbook::{self, Playbook};
+use crate::record::{Gaps, Outcome, Record};
 
 pub use html::html;
 pub use tables::{markdown, terminal};
@@ -56,7 +56,7 @@ pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
             .map(|f| {
                 (
                     f.name.clone(),
-                    f.action.as_str().to_string(),
+                    f.spec.action().to_string(),
                     f.at.as_secs_f64(),
                 )
             })
@@ -76,7 +76,7 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
-    let pb = playbook::read(&playbook_path)
+    let pb = faults::read_playbook(&playbook_path)
         .map_err(|err| anyhow::anyhow!("{err}"))
         .with_context(|| {
             format!(

@@ -5,9 +5,9 @@
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
-use crate::record::Outcome;
 use crate::measure::validity::Verdict as Validity;
 use crate::measure::{FaultSummary, StackSummary, Summary};
+use crate::record::Outcome;
 
 /// A header row, then data rows.
 pub type Rows = Vec<Vec<String>>;

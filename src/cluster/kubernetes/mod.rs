@@ -15,6 +15,7 @@
 pub mod chaos_mesh;
 pub mod observe;
 pub mod preflight;
+pub mod rbac;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -224,6 +225,11 @@ impl KubeCluster {
 
     pub fn client(&self) -> &kube::Client {
         &self.client
+    }
+
+    /// Each role of the stack, resolved: namespace and selector.
+    pub fn targets(&self) -> &BTreeMap<String, Target> {
+        &self.targets
     }
 
     pub fn target(&self, role: &str) -> anyhow::Result<&Target> {

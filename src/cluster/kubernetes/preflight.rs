@@ -1,8 +1,9 @@
 //! Before any fault: can shakedown do what the playbook asks, on what it
-//! asks? A SelfSubjectAccessReview for every verb the playbook's faults
-//! need ([`permissions_needed`], the same list as `faults/rbac.yaml`), and
-//! every role selects at least one pod. A missing permission is named
-//! with its verb, resource and namespace.
+//! asks? A SelfSubjectAccessReview for every permission the playbook's
+//! faults declare (the caller gathers them, [`crate::faults::permissions`]),
+//! Chaos Mesh served where its objects are asked for, and every role
+//! selecting at least one Ready pod. A missing permission is named with its
+//! verb, resource and namespace.
 
 use std::collections::BTreeSet;
 
@@ -12,101 +13,16 @@ use k8s_openapi::api::authorization::v1::{
 };
 use kube::api::{Api, PostParams};
 
+use super::rbac::Permission;
 use super::{KubeCluster, Target};
-use crate::playbook::{DelayMechanism, Fault, FaultAction};
 
-/// One thing to be allowed to do; `namespace: None` is cluster-wide.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Permission {
-    pub verb: &'static str,
-    pub group: &'static str,
-    pub resource: &'static str,
-    pub subresource: &'static str,
-    pub namespace: Option<String>,
-}
-
-impl std::fmt::Display for Permission {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let resource = if self.subresource.is_empty() {
-            self.resource.to_string()
-        } else {
-            format!("{}/{}", self.resource, self.subresource)
-        };
-        let group = if self.group.is_empty() {
-            String::new()
-        } else {
-            format!(".{}", self.group)
-        };
-        match &self.namespace {
-            Some(ns) => write!(f, "`{}` on {resource}{group} in namespace {ns}", self.verb),
-            None => write!(f, "`{}` on {resource}{group} (cluster-wide)", self.verb),
-        }
-    }
-}
-
-fn permission(
-    verb: &'static str,
-    resource: &'static str,
-    subresource: &'static str,
-    namespace: Option<&str>,
-) -> Permission {
-    Permission {
-        verb,
-        group: "",
-        resource,
-        subresource,
-        namespace: namespace.map(str::to_string),
-    }
-}
-
-/// What the playbook's faults on these targets need, and what watching
-/// the targets needs.
-pub fn permissions_needed<'a>(
-    targets: impl IntoIterator<Item = &'a Target>,
-    faults: &[&Fault],
-) -> Vec<Permission> {
-    let targets: Vec<&Target> = targets.into_iter().collect();
-    let ns_of = |role: &str| {
-        targets
-            .iter()
-            .find(|t| t.role == role)
-            .map(|t| t.namespace.as_str())
-    };
+/// What watching the targets needs: their pods, listed and watched in
+/// each target's namespace.
+pub fn watch_permissions<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Vec<Permission> {
     let mut needed = BTreeSet::new();
-    for target in &targets {
+    for target in targets {
         for verb in ["list", "watch"] {
-            needed.insert(permission(verb, "pods", "", Some(&target.namespace)));
-        }
-    }
-    for fault in faults {
-        let ns = ns_of(&fault.target);
-        match fault.action {
-            FaultAction::PodKill => {
-                needed.insert(permission("delete", "pods", "", ns));
-            }
-            FaultAction::NodeDrain => {
-                for verb in ["get", "list", "patch"] {
-                    needed.insert(permission(verb, "nodes", "", None));
-                }
-                // A drain evicts whatever runs on the node, in any namespace.
-                needed.insert(permission("list", "pods", "", None));
-                needed.insert(permission("create", "pods", "eviction", None));
-            }
-            FaultAction::NetworkDelay if fault.mechanism == Some(DelayMechanism::ChaosMesh) => {
-                for verb in ["create", "delete"] {
-                    needed.insert(Permission {
-                        verb,
-                        group: super::chaos_mesh::GROUP,
-                        resource: "networkchaos",
-                        subresource: "",
-                        namespace: ns.map(str::to_string),
-                    });
-                }
-            }
-            FaultAction::NetworkDelay => {
-                needed.insert(permission("patch", "pods", "ephemeralcontainers", ns));
-                needed.insert(permission("create", "pods", "exec", ns));
-            }
+            needed.insert(Permission::core(verb, "pods", Some(&target.namespace)));
         }
     }
     needed.into_iter().collect()
@@ -115,25 +31,15 @@ pub fn permissions_needed<'a>(
 impl KubeCluster {
     /// Everything checked before a fault is injected; the first failure
     /// says what to fix, and names every missing permission at once.
-    pub async fn preflight(&self, faults: &[&Fault]) -> anyhow::Result<()> {
-        let needed = permissions_needed(self.targets.values(), faults);
-        let mut missing = Vec::new();
-        for permission in &needed {
-            if !self.allowed(permission).await? {
-                missing.push(permission.to_string());
-            }
-        }
+    pub async fn preflight(&self, needed: &[Permission]) -> anyhow::Result<()> {
+        let missing = self.missing(needed).await?;
         if !missing.is_empty() {
             bail!(
                 "missing permissions: {}. faults/rbac.yaml grants exactly what shakedown uses; nothing was injected",
                 missing.join(", ")
             );
         }
-        if faults
-            .iter()
-            .any(|f| f.mechanism == Some(DelayMechanism::ChaosMesh))
-            && !self.chaos_mesh_installed().await?
-        {
+        if needs_chaos_mesh(needed) && !self.chaos_mesh_installed().await? {
             bail!(
                 "a delay asks for `mechanism: chaos-mesh`, but this cluster does not serve chaos-mesh.org/v1alpha1 NetworkChaos: install Chaos Mesh or use the default `mechanism: ephemeral-container`; nothing was injected"
             );
@@ -154,10 +60,21 @@ impl KubeCluster {
         Ok(())
     }
 
+    /// The permissions of `needed` the API server says shakedown lacks.
+    async fn missing(&self, needed: &[Permission]) -> anyhow::Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for permission in needed {
+            if !self.allowed(permission).await? {
+                missing.push(permission.to_string());
+            }
+        }
+        Ok(missing)
+    }
+
     /// What `shakedown plan` shows of the cluster now: each role's Ready
     /// pods and their nodes, the GPU nodes, and any missing permission.
     /// Reads only.
-    pub async fn describe_targets(&self, faults: &[&Fault]) -> anyhow::Result<String> {
+    pub async fn describe_targets(&self, needed: &[Permission]) -> anyhow::Result<String> {
         let mut out = String::new();
         for target in self.targets.values() {
             let pods = self.serving_pods(&target.role).await?;
@@ -193,12 +110,7 @@ impl KubeCluster {
                 gpu_nodes.join(", ")
             }
         ));
-        let mut missing = Vec::new();
-        for permission in permissions_needed(self.targets.values(), faults) {
-            if !self.allowed(&permission).await? {
-                missing.push(permission.to_string());
-            }
-        }
+        let missing = self.missing(needed).await?;
         out.push_str(&if missing.is_empty() {
             "  permissions: every verb the faults need is allowed\n".to_string()
         } else {
@@ -235,50 +147,9 @@ impl KubeCluster {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::playbook::HumanDuration;
-
-    fn fault(action: FaultAction, target: &str) -> Fault {
-        serde_yaml::from_str::<Fault>(&format!(
-            "{{ name: f, at: 1s, action: {}, target: {target} }}",
-            action.as_str()
-        ))
-        .map(|mut f| {
-            f.duration = Some(HumanDuration::from_secs_f64(1.0));
-            f
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn each_fault_needs_its_verbs_in_its_role_namespace() {
-        let targets = [
-            Target {
-                role: "engine".into(),
-                namespace: "llm".into(),
-                selector: "app=e".into(),
-            },
-            Target {
-                role: "router".into(),
-                namespace: "gw".into(),
-                selector: "app=r".into(),
-            },
-        ];
-        let kill = fault(FaultAction::PodKill, "router");
-        let drain = fault(FaultAction::NodeDrain, "engine");
-        let needed: Vec<String> = permissions_needed(&targets, &[&kill, &drain])
-            .iter()
-            .map(|p| p.to_string())
-            .collect();
-        assert!(
-            needed.contains(&"`delete` on pods in namespace gw".to_string()),
-            "{needed:?}"
-        );
-        assert!(needed.contains(&"`create` on pods/eviction (cluster-wide)".to_string()));
-        assert!(needed.contains(&"`patch` on nodes (cluster-wide)".to_string()));
-        assert!(needed.contains(&"`watch` on pods in namespace llm".to_string()));
-        assert!(!needed.iter().any(|p| p.contains("ephemeralcontainers")));
-    }
+/// Chaos Mesh must be served where its objects are asked for.
+fn needs_chaos_mesh(needed: &[Permission]) -> bool {
+    needed
+        .iter()
+        .any(|p| p.group == super::chaos_mesh::GROUP && p.verb == "create")
 }

@@ -603,21 +603,19 @@ async fn a_missing_kubeconfig_is_an_error_before_anything_runs() {
 /// faults/rbac.yaml grants exactly what preflight checks for, no more.
 #[test]
 fn rbac_yaml_grants_exactly_the_verbs_shakedown_uses() {
-    use serde::Deserialize;
     use shakedown::cluster::kubernetes::Target;
 
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/faults/rbac.yaml")).unwrap();
     let mut granted = std::collections::BTreeSet::new();
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(document).unwrap();
+    for value in serde_saphyr::from_str_multiple::<serde_json::Value, Vec<_>>(&text).unwrap() {
         if value["kind"] != "ClusterRole" {
             continue;
         }
-        for rule in value["rules"].as_sequence().unwrap() {
+        for rule in value["rules"].as_array().unwrap() {
             let group = rule["apiGroups"][0].as_str().unwrap().to_string();
-            for resource in rule["resources"].as_sequence().unwrap() {
-                for verb in rule["verbs"].as_sequence().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                for verb in rule["verbs"].as_array().unwrap() {
                     granted.insert((
                         verb.as_str().unwrap().to_string(),
                         group.clone(),

@@ -242,15 +242,17 @@ mod tests {
 
     #[test]
     fn reads_a_count_or_a_spread_and_names_what_is_missing() {
-        let fixed: TokenCount = serde_yaml::from_str("64").unwrap();
+        let fixed: TokenCount = crate::playbook::yaml::from_str("64").unwrap();
         assert_eq!(fixed, TokenCount::Fixed(64));
         let uniform: TokenCount =
-            serde_yaml::from_str("{ dist: uniform, min: 1, max: 9 }").unwrap();
+            crate::playbook::yaml::from_str("{ dist: uniform, min: 1, max: 9 }").unwrap();
         assert!(uniform.problem().is_none());
-        let missing: TokenCount = serde_yaml::from_str("{ dist: normal, mean: 5 }").unwrap();
+        let missing: TokenCount =
+            crate::playbook::yaml::from_str("{ dist: normal, mean: 5 }").unwrap();
         assert!(missing.problem().unwrap().contains("stddev"));
         let typo =
-            serde_yaml::from_str::<TokenCount>("{ dist: normal, mean: 5, sd: 1 }").unwrap_err();
+            crate::playbook::yaml::from_str::<TokenCount>("{ dist: normal, mean: 5, sd: 1 }")
+                .unwrap_err();
         assert!(typo.to_string().contains("unknown field `sd`"), "{typo}");
     }
 }

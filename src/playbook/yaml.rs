@@ -81,6 +81,20 @@ pub struct YamlError {
     pub message: String,
 }
 
+impl fmt::Display for YamlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = self.position {
+            write!(f, "{}:{}: ", p.line, p.column)?;
+        }
+        if !self.field.0.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for YamlError {}
+
 /// Nesting deeper than a playbook ever needs (it nests about six deep) is
 /// refused before it costs anything.
 const MAX_NESTING: usize = 32;

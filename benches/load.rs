@@ -9,6 +9,9 @@
 //! Everything is bounded: each step stops by itself, the engine is killed
 //! at the end. Set SHAKEDOWN_BENCH_QUICK=1 for a short pass.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -113,6 +113,12 @@ pub enum EventKind {
         role: String,
         status: String,
     },
+    /// A signal that leaves the pod alive (a freeze's SIGSTOP and SIGCONT).
+    PodSignalled {
+        pod: String,
+        role: String,
+        signal: String,
+    },
     NodeCordoned {
         node: String,
     },
@@ -128,6 +134,14 @@ pub enum EventKind {
         attempts: u32,
     },
     NodeUncordoned {
+        node: String,
+    },
+    /// The node's GPUs were reported unhealthy (a `gpu-failure`): it takes
+    /// no GPU pod until they are restored.
+    NodeGpusFailed {
+        node: String,
+    },
+    NodeGpusRestored {
         node: String,
     },
     /// The `abort` rule fired: faults reverted, load stopped.

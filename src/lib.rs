@@ -20,6 +20,7 @@ pub mod faults;
 pub mod gate;
 pub mod http;
 pub mod jsonl;
+pub mod kv_cache;
 pub mod load;
 pub mod measure;
 pub mod plan;

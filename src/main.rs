@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shakedown::events::RunStatus;
 use shakedown::playbook::PlaybookError;
-use shakedown::{engine, faults, playbook, report, router, run};
+use shakedown::{engine, faults, kv_cache, playbook, report, router, run};
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +82,8 @@ enum Command {
     Engine(engine::EngineArgs),
     /// Run the emulated router in front of engines.
     Router(router::RouterArgs),
+    /// Run the emulated KV-cache server that engines share (as LMCache's).
+    KvCache(kv_cache::KvCacheArgs),
 }
 
 /// `run`: the run completed, but shakedown cannot vouch for a stack's
@@ -94,7 +96,7 @@ const EXIT_DEGRADED: u8 = 3;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Engine(_) | Command::Router(_) => "info",
+        Command::Engine(_) | Command::Router(_) | Command::KvCache(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -164,6 +166,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 listener.local_addr()?
             ));
             serve_until_signalled(router::serve(listener, args, first_signal())).await
+        }
+        Command::KvCache(args) => {
+            let listener = bind(&args.host, args.port).await?;
+            say(format_args!(
+                "shakedown kv-cache: listening on http://{}",
+                listener.local_addr()?
+            ));
+            serve_until_signalled(kv_cache::serve(listener, args, first_signal())).await
         }
     }
 }
@@ -475,11 +485,17 @@ async fn serve_until_signalled(
 }
 
 fn print_kubernetes_cleanup(label: &str, cleaned: &shakedown::cluster::kubernetes::Cleaned) {
-    if cleaned.uncordoned.is_empty() && cleaned.chaos.is_empty() {
+    if cleaned.uncordoned.is_empty() && cleaned.untainted.is_empty() && cleaned.chaos.is_empty() {
         println!("{label}: nothing carries shakedown's annotation");
     }
     if !cleaned.uncordoned.is_empty() {
         println!("{label}: uncordoned {}", cleaned.uncordoned.join(", "));
+    }
+    if !cleaned.untainted.is_empty() {
+        println!(
+            "{label}: removed the gpu-failure taint of {}",
+            cleaned.untainted.join(", ")
+        );
     }
     if !cleaned.chaos.is_empty() {
         println!("{label}: deleted NetworkChaos {}", cleaned.chaos.join(", "));

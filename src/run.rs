@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::KubeCluster;
-use crate::cluster::local::{LocalCluster, LocalClusterSpec};
+use crate::cluster::local::{AuxRole, LocalCluster, LocalClusterSpec};
 use crate::events::{Event, EventKind, EventLog, RunStatus};
 use crate::faults::{self, Fault, Held, LoadedPlaybook, Playbook, Target};
 use crate::jsonl::{self, JsonlSink, JsonlWriter};
@@ -270,6 +270,20 @@ impl StackRun<'_> {
                         gpus_per_node: spec.gpus_per_node.unwrap_or(1),
                         engine: spec.engine.clone().unwrap_or_default(),
                         router: spec.router.clone().unwrap_or_default(),
+                        aux: self
+                            .stack
+                            .roles
+                            .iter()
+                            .map(|(name, role)| AuxRole {
+                                name: name.clone(),
+                                command: role.command.clone().unwrap_or_default(),
+                                replicas: role.replicas.unwrap_or(1),
+                                restart_delay: role
+                                    .restart_delay
+                                    .map_or(Duration::from_secs(1), |d| d.0),
+                                health: role.health.clone(),
+                            })
+                            .collect(),
                         seed: self.pb.seed,
                         log_dir: self.dir.join("logs").join(&self.stack.name),
                         exe: self.options.exe.clone(),
@@ -313,7 +327,10 @@ impl StackRun<'_> {
         let mut stop = self.stop.clone();
         if let Cluster::Local(local) = cluster {
             tokio::select! {
-                ready = local.wait_ready(self.stack.cluster.ready_timeout.map_or(READY_TIMEOUT, |t| t.0)) => ready?,
+                ready = local.wait_ready(
+                    self.stack.cluster.ready_timeout.map_or(READY_TIMEOUT, |t| t.0),
+                    |line| if !self.options.quiet { eprintln!("{}: {line}", self.stack.name) },
+                ) => ready?,
                 _ = crate::stopped(&mut stop) => return Ok(StackEnd::Interrupted),
             }
         }

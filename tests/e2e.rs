@@ -1,6 +1,9 @@
 //! End to end: the `shakedown` binary runs playbooks on the local cluster,
 //! and every way a run can end leaves no process behind.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::process::Command;

@@ -1,6 +1,9 @@
 //! The emulated engine over real HTTP: SSE framing as vLLM sends it,
 //! readiness after the startup time, and a batch that slows decoding.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use shakedown::engine::{self, EngineArgs};

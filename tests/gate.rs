@@ -2,6 +2,9 @@
 //! passes (the noise of a short run is not a regression), and a router
 //! that lost its retry and its watch fails.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::process::Command;

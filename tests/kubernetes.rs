@@ -5,6 +5,9 @@
 //! permission, the self-reverting delay container, and a whole run of the
 //! binary with `cleanup` after a crash.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod kube_fixture;
 
 use std::time::Duration;
@@ -319,7 +322,7 @@ async fn preflight_names_the_missing_permission_and_an_empty_role() {
     kube.preflight(&needed).await.unwrap();
     // A selector that matches nothing is named.
     let mut stack = pb.stacks[0].clone();
-    stack.roles.get_mut("router").unwrap().selector = "app=nothing".into();
+    stack.roles.get_mut("router").unwrap().selector = Some("app=nothing".into());
     let lonely = KubeCluster::from_client(server.client().await, &stack, "run-1", log_to_nowhere());
     let err = format!("{:#}", lonely.preflight(&needed).await.unwrap_err());
     assert!(

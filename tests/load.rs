@@ -4,6 +4,9 @@
 //! are used, and a stalled server does not slow the load (no coordinated
 //! omission).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -3,6 +3,9 @@
 //! its expected line and field in its first line) gets a located error and
 //! exit code 2 from `shakedown validate`, never a panic.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

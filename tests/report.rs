@@ -3,6 +3,9 @@
 //! where it should and writes JUnit that validates against the schema CI
 //! systems read, and the HTML page renders its charts in a real browser.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

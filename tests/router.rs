@@ -3,6 +3,9 @@
 //! first byte hides a refused connection, and a stream cut half-way reaches
 //! the client cut.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -65,6 +65,10 @@ pub struct EngineArgs {
     /// Seeds the generated text, so a run can be repeated.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A KV-cache server (`shakedown kv-cache`): a chat's earlier rounds
+    /// found there skip their prefill, as with LMCache.
+    #[arg(long)]
+    pub kv_cache_url: Option<String>,
 }
 
 impl Default for EngineArgs {
@@ -104,6 +108,11 @@ struct Engine {
     prompt_tokens_total: AtomicU64,
     generation_tokens_total: AtomicU64,
     success_total: AtomicU64,
+    /// The KV-cache server, when there is one.
+    kv: Option<crate::kv_cache::Client>,
+    /// Prompt tokens looked up in the KV cache, and found there.
+    prefix_queries_total: AtomicU64,
+    prefix_hits_total: AtomicU64,
 }
 
 impl Engine {
@@ -154,6 +163,13 @@ pub async fn serve(
         prompt_tokens_total: AtomicU64::new(0),
         generation_tokens_total: AtomicU64::new(0),
         success_total: AtomicU64::new(0),
+        kv: args
+            .kv_cache_url
+            .as_deref()
+            .map(crate::kv_cache::Client::new)
+            .transpose()?,
+        prefix_queries_total: AtomicU64::new(0),
+        prefix_hits_total: AtomicU64::new(0),
         args,
     });
     let app = Router::new()
@@ -242,6 +258,23 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
             .to_string(),
     );
     metric(
+        "vllm:prefix_cache_queries_total",
+        "counter",
+        "Prompt tokens looked up in the prefix (KV) cache.",
+        "",
+        engine
+            .prefix_queries_total
+            .load(Ordering::Relaxed)
+            .to_string(),
+    );
+    metric(
+        "vllm:prefix_cache_hits_total",
+        "counter",
+        "Prompt tokens found in the prefix (KV) cache.",
+        "",
+        engine.prefix_hits_total.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
         "vllm:request_success_total",
         "counter",
         "Count of successfully processed requests.",
@@ -274,6 +307,9 @@ struct Job {
     prompt_tokens: u32,
     max_tokens: u32,
     include_usage: bool,
+    /// A chat's messages as (role, text): its earlier rounds are a prefix
+    /// the KV cache may hold.
+    conversation: Vec<(String, String)>,
 }
 
 /// Why a request was turned away, before any work.
@@ -297,15 +333,25 @@ fn read_job(engine: &Engine, api: Api, body: &[u8]) -> Result<(Job, bool), Rejec
             "NotFoundError",
         ));
     }
+    let mut conversation = Vec::new();
     let prompt_tokens = match api {
         Api::Chat => {
             let Some(messages) = request.get("messages").and_then(|m| m.as_array()) else {
                 return Err(Rejection::bad("`messages` is required"));
             };
-            let chars: String = messages
+            conversation = messages
                 .iter()
-                .filter_map(|m| m.get("content").and_then(|c| c.as_str()))
+                .map(|m| {
+                    let text = |field: &str| {
+                        m.get(field)
+                            .and_then(|c| c.as_str())
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    (text("role"), text("content"))
+                })
                 .collect();
+            let chars: String = conversation.iter().map(|(_, text)| text.as_str()).collect();
             approx_tokens(&chars)
         }
         Api::Completions => match request.get("prompt").and_then(|p| p.as_str()) {
@@ -350,6 +396,7 @@ fn read_job(engine: &Engine, api: Api, body: &[u8]) -> Result<(Job, bool), Rejec
             prompt_tokens,
             max_tokens,
             include_usage,
+            conversation,
         },
         stream,
     ))
@@ -418,7 +465,8 @@ async fn generate(
         .prompt_tokens_total
         .fetch_add(u64::from(job.prompt_tokens), Ordering::Relaxed);
 
-    let mut next = tokio::time::Instant::now() + engine.timing.prefill(job.prompt_tokens);
+    let to_prefill = job.prompt_tokens - cached_prefix(&engine, &job).await;
+    let mut next = tokio::time::Instant::now() + engine.timing.prefill(to_prefill);
     tokio::time::sleep_until(next).await;
     let seed = crate::tokens::mix(engine.args.seed ^ job.number.wrapping_mul(0x9E37));
     let mut text = String::new();
@@ -436,14 +484,12 @@ async fn generate(
         engine
             .generation_tokens_total
             .fetch_add(1, Ordering::Relaxed);
-        match &events {
-            Some(tx) => {
-                let finish = (index + 1 == job.max_tokens).then_some("length");
-                let event = job.ids.token_event(index, &token, finish);
-                tx.send(Bytes::from(event)).await.ok()?;
-            }
-            None => text.push_str(&token),
+        if let Some(tx) = &events {
+            let finish = (index + 1 == job.max_tokens).then_some("length");
+            let event = job.ids.token_event(index, &token, finish);
+            tx.send(Bytes::from(event)).await.ok()?;
         }
+        text.push_str(&token);
     }
     if let Some(tx) = &events {
         if job.include_usage {
@@ -458,5 +504,44 @@ async fn generate(
             .ok()?;
     }
     engine.success_total.fetch_add(1, Ordering::Relaxed);
+    if let Some(kv) = &engine.kv
+        && !job.conversation.is_empty()
+    {
+        // The conversation with this answer is the next round's prefix.
+        let with_answer = job
+            .conversation
+            .iter()
+            .map(|(role, text)| (role.as_str(), text.as_str()))
+            .chain([("assistant", text.as_str())]);
+        kv.put(crate::kv_cache::conversation_key(with_answer));
+    }
     Some(text)
+}
+
+/// How many of a chat's prompt tokens the KV cache holds: its earlier
+/// rounds, when a previous request stored them. A cache that is down or
+/// slow costs its lookup deadline and holds nothing.
+async fn cached_prefix(engine: &Engine, job: &Job) -> u32 {
+    let Some(kv) = &engine.kv else { return 0 };
+    let Some((_, earlier)) = job.conversation.split_last() else {
+        return 0;
+    };
+    if earlier.is_empty() {
+        return 0;
+    }
+    let chars: String = earlier.iter().map(|(_, text)| text.as_str()).collect();
+    let prefix_tokens = approx_tokens(&chars).min(job.prompt_tokens);
+    engine
+        .prefix_queries_total
+        .fetch_add(u64::from(prefix_tokens), Ordering::Relaxed);
+    let key =
+        crate::kv_cache::conversation_key(earlier.iter().map(|(r, t)| (r.as_str(), t.as_str())));
+    if kv.holds(key).await {
+        engine
+            .prefix_hits_total
+            .fetch_add(u64::from(prefix_tokens), Ordering::Relaxed);
+        prefix_tokens
+    } else {
+        0
+    }
 }

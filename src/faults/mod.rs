@@ -235,6 +235,8 @@ registry! {
     PodKill(pod_kill::PodKill),
     NodeDrain(node_drain::NodeDrain),
     NetworkDelay(network_delay::NetworkDelay),
+    PodFreeze(pod_freeze::PodFreeze),
+    GpuFailure(gpu_failure::GpuFailure),
 }
 
 impl FaultSpecs for FaultSpec {

@@ -21,7 +21,6 @@ use super::{Action, Checked, Injected, Lasts, Target};
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::kubernetes::{PodRef, chaos_mesh};
-use crate::cluster::local::Role;
 use crate::cluster::local::proxy::Shaping;
 use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
@@ -75,7 +74,7 @@ pub enum Direction {
 /// What a delay holds until its revert.
 pub enum Delayed {
     /// The proxies of the role's pods shape their traffic.
-    Local(Role),
+    Local(String),
     /// Ephemeral containers added (pod, container), and when.
     Containers {
         started: tokio::time::Instant,
@@ -281,14 +280,14 @@ impl Action for NetworkDelay {
                     both_directions: self.direction == Some(Direction::Both),
                     seed: target.seed,
                 };
-                let role = Role::from_target(role)?;
+                local.role(role)?;
                 let targets = local.shape(role, shaping);
                 Ok((
                     Injected {
                         targets,
                         detail: Some(self.describe()),
                     },
-                    Delayed::Local(role),
+                    Delayed::Local(role.to_string()),
                 ))
             }
             Cluster::Kubernetes(kube) if self.mechanism() == DelayMechanism::ChaosMesh => {
@@ -296,7 +295,7 @@ impl Action for NetworkDelay {
                     anyhow::bail!("a delay on Kubernetes needs `duration`");
                 };
                 let spec = kube.target(role)?;
-                let name = format!("shakedown-delay-{:08x}", target.seed as u32);
+                let name = kube.ephemeral_name("delay", target.seed);
                 let chaos = chaos_mesh::network_chaos(
                     &name,
                     spec,
@@ -337,7 +336,7 @@ impl Action for NetworkDelay {
                 }
                 // Ephemeral containers stay in the pod spec: each
                 // injection needs a name of its own.
-                let name = format!("shakedown-delay-{:08x}", target.seed as u32);
+                let name = kube.ephemeral_name("delay", target.seed);
                 let command = netem_command(self.delay(), self.jitter(), lasts.0);
                 let image = self.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into());
                 let started = tokio::time::Instant::now();
@@ -374,7 +373,7 @@ impl Action for NetworkDelay {
     async fn revert(&self, cluster: &Cluster, held: Delayed) -> anyhow::Result<()> {
         match (cluster, held) {
             (Cluster::Local(local), Delayed::Local(role)) => {
-                local.shape(role, Shaping::default());
+                local.shape(&role, Shaping::default());
                 Ok(())
             }
             // Deleting the object ends the delay, early or not.

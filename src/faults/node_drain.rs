@@ -29,7 +29,7 @@ use super::{Action, Checked, Injected, Lasts, Target};
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::kubernetes::{Eviction, Evictor, PodRef};
-use crate::cluster::local::{LocalControl, Phase, Role};
+use crate::cluster::local::{LocalControl, Phase, RoleKind};
 use crate::events::EventKind;
 use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
@@ -86,14 +86,14 @@ impl NodeDrain {
 /// pods of the role are unavailable.
 async fn evict(
     control: Arc<LocalControl>,
-    role: Role,
+    role: String,
     pods: Vec<String>,
     max_unavailable: usize,
     grace: Duration,
 ) {
     for pod in pods {
         loop {
-            let (total, ready) = control.availability(role);
+            let (total, ready) = control.availability(&role);
             if total.saturating_sub(ready) < max_unavailable {
                 break;
             }
@@ -225,12 +225,8 @@ impl Action for NodeDrain {
         let role = target.role;
         match target.cluster {
             Cluster::Local(local) => {
-                let role = Role::from_target(role)?;
-                if role != Role::Engine {
-                    bail!(
-                        "only `engine` pods sit on GPU nodes in a local cluster, not `{}`",
-                        role.as_str()
-                    );
+                if local.role(role)?.kind != RoleKind::Engine {
+                    bail!("only `engine` pods sit on GPU nodes in a local cluster, not `{role}`");
                 }
                 let pods = local.pods(Some(role));
                 let node = match &self.node {
@@ -242,7 +238,7 @@ impl Action for NodeDrain {
                         hosting.dedup();
                         match hosting.choose(&mut StdRng::seed_from_u64(target.seed)) {
                             Some(node) => node.clone(),
-                            None => bail!("no node hosts a `{}` pod to drain", role.as_str()),
+                            None => bail!("no node hosts a `{role}` pod to drain"),
                         }
                     }
                 };
@@ -257,7 +253,7 @@ impl Action for NodeDrain {
                     .collect();
                 let evicting = tokio::spawn(evict(
                     local.control(),
-                    role,
+                    role.to_string(),
                     on_node.clone(),
                     self.max_unavailable(),
                     self.grace(),

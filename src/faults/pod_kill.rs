@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::{Action, Checked, Injected, Lasts, Target};
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::rbac::Permission;
-use crate::cluster::local::{Phase, Role};
+use crate::cluster::local::Phase;
 use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -39,15 +39,9 @@ impl PodKill {
         self.grace_period.map(|g| g.0).unwrap_or(Duration::ZERO)
     }
 
-    /// How many of `available` pods to kill: `count`, or `percent` rounded
-    /// up (a percentage of a small fleet still hits one), default 1.
+    /// How many of `available` pods to kill.
     pub fn how_many(&self, available: usize) -> usize {
-        let wanted = match (self.count, self.percent) {
-            (Some(count), _) => count as usize,
-            (None, Some(percent)) => ((available as f64) * percent / 100.0).ceil() as usize,
-            (None, None) => 1,
-        };
-        wanted.clamp(1, available.max(1)).min(available)
+        how_many(self.count, self.percent, available)
     }
 }
 
@@ -63,21 +57,7 @@ impl Action for PodKill {
     }
 
     fn check(&self, at: &Checked) -> Result<(), Problem> {
-        if self.count.is_some() && self.percent.is_some() {
-            return at.refuse("percent", "give `count` or `percent`, not both");
-        }
-        if self.count == Some(0) {
-            return at.refuse("count", "count is at least 1");
-        }
-        if let Some(percent) = self.percent
-            && !(percent > 0.0 && percent <= 100.0)
-        {
-            return at.refuse(
-                "percent",
-                format!("{percent} is out of range: percent is above 0 and at most 100"),
-            );
-        }
-        Ok(())
+        check_share(at, self.count, self.percent)
     }
 
     fn lasts(&self) -> Lasts {
@@ -85,19 +65,12 @@ impl Action for PodKill {
     }
 
     fn plan(&self, target: &str, stack: &Stack) -> String {
-        let how_many = match (self.count, self.percent) {
-            (Some(n), _) => n.to_string(),
-            (None, Some(p)) => format!("{p}%"),
-            (None, None) => "1".into(),
-        };
-        let of = local_replicas(stack, target)
-            .map(|r| format!(" of {r}"))
-            .unwrap_or_default();
+        let share = share_text(self.count, self.percent, stack, target);
         let signal = match self.grace_period.filter(|g| !g.is_zero()) {
             None => "SIGKILL".to_string(),
             Some(grace) => format!("SIGTERM, grace {grace}"),
         };
-        format!("{how_many}{of} `{target}` pods, {signal}")
+        format!("{share} `{target}` pods, {signal}")
     }
 
     fn permissions(&self, namespace: &str) -> Vec<Permission> {
@@ -108,20 +81,7 @@ impl Action for PodKill {
         let role = target.role;
         match target.cluster {
             Cluster::Local(local) => {
-                let role = Role::from_target(role)?;
-                let mut running: Vec<String> = local
-                    .pods(Some(role))
-                    .into_iter()
-                    .filter(|p| matches!(p.phase, Phase::Starting | Phase::Ready))
-                    .map(|p| p.pod)
-                    .collect();
-                if running.is_empty() {
-                    bail!("no running `{}` pod to kill", role.as_str());
-                }
-                let n = self.how_many(running.len());
-                running.shuffle(&mut StdRng::seed_from_u64(target.seed));
-                running.truncate(n);
-                running.sort();
+                let running = pick_local(local, role, self.count, self.percent, target.seed)?;
                 for pod in &running {
                     local.kill(pod, self.grace()).await?;
                 }
@@ -134,14 +94,16 @@ impl Action for PodKill {
                 ))
             }
             Cluster::Kubernetes(kube) => {
-                let mut serving = kube.serving_pods(role).await?;
+                let serving = pick(
+                    kube.serving_pods(role).await?,
+                    self.count,
+                    self.percent,
+                    target.seed,
+                    |p| p.name.clone(),
+                );
                 if serving.is_empty() {
                     bail!("no Ready `{role}` pod to kill");
                 }
-                let n = self.how_many(serving.len());
-                serving.shuffle(&mut StdRng::seed_from_u64(target.seed));
-                serving.truncate(n);
-                serving.sort_by(|a, b| a.name.cmp(&b.name));
                 for pod in &serving {
                     kube.delete_pod(pod, self.grace()).await?;
                 }
@@ -165,6 +127,96 @@ impl Action for PodKill {
     }
 }
 
+/// How many of `available` pods a share picks: `count`, or `percent`
+/// rounded up (a percentage of a small fleet still hits one), default 1.
+pub(super) fn how_many(count: Option<u32>, percent: Option<f64>, available: usize) -> usize {
+    let wanted = match (count, percent) {
+        (Some(count), _) => count as usize,
+        (None, Some(percent)) => ((available as f64) * percent / 100.0).ceil() as usize,
+        (None, None) => 1,
+    };
+    wanted.clamp(1, available.max(1)).min(available)
+}
+
+/// A seeded pick of `count` or `percent` of `pods`, sorted by name: the
+/// same pods for the same seed, on every stack.
+pub(super) fn pick<P>(
+    mut pods: Vec<P>,
+    count: Option<u32>,
+    percent: Option<f64>,
+    seed: u64,
+    name: impl Fn(&P) -> String,
+) -> Vec<P> {
+    let n = how_many(count, percent, pods.len());
+    pods.sort_by_key(|p| name(p));
+    pods.shuffle(&mut StdRng::seed_from_u64(seed));
+    pods.truncate(n);
+    pods.sort_by_key(|p| name(p));
+    pods
+}
+
+/// The running pods of a local role that a share picks.
+pub(super) fn pick_local(
+    local: &crate::cluster::local::LocalControl,
+    role: &str,
+    count: Option<u32>,
+    percent: Option<f64>,
+    seed: u64,
+) -> anyhow::Result<Vec<String>> {
+    local.role(role)?;
+    let running: Vec<String> = local
+        .pods(Some(role))
+        .into_iter()
+        .filter(|p| matches!(p.phase, Phase::Starting | Phase::Ready))
+        .map(|p| p.pod)
+        .collect();
+    if running.is_empty() {
+        bail!("no running `{role}` pod");
+    }
+    Ok(pick(running, count, percent, seed, String::clone))
+}
+
+/// `count` and `percent` are one or the other, and within range.
+pub(super) fn check_share(
+    at: &Checked,
+    count: Option<u32>,
+    percent: Option<f64>,
+) -> Result<(), Problem> {
+    if count.is_some() && percent.is_some() {
+        return at.refuse("percent", "give `count` or `percent`, not both");
+    }
+    if count == Some(0) {
+        return at.refuse("count", "count is at least 1");
+    }
+    if let Some(percent) = percent
+        && !(percent > 0.0 && percent <= 100.0)
+    {
+        return at.refuse(
+            "percent",
+            format!("{percent} is out of range: percent is above 0 and at most 100"),
+        );
+    }
+    Ok(())
+}
+
+/// "1 of 3", "50%", for plans.
+pub(super) fn share_text(
+    count: Option<u32>,
+    percent: Option<f64>,
+    stack: &Stack,
+    target: &str,
+) -> String {
+    let how_many = match (count, percent) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(p)) => format!("{p}%"),
+        (None, None) => "1".into(),
+    };
+    let of = local_replicas(stack, target)
+        .map(|r| format!(" of {r}"))
+        .unwrap_or_default();
+    format!("{how_many}{of}")
+}
+
 /// How many pods a local stack's role has, for plans.
 pub(super) fn local_replicas(stack: &Stack, role: &str) -> Option<u32> {
     match (stack.cluster.kind, role) {
@@ -172,6 +224,10 @@ pub(super) fn local_replicas(stack: &Stack, role: &str) -> Option<u32> {
             Some(stack.cluster.engine.as_ref().map_or(1, |e| e.replicas))
         }
         (ClusterKind::Local, "router") => Some(1),
+        (ClusterKind::Local, other) => stack
+            .roles
+            .get(other)
+            .map(|r| r.replicas.unwrap_or(1)),
         _ => None,
     }
 }

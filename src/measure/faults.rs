@@ -231,6 +231,10 @@ fn summarize_one(
         .filter(|s| s.outcome != Outcome::Cancelled && s.done_s >= at && s.at_s < rate_end)
         .collect();
     let failed_during = alive.iter().filter(|s| s.failed()).count() as u64;
+    let stalled = samples
+        .iter()
+        .filter(|s| s.done_s >= at && s.at_s < w.attribution_end && s.stalled())
+        .count() as u64;
 
     let window_end = recovered.unwrap_or(ctx.load_end).max(at + 1.0);
     let worst = ctx
@@ -273,6 +277,7 @@ fn summarize_one(
         failed_during,
         error_rate: ratio(failed_during, alive.len() as u64),
         truncated: own[w.index].1,
+        stalled,
         worst_second_success_rate: worst.is_finite().then_some(worst),
         ttft_p99_ms: ttft_p99,
         ttft_degradation: ttft_p99.zip(ctx.baseline_ttft_p99_ms).map(|(d, b)| d / b),

@@ -29,6 +29,10 @@ pub use validity::{Validity, ValidityLimits};
 /// three times slower has not recovered.
 pub const DEFAULT_RECOVERY_TTFT_RATIO: f64 = 3.0;
 
+/// A stream that waited this long for a token has stalled: what a frozen
+/// engine (a hung GPU) does to the streams on it, as opposed to breaking them.
+pub const STALL_MS: f64 = 1000.0;
+
 /// A record reduced to what the measurement needs (about 80 bytes), so a
 /// million requests fit in memory comfortably.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +50,8 @@ pub struct Sample {
     pub itl_count: u32,
     /// Send lag: sent − scheduled; NaN for a request never sent.
     pub lag_ms: f64,
+    /// The longest wait for a token, first or later; NaN with no token.
+    pub gap_max_ms: f64,
 }
 
 impl Sample {
@@ -66,6 +72,21 @@ impl Sample {
             lag_ms: record
                 .sent_s
                 .map_or(f64::NAN, |sent| (sent - record.scheduled_s) * 1000.0),
+            gap_max_ms: match (record.ttft_ms, &record.itl) {
+                (Some(ttft), Some(itl)) => ttft.max(itl.max_ms),
+                (Some(ttft), None) => ttft,
+                (None, _) => f64::NAN,
+            },
+        }
+    }
+
+    /// A stream that waited more than [`STALL_MS`] for a token, or got
+    /// none in more than that: stalled, whether or not it ended well.
+    pub fn stalled(&self) -> bool {
+        if self.gap_max_ms.is_nan() {
+            self.outcome != Outcome::Dropped && (self.done_s - self.at_s) * 1000.0 >= STALL_MS
+        } else {
+            self.gap_max_ms >= STALL_MS
         }
     }
 
@@ -192,6 +213,10 @@ pub struct FaultSummary {
     #[serde(default)]
     pub error_rate: Option<f64>,
     pub truncated: u64,
+    /// Streams in the fault's window that stalled (a token took more than
+    /// a second), ok or not: how a hang shows, apart from broken streams.
+    #[serde(default)]
+    pub stalled: u64,
     pub worst_second_success_rate: Option<f64>,
     pub ttft_p99_ms: Option<f64>,
     /// TTFT p99 while the fault lasted, over the baseline's.
@@ -580,6 +605,7 @@ mod tests {
             itl_sum_ms: 45.0,
             itl_count: 9,
             lag_ms: 0.2,
+            gap_max_ms: ttft,
         }
     }
 

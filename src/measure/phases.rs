@@ -261,6 +261,7 @@ mod tests {
             itl_sum_ms: 310.0,
             itl_count: 31,
             lag_ms: 0.2,
+            gap_max_ms: ttft,
         }
     }
 

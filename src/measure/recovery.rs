@@ -83,6 +83,7 @@ mod tests {
                 itl_sum_ms: 0.0,
                 itl_count: 0,
                 lag_ms: 0.1,
+                gap_max_ms: 10.0,
             })
             .collect()
     }

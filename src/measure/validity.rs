@@ -165,6 +165,7 @@ mod tests {
             itl_sum_ms: 35.0,
             itl_count: 7,
             lag_ms,
+            gap_max_ms: 10.0,
         }
     }
 

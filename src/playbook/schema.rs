@@ -101,7 +101,8 @@ pub struct Stack {
     #[serde(default)]
     pub model: Option<String>,
     pub cluster: ClusterSpec,
-    /// Named target groups (Kubernetes); a local cluster has `engine` and `router`.
+    /// Named target groups: Kubernetes label selectors; on a local
+    /// cluster, processes beside its own `engine` and `router`.
     #[serde(default)]
     pub roles: BTreeMap<String, Role>,
     /// Sent with every request to this stack, such as AIBrix's `routing-strategy`.
@@ -117,7 +118,11 @@ impl Stack {
     /// `router`, a Kubernetes stack's `roles`.
     pub fn role_names(&self) -> Vec<String> {
         match self.cluster.kind {
-            ClusterKind::Local => vec!["engine".into(), "router".into()],
+            ClusterKind::Local => ["engine", "router"]
+                .into_iter()
+                .map(String::from)
+                .chain(self.roles.keys().cloned())
+                .collect(),
             ClusterKind::Kubernetes => self.roles.keys().cloned().collect(),
         }
     }
@@ -139,12 +144,30 @@ impl Scrape {
     }
 }
 
+/// A named group of pods a fault may target. On Kubernetes, pods chosen by
+/// a label `selector` (in `namespace`, or the stack's); on a local cluster,
+/// processes started from `command:` beside the engines and the router.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Role {
-    pub selector: String,
+    // kind: kubernetes
+    #[serde(default)]
+    pub selector: Option<String>,
     #[serde(default)]
     pub namespace: Option<String>,
+    // kind: local
+    /// The process to start: `{port}` is where it must listen, `{url:ROLE}`
+    /// another role's address.
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    #[serde(default)]
+    pub restart_delay: Option<HumanDuration>,
+    /// An HTTP path that answers 200 when the process is Ready; by default
+    /// it is Ready once its port opens.
+    #[serde(default)]
+    pub health: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -201,6 +224,11 @@ pub struct LocalEngine {
     pub decode_per_token: HumanDuration,
     #[serde(default = "LocalEngine::default_max_num_seqs")]
     pub max_num_seqs: u32,
+    /// A role of the stack that serves as the engines' KV cache (the
+    /// emulated engine looks each conversation's prefix up there, as vLLM
+    /// with LMCache does, and pays the whole prefill on a miss).
+    #[serde(default)]
+    pub kv_cache: Option<String>,
 }
 
 impl LocalEngine {
@@ -227,6 +255,7 @@ impl Default for LocalEngine {
             command: None,
             decode_per_token: Self::default_decode(),
             max_num_seqs: Self::default_max_num_seqs(),
+            kv_cache: None,
         }
     }
 }

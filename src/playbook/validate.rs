@@ -207,6 +207,82 @@ fn validate_stack_fields(path: FieldPath, stack: &Stack) -> Result<(), Problem> 
     Ok(())
 }
 
+/// A local cluster's own roles: processes started from `command:` beside
+/// its `engine` and `router`.
+fn validate_local_roles(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
+    for (name, role) in &stack.roles {
+        let rpath = path.clone().key("roles").key(name);
+        if name == "engine" || name == "router" {
+            return at(
+                rpath,
+                format!(
+                    "a local cluster's `{name}` is set under `cluster.{name}`; `roles` names other processes, such as `kv-cache: {{ command: \"...\" }}`"
+                ),
+            );
+        }
+        check_name(rpath.clone(), name)?;
+        for (field, set) in [
+            ("selector", role.selector.is_some()),
+            ("namespace", role.namespace.is_some()),
+        ] {
+            if set {
+                return at(
+                    rpath.key(field),
+                    format!(
+                        "`{field}` belongs to a Kubernetes role; a local role is a process started from `command:`"
+                    ),
+                );
+            }
+        }
+        match role.command.as_deref().map(str::trim) {
+            None | Some("") => {
+                return at(
+                    rpath,
+                    "a local role is a process: give its `command:`, with `{port}` where it must listen",
+                );
+            }
+            Some(command) if !command.contains("{port}") => {
+                return at(
+                    rpath.key("command"),
+                    "the command must listen on `{port}`, the port shakedown puts its front proxy before",
+                );
+            }
+            Some(_) => {}
+        }
+        if let Some(replicas) = role.replicas
+            && !(1..=16).contains(&replicas)
+        {
+            return at(
+                rpath.key("replicas"),
+                format!("{replicas} replicas: a local role runs 1 to 16"),
+            );
+        }
+        if let Some(health) = &role.health
+            && !health.starts_with('/')
+        {
+            return at(
+                rpath.key("health"),
+                format!("`{health}` is not a path: write it as `/health`"),
+            );
+        }
+    }
+    if let Some(kv) = stack
+        .cluster
+        .engine
+        .as_ref()
+        .and_then(|e| e.kv_cache.as_ref())
+        && !stack.roles.contains_key(kv)
+    {
+        return at(
+            path.key("cluster").key("engine").key("kv_cache"),
+            format!(
+                "no role `{kv}` in this stack: name one of its `roles`, such as `kv-cache: {{ command: \"shakedown kv-cache --port {{port}}\" }}`"
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// What comes after the faults: the abort rule, the gate, the validity limits.
 fn validate_tail<S>(pb: &Playbook<S>) -> Result<(), Problem> {
     if let Some(abort) = &pb.abort {
@@ -352,11 +428,36 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
                 );
             }
             for (name, role) in &stack.roles {
-                if role.selector.trim().is_empty() {
-                    return at(
-                        path.clone().key("roles").key(name).key("selector"),
-                        "an empty selector would select every pod: give labels, such as `app=vllm`",
-                    );
+                let rpath = path.clone().key("roles").key(name);
+                for (field, set) in [
+                    ("command", role.command.is_some()),
+                    ("replicas", role.replicas.is_some()),
+                    ("restart_delay", role.restart_delay.is_some()),
+                    ("health", role.health.is_some()),
+                ] {
+                    if set {
+                        return at(
+                            rpath.key(field),
+                            format!(
+                                "`{field}` belongs to a local cluster's roles; a Kubernetes role is found by `selector`"
+                            ),
+                        );
+                    }
+                }
+                match role.selector.as_deref().map(str::trim) {
+                    None => {
+                        return at(
+                            rpath,
+                            "a Kubernetes role needs `selector`, its pods' labels, such as `app=vllm`",
+                        );
+                    }
+                    Some("") => {
+                        return at(
+                            rpath.key("selector"),
+                            "an empty selector would select every pod: give labels, such as `app=vllm`",
+                        );
+                    }
+                    Some(_) => {}
                 }
             }
             Ok(())
@@ -382,12 +483,7 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
                     "a local cluster serves its own endpoint (its router's front port): remove `endpoint`",
                 );
             }
-            if !stack.roles.is_empty() {
-                return at(
-                    path.key("roles"),
-                    "a local cluster has two fixed roles, `engine` and `router`: remove `roles`",
-                );
-            }
+            validate_local_roles(path.clone(), stack)?;
             if cluster.ready_timeout.is_some_and(|t| t.is_zero()) {
                 return at(
                     cpath.key("ready_timeout"),

@@ -235,7 +235,7 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
     header.extend(summary.stacks.iter().map(|s| s.name.clone()));
     let mut rows = vec![header];
     type Cell = fn(&FaultSummary) -> String;
-    let cells: [(&str, Cell); 17] = [
+    let cells: [(&str, Cell); 18] = [
         ("injected at", |f| secs(f.injected_at_s)),
         ("injected late by", |f| {
             f.late_ms
@@ -278,6 +278,9 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
             }
         }),
         ("truncated streams", |f| f.truncated.to_string()),
+        ("stalled streams (a token >1 s late)", |f| {
+            f.stalled.to_string()
+        }),
         (
             "worst second, success",
             |f| pct(f.worst_second_success_rate),
@@ -400,7 +403,7 @@ pub fn markdown(summary: &Summary) -> String {
 }
 
 /// How the report's figures are defined, printed under the fault tables.
-pub const NOTES: &str = "Recovery is client side: from injection to the first moment after which the requests sent during `hold` meet `recovered_when`, on errors and on latency (TTFT p99 within the stack's limit, the baseline's p99 times `ttft_p99_ratio`, 3 when the playbook gives none). `cut short` means the run ended (abort, Ctrl-C) before the stack recovered: no time is known. First impact is the first moment users felt the fault: a request that failed (for one that timed out, when it was sent or its stream stalled, not when the timeout fired), or an ok one slower than the TTFT limit. A failed request belongs to every fault whose window it overlapped (it ended after the injection and was sent before the recovery); one that belongs to several is counted once, under the overlap. Replacement times are cluster side, from `events.jsonl`.\n";
+pub const NOTES: &str = "Recovery is client side: from injection to the first moment after which the requests sent during `hold` meet `recovered_when`, on errors and on latency (TTFT p99 within the stack's limit, the baseline's p99 times `ttft_p99_ratio`, 3 when the playbook gives none). `cut short` means the run ended (abort, Ctrl-C) before the stack recovered: no time is known. First impact is the first moment users felt the fault: a failed request, counted from when its user last heard from the stack (its last token, or its sending: a request that hung until a timeout hurt from then, not from when the timeout fired), or an ok one slower than the TTFT limit. A stream is stalled when a token took more than a second to come (or none came in more than a second), whether it ended well or not; truncated streams are the broken ones. A failed request belongs to every fault whose window it overlapped (it ended after the injection and was sent before the recovery); one that belongs to several is counted once, under the overlap. Replacement times are cluster side, from `events.jsonl`.\n";
 
 /// Each stack's TTFT limit for recovery, in words.
 fn ttft_limits(summary: &Summary) -> String {

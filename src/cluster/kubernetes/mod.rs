@@ -31,6 +31,14 @@ use crate::playbook::Stack;
 /// Marks what shakedown changed; its value is the run id.
 pub const ANNOTATION: &str = "shakedown.dev/run";
 
+/// The taint a `gpu-failure` puts on a node (value: the run id), so the
+/// taint manager evicts its GPU pods as when a GPU-health controller
+/// reports the node's GPUs unhealthy.
+pub const GPU_FAILURE_TAINT: &str = "shakedown.dev/gpu-failure";
+
+/// The node condition a `gpu-failure` may set beside its taint.
+pub const GPU_FAILURE_CONDITION: &str = "GPUUnhealthy";
+
 /// The GPU resource of nodes, unless the playbook names another.
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 
@@ -112,25 +120,46 @@ pub async fn cleanup(context: Option<&str>, run_id: Option<&str>) -> anyhow::Res
         .await
         .context("cannot list nodes")?;
     let mut uncordoned = Vec::new();
+    let mut untainted = Vec::new();
     for node in list.items {
         let Some(name) = node.metadata.name.clone() else {
             continue;
         };
         let ours = marked_by(&node.metadata, run_id);
         if ours && KubeCluster::uncordon(&client, &name, run_id).await? {
-            uncordoned.push(name);
+            uncordoned.push(name.clone());
+        }
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| taint_is_ours(t, run_id)));
+        if tainted {
+            KubeCluster::untaint(&client, &name, run_id).await?;
+            untainted.push(name);
         }
     }
     let chaos = chaos_mesh::cleanup(&client, run_id).await?;
-    Ok(Cleaned { uncordoned, chaos })
+    Ok(Cleaned {
+        uncordoned,
+        untainted,
+        chaos,
+    })
 }
 
 /// What `cleanup` undid on a cluster.
 #[derive(Debug, Default)]
 pub struct Cleaned {
     pub uncordoned: Vec<String>,
+    /// Nodes whose `gpu-failure` taint (and condition) was removed.
+    pub untainted: Vec<String>,
     /// NetworkChaos objects deleted, as `namespace/name`.
     pub chaos: Vec<String>,
+}
+
+/// A `gpu-failure` taint of run `run_id` (any run's when `None`).
+fn taint_is_ours(taint: &k8s_openapi::api::core::v1::Taint, run_id: Option<&str>) -> bool {
+    taint.key == GPU_FAILURE_TAINT && run_id.is_none_or(|id| taint.value.as_deref() == Some(id))
 }
 
 /// Delete options with a grace period, as `--grace-period` gives it.
@@ -169,7 +198,7 @@ pub fn targets_of(stack: &Stack) -> BTreeMap<String, Target> {
             let target = Target {
                 role: role.clone(),
                 namespace: spec.namespace.clone().unwrap_or_else(|| default_ns.clone()),
-                selector: spec.selector.clone(),
+                selector: spec.selector.clone().unwrap_or_default(),
             };
             (role.clone(), target)
         })
@@ -453,6 +482,155 @@ impl KubeCluster {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The name of an ephemeral container or object a fault makes: the
+    /// fault's kind and a hash of the run id and the fault's seed. Ephemeral
+    /// containers stay in a pod's spec for good, so a name must never come
+    /// back: a re-run on the same pod gets a new one.
+    pub fn ephemeral_name(&self, kind: &str, seed: u64) -> String {
+        let run = self.run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!(
+            "shakedown-{kind}-{:012x}",
+            crate::tokens::mix(run ^ seed) & 0xffff_ffff_ffff
+        )
+    }
+
+    /// The name of a pod's first container: what a freeze targets by default.
+    pub async fn first_container(&self, pod: &PodRef) -> anyhow::Result<String> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let found = pods
+            .get(&pod.name)
+            .await
+            .with_context(|| format!("cannot read pod {}/{}", pod.namespace, pod.name))?;
+        found
+            .spec
+            .and_then(|s| s.containers.into_iter().next())
+            .map(|c| c.name)
+            .with_context(|| format!("pod {}/{} has no container", pod.namespace, pod.name))
+    }
+
+    /// Taints a node `NoExecute` for a GPU failure, with the run id as the
+    /// taint's value, and optionally sets the GPU condition. Returns false,
+    /// changing nothing, when the node already carries that taint.
+    pub async fn taint_gpu_failure(&self, node: &str, condition: bool) -> anyhow::Result<bool> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let current = nodes
+            .get(node)
+            .await
+            .with_context(|| format!("cannot read node {node}"))?;
+        let mut taints = current
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        if taints.iter().any(|t| t.key == GPU_FAILURE_TAINT) {
+            return Ok(false);
+        }
+        taints.push(k8s_openapi::api::core::v1::Taint {
+            key: GPU_FAILURE_TAINT.into(),
+            value: Some(self.run_id.clone()),
+            effect: "NoExecute".into(),
+            time_added: None,
+        });
+        // The whole list replaces the node's, guarded by its version: a
+        // taint added by someone else meanwhile is never lost.
+        let patch = serde_json::json!({
+            "metadata": {
+                "resourceVersion": current.metadata.resource_version,
+                "annotations": { ANNOTATION: self.run_id },
+            },
+            "spec": { "taints": taints },
+        });
+        nodes
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("cannot taint node {node}"))?;
+        if condition {
+            let status = serde_json::json!({
+                "status": { "conditions": [{
+                    "type": GPU_FAILURE_CONDITION,
+                    "status": "True",
+                    "reason": "ShakedownGPUFailure",
+                    "message": format!("GPUs reported failed by shakedown run {}", self.run_id),
+                    "lastTransitionTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "lastHeartbeatTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                }]},
+            });
+            nodes
+                .patch_status(node, &PatchParams::default(), &Patch::Strategic(&status))
+                .await
+                .with_context(|| {
+                    format!("cannot set the {GPU_FAILURE_CONDITION} condition of node {node}")
+                })?;
+        }
+        self.events
+            .emit(crate::events::EventKind::NodeGpusFailed { node: node.into() });
+        Ok(true)
+    }
+
+    /// Removes a `gpu-failure` taint of `run_id` (any run's when `None`) and
+    /// its condition from a node; a taint of another run stays.
+    pub async fn untaint(
+        client: &kube::Client,
+        node: &str,
+        run_id: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let current = nodes
+            .get(node)
+            .await
+            .with_context(|| format!("cannot read node {node}"))?;
+        let taints = current
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        let kept: Vec<_> = taints
+            .iter()
+            .filter(|t| !taint_is_ours(t, run_id))
+            .cloned()
+            .collect();
+        if kept.len() == taints.len() {
+            return Ok(false);
+        }
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": current.metadata.resource_version },
+            "spec": { "taints": kept },
+        });
+        nodes
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("cannot remove the gpu-failure taint of node {node}"))?;
+        let had_condition = current
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == GPU_FAILURE_CONDITION));
+        if had_condition {
+            let status = serde_json::json!({
+                "status": { "conditions": [{ "type": GPU_FAILURE_CONDITION, "$patch": "delete" }] },
+            });
+            nodes
+                .patch_status(node, &PatchParams::default(), &Patch::Strategic(&status))
+                .await
+                .with_context(|| {
+                    format!("cannot remove the {GPU_FAILURE_CONDITION} condition of node {node}")
+                })?;
+        }
+        Ok(true)
+    }
+
+    /// Removes this run's `gpu-failure` taint from a node.
+    pub async fn untaint_ours(&self, node: &str) -> anyhow::Result<bool> {
+        let done = Self::untaint(&self.client, node, Some(&self.run_id)).await?;
+        if done {
+            self.events
+                .emit(crate::events::EventKind::NodeGpusRestored { node: node.into() });
+        }
+        Ok(done)
     }
 
     /// Adds an ephemeral container to a pod.

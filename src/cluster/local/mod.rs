@@ -1,24 +1,27 @@
 //! The embedded local cluster: a stack made of real processes on 127.0.0.1.
 //!
-//! Start at [`LocalCluster::start`]. Each engine replica and the router is a
-//! slot whose task plays the part of a ReplicaSet and a kubelet: it places
-//! the pod (an engine needs a free GPU on an uncordoned node, see
-//! [`placement`]), starts its process (`shakedown engine`, `shakedown
-//! router`, or the playbook's `command:`), probes `/health` for readiness,
-//! and when the process dies starts a new one after `restart_delay`. Every
-//! process sits behind a [`proxy::FrontProxy`] with a stable port. Ready
-//! engines are announced to the router through a watch stream (a pod watch
-//! in miniature). Everything it sees goes to `events.jsonl`.
+//! Start at [`LocalCluster::start`]. A stack has roles: `engine` (emulated
+//! vLLM engines, or the playbook's `command:`, each taking a GPU of an
+//! emulated node, see [`placement`]), `router`, and any other role the
+//! playbook names with a `command:` (a KV-cache server, a gateway). Each
+//! replica is a slot run by [`supervisor`]: it places the pod, starts its
+//! process, probes it for readiness, and re-creates it after its
+//! `restart_delay` when it dies. Every process sits behind a
+//! [`proxy::FrontProxy`] with a stable port. Ready engines are announced to
+//! the router through a watch stream (a pod watch in miniature).
+//! Everything the cluster does goes to `events.jsonl`.
 //!
-//! Children are killed when the cluster shuts down, when it is dropped, and
-//! (through `PR_SET_PDEATHSIG`) when shakedown itself dies, even by SIGKILL.
+//! Faults act through [`LocalControl`]: kill or signal a pod, cordon a
+//! node, fail its GPUs, shape a role's traffic. Children are killed when
+//! the cluster shuts down, when it is dropped, and (through
+//! `PR_SET_PDEATHSIG`) when shakedown itself dies, even by SIGKILL.
 
 pub mod placement;
 pub mod proxy;
+mod supervisor;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +31,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use nix::sys::signal::Signal;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -36,7 +40,22 @@ use crate::events::{EventKind, EventLog};
 use crate::playbook::{Discovery, LocalEngine, LocalRouter};
 use crate::state::RunState;
 use placement::{Node, Nodes};
-use proxy::{FrontProxy, Shaping, free_port};
+use proxy::{FrontProxy, Shaping};
+use supervisor::{Order, PodOrder, SlotPlace};
+
+/// A role beside the engines and the router: a process the playbook names
+/// with its `command:`.
+#[derive(Debug, Clone)]
+pub struct AuxRole {
+    pub name: String,
+    /// `{port}` is where it must listen; `{url:ROLE}` another role's
+    /// address; `{shakedown}` this binary.
+    pub command: String,
+    pub replicas: u32,
+    pub restart_delay: Duration,
+    /// An HTTP path that answers 200 when Ready; without it, the open port.
+    pub health: Option<String>,
+}
 
 /// What a local stack is made of, resolved from the playbook.
 #[derive(Debug, Clone)]
@@ -46,6 +65,8 @@ pub struct LocalClusterSpec {
     pub gpus_per_node: u32,
     pub engine: LocalEngine,
     pub router: LocalRouter,
+    /// Other roles, started beside the engines.
+    pub aux: Vec<AuxRole>,
     pub seed: u64,
     /// Where each process's output goes, one file per pod.
     pub log_dir: PathBuf,
@@ -57,28 +78,35 @@ pub struct LocalClusterSpec {
     pub state: Arc<RunState>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+/// What kind of process a role runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleKind {
+    /// Takes a GPU; announced to the router when Ready.
     Engine,
     Router,
+    /// Started from the playbook's `command:`, on no GPU.
+    Aux {
+        command: String,
+        health: Option<String>,
+    },
 }
 
-impl Role {
-    /// The role a playbook's `target` names in a local cluster.
-    pub fn from_target(target: &str) -> anyhow::Result<Self> {
-        match target {
-            "engine" => Ok(Role::Engine),
-            "router" => Ok(Role::Router),
-            other => {
-                bail!("a local cluster has no role `{other}`: its roles are `engine` and `router`")
-            }
-        }
-    }
+/// A role of the stack, resolved.
+#[derive(Debug, Clone)]
+pub struct RoleSpec {
+    pub name: String,
+    pub kind: RoleKind,
+    pub replicas: usize,
+    pub restart_delay: Duration,
+}
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Engine => "engine",
-            Role::Router => "router",
+impl RoleSpec {
+    /// Where readiness is probed: the emulated servers' `/health`, or the
+    /// role's own path; `None` for a port that merely opens.
+    fn health_path(&self) -> Option<&str> {
+        match &self.kind {
+            RoleKind::Engine | RoleKind::Router => Some("/health"),
+            RoleKind::Aux { health, .. } => health.as_deref(),
         }
     }
 }
@@ -96,27 +124,23 @@ pub enum Phase {
 #[derive(Debug, Clone)]
 pub struct PodStatus {
     pub pod: String,
-    pub role: Role,
+    pub role: String,
     pub node: Option<String>,
     pub phase: Phase,
     pub pid: Option<u32>,
 }
 
-struct KillOrder {
-    pod: String,
-    grace: Duration,
-    reply: oneshot::Sender<anyhow::Result<()>>,
-}
-
 struct Slot {
-    role: Role,
+    role: usize,
     status: Arc<Mutex<PodStatus>>,
-    control: mpsc::Sender<KillOrder>,
+    orders: mpsc::Sender<PodOrder>,
     proxy: Arc<FrontProxy>,
 }
 
 struct Shared {
     spec: LocalClusterSpec,
+    /// Every role: engines first, then the router, then the others.
+    roles: Vec<RoleSpec>,
     events: EventLog,
     nodes: Mutex<Nodes>,
     gpu_freed: Notify,
@@ -125,6 +149,8 @@ struct Shared {
     probe: reqwest::Client,
     /// Front URLs of every engine slot, for a router `command:`'s `{backends}`.
     engine_urls: Vec<String>,
+    /// The first front URL of each role, for `{url:ROLE}`.
+    role_urls: BTreeMap<String, String>,
     watch_url: String,
 }
 
@@ -151,17 +177,61 @@ impl std::ops::Deref for LocalCluster {
     }
 }
 
+/// The roles of a spec, engines first, then the router, then the others.
+fn roles_of(spec: &LocalClusterSpec) -> Vec<RoleSpec> {
+    let mut roles = vec![
+        RoleSpec {
+            name: "engine".into(),
+            kind: RoleKind::Engine,
+            replicas: spec.engine.replicas as usize,
+            restart_delay: spec.engine.restart_delay.0,
+        },
+        RoleSpec {
+            name: "router".into(),
+            kind: RoleKind::Router,
+            replicas: 1,
+            restart_delay: spec.router.restart_delay.0,
+        },
+    ];
+    roles.extend(spec.aux.iter().map(|aux| RoleSpec {
+        name: aux.name.clone(),
+        kind: RoleKind::Aux {
+            command: aux.command.clone(),
+            health: aux.health.clone(),
+        },
+        replicas: aux.replicas as usize,
+        restart_delay: aux.restart_delay,
+    }));
+    roles
+}
+
 impl LocalCluster {
     /// Starts every process. Returns at once; see [`LocalCluster::wait_ready`].
     pub async fn start(spec: LocalClusterSpec, events: EventLog) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&spec.log_dir).with_context(|| {
             format!("cannot create the log directory {}", spec.log_dir.display())
         })?;
-        let replicas = spec.engine.replicas as usize;
-        let engine_proxies: Vec<Arc<FrontProxy>> = (0..replicas)
-            .map(|_| FrontProxy::new().map(Arc::new))
+        let roles = roles_of(&spec);
+        // Each role's front proxies, reserved before any process starts so
+        // every command can be told every address.
+        let proxies: Vec<Vec<Arc<FrontProxy>>> = roles
+            .iter()
+            .map(|role| {
+                (0..role.replicas)
+                    .map(|_| FrontProxy::new().map(Arc::new))
+                    .collect::<anyhow::Result<_>>()
+            })
             .collect::<anyhow::Result<_>>()?;
-        let router_proxy = Arc::new(FrontProxy::new()?);
+        let engine_urls: Vec<String> = proxies[0].iter().map(|p| p.url()).collect();
+        let role_urls = roles
+            .iter()
+            .zip(&proxies)
+            .filter_map(|(role, fronts)| fronts.first().map(|p| (role.name.clone(), p.url())))
+            .collect();
+        let endpoint = proxies[1]
+            .first()
+            .map(|p| p.url())
+            .context("a local stack has one router")?;
         let (ready_engines, _) = watch::channel(BTreeMap::new());
         let (shutdown, _) = watch::channel(false);
 
@@ -178,9 +248,11 @@ impl LocalCluster {
                 .pool_max_idle_per_host(0)
                 .build()
                 .context("cannot build the probe client")?,
-            engine_urls: engine_proxies.iter().map(|p| p.url()).collect(),
+            engine_urls,
+            role_urls,
             watch_url,
             events,
+            roles,
             spec,
         });
 
@@ -198,55 +270,52 @@ impl LocalCluster {
         }));
 
         let mut slots = Vec::new();
-        let roles = engine_proxies
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| (Role::Engine, i, p))
-            .chain([(Role::Router, 0, router_proxy.clone())]);
-        for (role, index, proxy) in roles {
-            let status = Arc::new(Mutex::new(PodStatus {
-                pod: String::new(),
-                role,
-                node: None,
-                phase: Phase::Pending,
-                pid: None,
-            }));
-            let (control, orders) = mpsc::channel(4);
-            // The first placement is made here, in slot order, so that the
-            // same playbook puts the same pods on the same nodes every run.
-            let first_node = match role {
-                Role::Engine => shared
-                    .nodes
-                    .lock()
-                    .ok()
-                    .and_then(|mut nodes| nodes.take_gpu()),
-                Role::Router => None,
-            };
-            let place = SlotPlace {
-                role,
-                index,
-                first_node,
-                proxy: proxy.clone(),
-                status: status.clone(),
-            };
-            tasks.push(tokio::spawn(run_slot(
-                shared.clone(),
-                place,
-                orders,
-                shutdown.subscribe(),
-            )));
-            slots.push(Slot {
-                role,
-                status,
-                control,
-                proxy,
-            });
+        for (role, fronts) in proxies.into_iter().enumerate() {
+            for (index, proxy) in fronts.into_iter().enumerate() {
+                let status = Arc::new(Mutex::new(PodStatus {
+                    pod: String::new(),
+                    role: shared.roles[role].name.clone(),
+                    node: None,
+                    phase: Phase::Pending,
+                    pid: None,
+                }));
+                let (orders, inbox) = mpsc::channel(4);
+                // The first placement is made here, in slot order, so that the
+                // same playbook puts the same pods on the same nodes every run.
+                let first_node = match shared.roles[role].kind {
+                    RoleKind::Engine => shared
+                        .nodes
+                        .lock()
+                        .ok()
+                        .and_then(|mut nodes| nodes.take_gpu()),
+                    _ => None,
+                };
+                let place = SlotPlace {
+                    role,
+                    index,
+                    first_node,
+                    proxy: proxy.clone(),
+                    status: status.clone(),
+                };
+                tasks.push(tokio::spawn(supervisor::run_slot(
+                    shared.clone(),
+                    place,
+                    inbox,
+                    shutdown.subscribe(),
+                )));
+                slots.push(Slot {
+                    role,
+                    status,
+                    orders,
+                    proxy,
+                });
+            }
         }
         Ok(Self {
             control: Arc::new(LocalControl {
                 shared,
                 slots,
-                endpoint: router_proxy.url(),
+                endpoint,
             }),
             shutdown,
             tasks,
@@ -273,18 +342,45 @@ impl LocalControl {
         &self.endpoint
     }
 
-    /// Waits until every pod is Ready. On timeout, says which are not and
-    /// what their logs end with.
-    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// The role named `name`, or what the roles are.
+    pub fn role(&self, name: &str) -> anyhow::Result<&RoleSpec> {
+        match self.shared.roles.iter().find(|r| r.name == name) {
+            Some(role) => Ok(role),
+            None => {
+                let known: Vec<String> = self
+                    .shared
+                    .roles
+                    .iter()
+                    .map(|r| format!("`{}`", r.name))
+                    .collect();
+                bail!(
+                    "the local cluster has no role `{name}`: its roles are {}",
+                    known.join(", ")
+                )
+            }
+        }
+    }
+
+    /// Waits until every pod is Ready, saying as it goes how many of each
+    /// role are. On timeout, says which are not and what their logs end with.
+    pub async fn wait_ready(
+        &self,
+        timeout: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
+        let mut said = String::new();
         loop {
-            let waiting: Vec<PodStatus> = self
-                .pods(None)
-                .into_iter()
-                .filter(|p| p.phase != Phase::Ready)
-                .collect();
+            let pods = self.pods(None);
+            let waiting: Vec<&PodStatus> =
+                pods.iter().filter(|p| p.phase != Phase::Ready).collect();
             if waiting.is_empty() {
                 return Ok(());
+            }
+            let now = self.readiness(&pods);
+            if now != said {
+                progress(&now);
+                said = now;
             }
             if Instant::now() >= deadline {
                 let mut message = format!(
@@ -307,6 +403,21 @@ impl LocalControl {
         }
     }
 
+    /// "waiting for pods to be Ready: engine 1/3, router 0/1".
+    fn readiness(&self, pods: &[PodStatus]) -> String {
+        let parts: Vec<String> = self
+            .shared
+            .roles
+            .iter()
+            .map(|role| {
+                let of_role = pods.iter().filter(|p| p.role == role.name);
+                let ready = of_role.clone().filter(|p| p.phase == Phase::Ready).count();
+                format!("{} {ready}/{}", role.name, of_role.count())
+            })
+            .collect();
+        format!("waiting for pods to be Ready: {}", parts.join(", "))
+    }
+
     /// Every engine's `/metrics`, behind its stable front port.
     pub fn engine_metrics_urls(&self) -> Vec<String> {
         self.shared
@@ -317,32 +428,42 @@ impl LocalControl {
     }
 
     /// The pods of a role (all pods for `None`), as they are now.
-    pub fn pods(&self, role: Option<Role>) -> Vec<PodStatus> {
+    pub fn pods(&self, role: Option<&str>) -> Vec<PodStatus> {
         self.slots
             .iter()
-            .filter(|s| role.is_none_or(|r| r == s.role))
+            .filter(|s| role.is_none_or(|r| r == self.shared.roles[s.role].name))
             .filter_map(|s| s.status.lock().ok().map(|st| st.clone()))
             .collect()
     }
 
-    /// Deletes a pod: SIGKILL when `grace` is zero, else SIGTERM and SIGKILL
-    /// after `grace`. Returns once the signal is sent.
-    pub async fn kill(&self, pod: &str, grace: Duration) -> anyhow::Result<()> {
+    async fn order(&self, pod: &str, order: Order) -> anyhow::Result<()> {
         let slot = self
             .slots
             .iter()
             .find(|s| s.status.lock().map(|st| st.pod == pod).unwrap_or(false))
             .with_context(|| format!("no pod `{pod}` in the local cluster"))?;
         let (reply, answer) = oneshot::channel();
-        slot.control
-            .send(KillOrder {
+        slot.orders
+            .send(PodOrder {
                 pod: pod.to_string(),
-                grace,
+                order,
                 reply,
             })
             .await
             .context("the pod's supervisor has stopped")?;
         answer.await.context("the pod's supervisor has stopped")?
+    }
+
+    /// Deletes a pod: SIGKILL when `grace` is zero, else SIGTERM and SIGKILL
+    /// after `grace`. Returns once the signal is sent.
+    pub async fn kill(&self, pod: &str, grace: Duration) -> anyhow::Result<()> {
+        self.order(pod, Order::Kill { grace }).await
+    }
+
+    /// Sends a signal to a pod's processes and leaves it be (a freeze:
+    /// SIGSTOP, then SIGCONT).
+    pub async fn signal(&self, pod: &str, signal: Signal) -> anyhow::Result<()> {
+        self.order(pod, Order::Signal(signal)).await
     }
 
     /// The nodes as they are now.
@@ -354,9 +475,8 @@ impl LocalControl {
             .unwrap_or_default()
     }
 
-    /// Marks a node unschedulable. Returns false if it already was (then it
-    /// is not ours to uncordon).
-    pub fn cordon(&self, node: &str) -> anyhow::Result<bool> {
+    /// Changes a node; `Err` names the nodes there are.
+    fn change_node<T>(&self, node: &str, change: impl FnOnce(&mut Node) -> T) -> anyhow::Result<T> {
         let mut nodes = self
             .shared
             .nodes
@@ -368,30 +488,25 @@ impl LocalControl {
             .iter_mut()
             .find(|n| n.name == node)
             .with_context(|| format!("no node `{node}`; the nodes are {}", known.join(", ")))?;
-        if entry.cordoned {
-            return Ok(false);
+        Ok(change(entry))
+    }
+
+    /// Marks a node unschedulable. Returns false if it already was (then it
+    /// is not ours to uncordon).
+    pub fn cordon(&self, node: &str) -> anyhow::Result<bool> {
+        let changed = self.change_node(node, |n| !std::mem::replace(&mut n.cordoned, true))?;
+        if changed {
+            self.shared.events.emit(EventKind::NodeCordoned {
+                node: node.to_string(),
+            });
         }
-        entry.cordoned = true;
-        self.shared.events.emit(EventKind::NodeCordoned {
-            node: node.to_string(),
-        });
-        Ok(true)
+        Ok(changed)
     }
 
     /// Makes a node schedulable again; pods Pending for a GPU may go there.
     pub fn uncordon(&self, node: &str) {
         let changed = self
-            .shared
-            .nodes
-            .lock()
-            .ok()
-            .and_then(|mut nodes| {
-                nodes
-                    .0
-                    .iter_mut()
-                    .find(|n| n.name == node)
-                    .map(|n| std::mem::replace(&mut n.cordoned, false))
-            })
+            .change_node(node, |n| std::mem::replace(&mut n.cordoned, false))
             .unwrap_or(false);
         if changed {
             self.shared.events.emit(EventKind::NodeUncordoned {
@@ -401,12 +516,36 @@ impl LocalControl {
         }
     }
 
+    /// A node's GPUs fail (or come back): while failed it takes no pod, as
+    /// a node whose device plugin reports its GPUs unhealthy. Returns
+    /// whether this changed anything.
+    pub fn set_gpus_failed(&self, node: &str, failed: bool) -> anyhow::Result<bool> {
+        let changed = self.change_node(node, |n| {
+            std::mem::replace(&mut n.gpus_failed, failed) != failed
+        })?;
+        if changed {
+            self.shared.events.emit(if failed {
+                EventKind::NodeGpusFailed {
+                    node: node.to_string(),
+                }
+            } else {
+                EventKind::NodeGpusRestored {
+                    node: node.to_string(),
+                }
+            });
+            if !failed {
+                self.shared.gpu_freed.notify_waiters();
+            }
+        }
+        Ok(changed)
+    }
+
     /// Puts a network fault in force on the proxies of a role's pods (or
     /// lifts it, with `Shaping::default()`); returns the pods it covers.
-    pub fn shape(&self, role: Role, shaping: Shaping) -> Vec<String> {
+    pub fn shape(&self, role: &str, shaping: Shaping) -> Vec<String> {
         self.slots
             .iter()
-            .filter(|s| s.role == role)
+            .filter(|s| self.shared.roles[s.role].name == role)
             .map(|s| {
                 s.proxy.shape(shaping);
                 s.status.lock().map(|st| st.pod.clone()).unwrap_or_default()
@@ -415,7 +554,7 @@ impl LocalControl {
     }
 
     /// How many pods the role should have, and how many are Ready now.
-    pub fn availability(&self, role: Role) -> (usize, usize) {
+    pub fn availability(&self, role: &str) -> (usize, usize) {
         let pods = self.pods(Some(role));
         let ready = pods.iter().filter(|p| p.phase == Phase::Ready).count();
         (pods.len(), ready)
@@ -465,8 +604,8 @@ fn secs(d: Duration) -> String {
 }
 
 impl Shared {
-    fn set_ready(&self, role: Role, index: usize, url: &str, ready: bool) {
-        if role != Role::Engine {
+    fn set_ready(&self, role: usize, index: usize, url: &str, ready: bool) {
+        if self.roles[role].kind != RoleKind::Engine {
             return;
         }
         self.ready_engines.send_if_modified(|map| {
@@ -478,25 +617,38 @@ impl Shared {
         });
     }
 
+    /// A playbook `command:` with its placeholders filled in: `{port}`,
+    /// `{backends}` (the engines' addresses), `{url:ROLE}` and
+    /// `{shakedown}` (this binary, for its emulated servers).
+    fn fill(&self, template: &str, port: u16) -> String {
+        let mut line = template
+            .replace("{port}", &port.to_string())
+            .replace("{backends}", &self.engine_urls.join(","))
+            .replace("{shakedown}", &self.spec.exe.display().to_string());
+        for (role, url) in &self.role_urls {
+            line = line.replace(&format!("{{url:{role}}}"), url);
+        }
+        line
+    }
+
     /// The command line of a pod's process.
-    fn command(&self, role: Role, port: u16, seed: u64) -> tokio::process::Command {
+    fn command(&self, role: usize, port: u16, seed: u64) -> tokio::process::Command {
         let spec = &self.spec;
-        let custom = match role {
-            Role::Engine => spec.engine.command.as_ref(),
-            Role::Router => spec.router.command.as_ref(),
+        let custom = match &self.roles[role].kind {
+            RoleKind::Engine => spec.engine.command.as_deref(),
+            RoleKind::Router => spec.router.command.as_deref(),
+            RoleKind::Aux { command, .. } => Some(command.as_str()),
         };
         if let Some(template) = custom {
-            let line = template
-                .replace("{port}", &port.to_string())
-                .replace("{backends}", &self.engine_urls.join(","));
+            let line = self.fill(template, port);
             let mut command = tokio::process::Command::new("sh");
             // exec, so the signals of a fault reach the process itself.
             command.arg("-c").arg(format!("exec {line}"));
             return command;
         }
         let mut command = tokio::process::Command::new(&spec.exe);
-        match role {
-            Role::Engine => {
+        match &self.roles[role].kind {
+            RoleKind::Engine => {
                 command.args([
                     "engine",
                     "--port",
@@ -508,8 +660,16 @@ impl Shared {
                 command.args(["--decode-per-token", &secs(spec.engine.decode_per_token.0)]);
                 command.args(["--max-num-seqs", &spec.engine.max_num_seqs.to_string()]);
                 command.args(["--seed", &seed.to_string()]);
+                if let Some(url) = spec
+                    .engine
+                    .kv_cache
+                    .as_ref()
+                    .and_then(|role| self.role_urls.get(role))
+                {
+                    command.args(["--kv-cache-url", url]);
+                }
             }
-            Role::Router => {
+            RoleKind::Router | RoleKind::Aux { .. } => {
                 let router = &spec.router;
                 command.args(["router", "--port", &port.to_string()]);
                 command.args(["--policy", policy_name(router)]);
@@ -550,321 +710,5 @@ fn policy_name(router: &LocalRouter) -> &'static str {
         LeastRequest => "least-request",
         Session => "session",
         PrefixHash => "prefix-hash",
-    }
-}
-
-fn spawn_child(
-    mut command: tokio::process::Command,
-    log: &Path,
-) -> anyhow::Result<tokio::process::Child> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
-    let err = out.try_clone()?;
-    command
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true)
-        // Its own process group: a Ctrl-C in the terminal reaches shakedown,
-        // which reverts and stops the children in order.
-        .process_group(0);
-    // SAFETY: set_pdeathsig is a single prctl(2) call, async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
-        });
-    }
-    command.spawn().context("cannot start the process")
-}
-
-/// SIGKILL to the pod's whole process group (it leads its own), so that
-/// the children of a real engine die with it.
-fn kill_group(pid: u32, child: &mut tokio::process::Child) -> anyhow::Result<()> {
-    use nix::sys::signal::{Signal, killpg};
-    if pid != 0 && killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
-        return Ok(());
-    }
-    child.start_kill().context("cannot send SIGKILL")
-}
-
-fn describe(status: &std::io::Result<ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => format!("exit code {code}"),
-            (None, Some(signal)) => match nix::sys::signal::Signal::try_from(signal) {
-                Ok(signal) => format!("killed by {signal}"),
-                Err(_) => format!("killed by signal {signal}"),
-            },
-            _ => "ended".into(),
-        },
-        Err(err) => format!("could not be waited for: {err}"),
-    }
-}
-
-/// What a slot is: its role and index, where its first pod goes, its
-/// stable front, and the status it keeps up to date.
-struct SlotPlace {
-    role: Role,
-    index: usize,
-    first_node: Option<String>,
-    proxy: Arc<FrontProxy>,
-    status: Arc<Mutex<PodStatus>>,
-}
-
-/// One replica slot, for the life of the cluster: place, start, probe,
-/// obey kill orders, re-create after `restart_delay`.
-async fn run_slot(
-    shared: Arc<Shared>,
-    place: SlotPlace,
-    mut orders: mpsc::Receiver<KillOrder>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let SlotPlace {
-        role,
-        index,
-        mut first_node,
-        proxy,
-        status,
-    } = place;
-    let events = shared.events.clone();
-    let role_name = role.as_str().to_string();
-    let restart_delay = match role {
-        Role::Engine => shared.spec.engine.restart_delay.0,
-        Role::Router => shared.spec.router.restart_delay.0,
-    };
-    let mut replaces: Option<String> = None;
-    for generation in 0u64.. {
-        let pod = format!("{}-{index}-{generation}", role.as_str());
-        let set = |f: &dyn Fn(&mut PodStatus)| {
-            if let Ok(mut st) = status.lock() {
-                f(&mut st);
-            }
-        };
-        set(&|st| {
-            *st = PodStatus {
-                pod: pod.clone(),
-                role,
-                node: None,
-                phase: Phase::Pending,
-                pid: None,
-            };
-        });
-
-        // Scheduling: an engine needs a GPU on a schedulable node.
-        let node = if let Some(node) = first_node.take() {
-            Some(node)
-        } else if role == Role::Engine {
-            let mut announced = false;
-            loop {
-                let freed = shared.gpu_freed.notified();
-                if let Some(node) = shared.nodes.lock().ok().and_then(|mut n| n.take_gpu()) {
-                    break Some(node);
-                }
-                if !announced {
-                    events.emit(EventKind::PodPending {
-                        pod: pod.clone(),
-                        role: role_name.clone(),
-                        reason: "no node has a free GPU".into(),
-                    });
-                    announced = true;
-                }
-                tokio::select! {
-                    _ = freed => {}
-                    _ = crate::stopped(&mut shutdown) => return,
-                }
-            }
-        } else {
-            None
-        };
-        set(&|st| st.node = node.clone());
-        events.emit(EventKind::PodScheduled {
-            pod: pod.clone(),
-            role: role_name.clone(),
-            node: node.clone(),
-            replaces: replaces.take(),
-        });
-
-        let release = || {
-            if let Some(node) = &node {
-                if let Ok(mut nodes) = shared.nodes.lock() {
-                    nodes.release_gpu(node);
-                }
-                shared.gpu_freed.notify_waiters();
-            }
-        };
-
-        let started = free_port().and_then(|port| {
-            let seed = crate::tokens::mix(shared.spec.seed ^ ((index as u64) << 32) ^ generation);
-            let log = shared.spec.log_dir.join(format!("{pod}.log"));
-            spawn_child(shared.command(role, port, seed), &log).map(|child| (port, child))
-        });
-        let (port, mut child) = match started {
-            Ok(started) => started,
-            Err(err) => {
-                events.emit(EventKind::PodExited {
-                    pod: pod.clone(),
-                    role: role_name.clone(),
-                    status: format!("{err:#}"),
-                });
-                release();
-                set(&|st| st.phase = Phase::Exited);
-                tokio::select! {
-                    _ = tokio::time::sleep(restart_delay.max(Duration::from_millis(500))) => {}
-                    _ = crate::stopped(&mut shutdown) => return,
-                }
-                replaces = Some(pod);
-                continue;
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        set(&|st| {
-            st.phase = Phase::Starting;
-            st.pid = Some(pid);
-        });
-        events.emit(EventKind::PodStarted {
-            pod: pod.clone(),
-            role: role_name.clone(),
-            pid,
-        });
-        shared.spec.state.started(pid, &shared.spec.stack, &pod);
-        let probe = tokio::spawn(probe(
-            shared.clone(),
-            role,
-            index,
-            port,
-            proxy.clone(),
-            status.clone(),
-            pod.clone(),
-        ));
-
-        let mut kill_at: Option<Instant> = None;
-        let mut terminating = false;
-        let mut stopping = false;
-        let exit = loop {
-            tokio::select! {
-                exit = child.wait() => break exit,
-                Some(order) = orders.recv() => {
-                    if order.pod != pod || terminating {
-                        let _ = order.reply.send(Err(anyhow::anyhow!("pod `{}` is not running", order.pod)));
-                        continue;
-                    }
-                    // Out of the endpoints at once, as a terminating pod is.
-                    probe.abort();
-                    shared.set_ready(role, index, &proxy.url(), false);
-                    set(&|st| st.phase = Phase::Terminating);
-                    let signal = if order.grace.is_zero() { "SIGKILL" } else { "SIGTERM" };
-                    events.emit(EventKind::PodTerminating { pod: pod.clone(), role: role_name.clone(), signal: signal.into() });
-                    terminating = true;
-                    let sent = if order.grace.is_zero() {
-                        kill_group(pid, &mut child)
-                    } else {
-                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)
-                            .context("cannot send SIGTERM")
-                    };
-                    kill_at = Some(Instant::now() + order.grace);
-                    let _ = order.reply.send(sent);
-                }
-                _ = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
-                    let _ = kill_group(pid, &mut child);
-                    kill_at = None;
-                }
-                _ = crate::stopped(&mut shutdown), if !stopping => {
-                    stopping = true;
-                    let _ = kill_group(pid, &mut child);
-                }
-            }
-        };
-        // Whatever the process left in its group (a real engine's workers) goes with it.
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        shared.spec.state.ended(pid);
-        probe.abort();
-        proxy.down();
-        shared.set_ready(role, index, &proxy.url(), false);
-        release();
-        set(&|st| {
-            st.phase = Phase::Exited;
-            st.pid = None;
-        });
-        events.emit(EventKind::PodExited {
-            pod: pod.clone(),
-            role: role_name.clone(),
-            status: describe(&exit),
-        });
-        if stopping || *shutdown.borrow() {
-            return;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(restart_delay) => {}
-            _ = crate::stopped(&mut shutdown) => return,
-        }
-        replaces = Some(pod);
-    }
-}
-
-/// Readiness, as a kubelet sees it: the port answers (the proxy opens), then
-/// `/health` answers 200 (Ready); three failed probes later it is not Ready.
-async fn probe(
-    shared: Arc<Shared>,
-    role: Role,
-    index: usize,
-    port: u16,
-    proxy: Arc<FrontProxy>,
-    status: Arc<Mutex<PodStatus>>,
-    pod: String,
-) {
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    proxy.up(port);
-    let url = format!("http://127.0.0.1:{port}/health");
-    let role_name = role.as_str().to_string();
-    let mut ready = false;
-    let mut failures = 0;
-    loop {
-        let ok = matches!(shared.probe.get(&url).send().await, Ok(r) if r.status().is_success());
-        if ok {
-            failures = 0;
-            if !ready {
-                ready = true;
-                if let Ok(mut st) = status.lock() {
-                    st.phase = Phase::Ready;
-                }
-                shared.events.emit(EventKind::PodReady {
-                    pod: pod.clone(),
-                    role: role_name.clone(),
-                });
-                shared.set_ready(role, index, &proxy.url(), true);
-            }
-        } else if ready {
-            failures += 1;
-            if failures >= 3 {
-                ready = false;
-                if let Ok(mut st) = status.lock() {
-                    st.phase = Phase::Starting;
-                }
-                shared.events.emit(EventKind::PodNotReady {
-                    pod: pod.clone(),
-                    role: role_name.clone(),
-                });
-                shared.set_ready(role, index, &proxy.url(), false);
-            }
-        }
-        tokio::time::sleep(if ready {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_millis(50)
-        })
-        .await;
     }
 }

@@ -7,6 +7,8 @@ pub struct Node {
     pub gpus: u32,
     pub used: u32,
     pub cordoned: bool,
+    /// Its GPUs are reported unhealthy: it takes no pod until they are back.
+    pub gpus_failed: bool,
 }
 
 /// The nodes of a local cluster and their GPUs.
@@ -22,18 +24,20 @@ impl Nodes {
                     gpus: gpus_per_node,
                     used: 0,
                     cordoned: false,
+                    gpus_failed: false,
                 })
                 .collect(),
         )
     }
 
     /// Takes a GPU on the schedulable node with the most free GPUs (the
-    /// first such node on a tie); `None` when none has one free.
+    /// first such node on a tie); `None` when none has one free. A
+    /// cordoned node, or one whose GPUs failed, takes none.
     pub fn take_gpu(&mut self) -> Option<String> {
         let node = self
             .0
             .iter_mut()
-            .filter(|n| !n.cordoned && n.used < n.gpus)
+            .filter(|n| !n.cordoned && !n.gpus_failed && n.used < n.gpus)
             .rev()
             .max_by_key(|n| n.gpus - n.used)?;
         node.used += 1;
@@ -69,5 +73,8 @@ mod tests {
         assert_eq!(nodes.take_gpu(), None);
         nodes.release_gpu("gpu-node-1");
         assert_eq!(nodes.take_gpu().as_deref(), Some("gpu-node-1"));
+        nodes.release_gpu("gpu-node-1");
+        nodes.0[1].gpus_failed = true;
+        assert_eq!(nodes.take_gpu(), None, "failed GPUs take no pod");
     }
 }

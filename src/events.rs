@@ -59,7 +59,11 @@ pub enum EventKind {
     FaultInjected {
         fault: String,
         action: String,
+        /// The pods of the target role it hit.
         targets: Vec<String>,
+        /// Other pods it hit too (another application's on a drained node).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        others: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,6 +73,13 @@ pub enum EventKind {
     },
     FaultReverted {
         fault: String,
+    },
+    /// What the fault was seen to do in the cluster, once known: verified
+    /// there (a container running, pods evicted), never assumed from an
+    /// API call that succeeded.
+    FaultEffect {
+        fault: String,
+        effect: Effect,
     },
     FaultFailed {
         fault: String,
@@ -128,6 +139,10 @@ pub enum EventKind {
         pod: String,
         message: String,
     },
+    /// An eviction the API server (or the local budget) accepted.
+    PodEvicted {
+        pod: String,
+    },
     /// The drain's `timeout` passed with the pod still refused.
     EvictionAbandoned {
         pod: String,
@@ -158,6 +173,9 @@ pub enum RunStatus {
     Aborted,
     Interrupted,
     Failed,
+    /// The run went to its end, but a fault could not be injected (or did
+    /// not take effect): what it was to measure was not measured.
+    FaultFailed,
 }
 
 impl RunStatus {
@@ -167,6 +185,84 @@ impl RunStatus {
             RunStatus::Aborted => "aborted",
             RunStatus::Interrupted => "interrupted",
             RunStatus::Failed => "failed",
+            RunStatus::FaultFailed => "fault failed",
+        }
+    }
+}
+
+/// What a fault did, as verified in the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Effect {
+    pub kind: EffectKind,
+    /// In words: "1 of 3 pods evicted", "refused by PodDisruptionBudget x".
+    pub detail: String,
+    /// When it was seen in force, on the stack's clock, when that is later
+    /// than the injection (a container that had to start first): the
+    /// fault's window is timed from then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EffectKind {
+    /// It did all it was asked to.
+    Applied,
+    /// Some of it: some pods, not all.
+    Partial,
+    /// The cluster declined, as it may (a PodDisruptionBudget held).
+    Refused,
+    /// It did not happen.
+    Failed,
+}
+
+impl EffectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EffectKind::Applied => "applied",
+            EffectKind::Partial => "partial",
+            EffectKind::Refused => "refused",
+            EffectKind::Failed => "failed",
+        }
+    }
+}
+
+impl Effect {
+    pub fn applied(detail: impl Into<String>) -> Self {
+        Self {
+            kind: EffectKind::Applied,
+            detail: detail.into(),
+            active_s: None,
+        }
+    }
+
+    pub fn failed(detail: impl Into<String>) -> Self {
+        Self {
+            kind: EffectKind::Failed,
+            detail: detail.into(),
+            active_s: None,
+        }
+    }
+
+    /// `done` of `total` parts in force: applied, partial or failed.
+    pub fn of(done: usize, total: usize, detail: impl Into<String>) -> Self {
+        Self {
+            kind: match done {
+                0 => EffectKind::Failed,
+                d if d >= total => EffectKind::Applied,
+                _ => EffectKind::Partial,
+            },
+            detail: detail.into(),
+            active_s: None,
+        }
+    }
+
+    /// "applied", "partial: 1 of 3 pods evicted".
+    pub fn text(&self) -> String {
+        if self.detail.is_empty() {
+            self.kind.as_str().to_string()
+        } else {
+            format!("{}: {}", self.kind.as_str(), self.detail)
         }
     }
 }

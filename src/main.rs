@@ -258,7 +258,7 @@ async fn run_playbook(
     Ok(match result.status {
         RunStatus::Completed if degraded => ExitCode::from(EXIT_DEGRADED),
         RunStatus::Completed => ExitCode::SUCCESS,
-        RunStatus::Failed | RunStatus::Aborted => ExitCode::from(1),
+        RunStatus::Failed | RunStatus::Aborted | RunStatus::FaultFailed => ExitCode::from(1),
         RunStatus::Interrupted => ExitCode::from(130),
     })
 }

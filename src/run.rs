@@ -73,6 +73,8 @@ enum StackEnd {
     Completed,
     Aborted,
     Interrupted,
+    /// Ran to its end, but a fault did not happen.
+    FaultFailed,
 }
 
 /// Runs a playbook. Returns once every stack is down and the report is
@@ -198,6 +200,8 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         RunStatus::Failed
     } else if ends.contains(&StackEnd::Aborted) {
         RunStatus::Aborted
+    } else if ends.contains(&StackEnd::FaultFailed) {
+        RunStatus::FaultFailed
     } else {
         RunStatus::Completed
     };
@@ -414,6 +418,8 @@ impl StackRun<'_> {
             });
 
         let faults = self.faults();
+        // Set by an injection that fails, or an effect found failed.
+        let fault_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut timeline = Timeline::new(faults.iter().map(|f| f.at.0));
         let mut held: BTreeMap<usize, Held> = BTreeMap::new();
         let mut load_result = None;
@@ -435,6 +441,11 @@ impl StackRun<'_> {
                         cluster,
                         role: &fault.target,
                         seed: faults::fault_seed(pb.seed, &fault.name),
+                        effects: faults::Effects::new(
+                            log.clone(),
+                            &fault.name,
+                            fault_failed.clone(),
+                        ),
                     };
                     match fault.spec.inject(target).await {
                         Ok((done, state)) => {
@@ -442,6 +453,7 @@ impl StackRun<'_> {
                                 fault: fault.name.clone(),
                                 action: fault.spec.action().into(),
                                 targets: done.targets.clone(),
+                                others: done.others.clone(),
                                 detail: done.detail.clone(),
                                 requested_s: Some(due.as_secs_f64()),
                                 started_s: Some(started_s),
@@ -453,11 +465,15 @@ impl StackRun<'_> {
                             }
                         }
                         Err(err) => {
+                            fault_failed.store(true, Ordering::Relaxed);
                             log.emit(EventKind::FaultFailed {
                                 fault: fault.name.clone(),
                                 error: format!("{err:#}"),
                             });
-                            tracing::warn!("fault `{}` could not be injected: {err:#}", fault.name);
+                            eprintln!(
+                                "shakedown: stack `{}`: fault `{}` could not be injected: {err:#}",
+                                self.stack.name, fault.name
+                            );
                         }
                     }
                 }
@@ -509,6 +525,8 @@ impl StackRun<'_> {
             StackEnd::Aborted
         } else if *self.stop.borrow() {
             StackEnd::Interrupted
+        } else if fault_failed.load(Ordering::Relaxed) {
+            StackEnd::FaultFailed
         } else {
             StackEnd::Completed
         })

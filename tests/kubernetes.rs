@@ -84,6 +84,7 @@ fn quick() -> Behaviour {
 
 struct Harness {
     cluster: Cluster,
+    log: EventLog,
     events_path: std::path::PathBuf,
     _dir: tempfile::TempDir,
     writer: Option<shakedown::jsonl::JsonlWriter>,
@@ -95,12 +96,14 @@ impl Harness {
         let events_path = dir.path().join("events.jsonl");
         let (sink, writer) = shakedown::jsonl::open::<Event>(&events_path).unwrap();
         let log = EventLog::new(sink, Some("prod"), tokio::time::Instant::now());
-        let mut kube = KubeCluster::from_client(server.client().await, &pb.stacks[0], "run-1", log);
+        let mut kube =
+            KubeCluster::from_client(server.client().await, &pb.stacks[0], "run-1", log.clone());
         kube.start_observing();
         // The watch has listed what is there before anything changes.
         tokio::time::sleep(Duration::from_millis(300)).await;
         Self {
             cluster: Cluster::Kubernetes(Box::new(kube)),
+            log,
             events_path,
             _dir: dir,
             writer: Some(writer),
@@ -113,6 +116,7 @@ impl Harness {
             cluster: &self.cluster,
             role: &fault.target,
             seed: 42,
+            effects: faults::Effects::new(self.log.clone(), &fault.name, Default::default()),
         };
         let (injected, held) = fault.spec.inject(target).await.unwrap();
         (held, injected)
@@ -131,15 +135,24 @@ impl Harness {
         faults::permissions(kube.targets(), &faults)
     }
 
-    async fn events(mut self) -> Vec<Event> {
-        self.cluster.shutdown().await;
-        let writer = self.writer.take().unwrap();
+    async fn events(self) -> Vec<Event> {
+        let Harness {
+            cluster,
+            log,
+            events_path,
+            writer,
+            _dir,
+        } = self;
+        cluster.shutdown().await;
+        // Every sink must be gone before the writer can finish.
+        drop(log);
+        let writer = writer.unwrap();
         tokio::task::spawn_blocking(move || writer.finish())
             .await
             .unwrap()
             .unwrap();
         let mut all = Vec::new();
-        shakedown::jsonl::read_each(&self.events_path, |e: Event| all.push(e)).unwrap();
+        shakedown::jsonl::read_each(&events_path, |e: Event| all.push(e)).unwrap();
         all
     }
 }
@@ -193,6 +206,7 @@ async fn a_drain_is_paced_by_the_disruption_budget_and_its_revert_uncordons() {
     })
     .await;
     server.world.lock().unwrap().budgets.push(Budget {
+        name: "vllm-engines".into(),
         namespace: "llm".into(),
         selector: [("app".to_string(), "vllm".to_string())].into(),
         min_available: 3,
@@ -224,6 +238,18 @@ async fn a_drain_is_paced_by_the_disruption_budget_and_its_revert_uncordons() {
         server.world.lock().unwrap().evictions_refused >= 1,
         "the budget never refused"
     );
+    // The eviction carries the fault's grace period to the API server.
+    assert!(
+        server
+            .world
+            .lock()
+            .unwrap()
+            .deletions
+            .iter()
+            .all(|(_, grace)| *grace == Some(1)),
+        "{:?}",
+        server.world.lock().unwrap().deletions
+    );
     // No replacement on the cordoned node.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let on_a: Vec<_> = server
@@ -233,7 +259,11 @@ async fn a_drain_is_paced_by_the_disruption_budget_and_its_revert_uncordons() {
             p["spec"]["nodeName"] == "gpu-a" && p["metadata"]["deletionTimestamp"].is_null()
         })
         .collect();
-    assert!(on_a.is_empty(), "{on_a:?}");
+    assert!(
+        on_a.is_empty(),
+        "{on_a:?} deletions {:?}",
+        server.world.lock().unwrap().deletions
+    );
 
     harness.revert(&pb, 0, held).await;
     let node = server.node("gpu-a");
@@ -241,6 +271,21 @@ async fn a_drain_is_paced_by_the_disruption_budget_and_its_revert_uncordons() {
     assert!(node["metadata"]["annotations"][ANNOTATION].is_null());
 
     let events = harness.events().await;
+    assert!(
+        events.iter().any(|e| matches!(
+            &e.kind,
+            EventKind::EvictionRefused { message, .. } if message.contains("disruption budget vllm-engines")
+        )),
+        "the refusal names its budget"
+    );
+    assert!(
+        events.iter().any(|e| matches!(
+            &e.kind,
+            EventKind::FaultEffect { effect, .. } if effect.kind == shakedown::events::EffectKind::Applied
+                && effect.detail.contains("2 of 2 pods evicted")
+        )),
+        "the drain's effect is said"
+    );
     assert!(
         events
             .iter()
@@ -313,7 +358,7 @@ async fn preflight_names_the_missing_permission_and_an_empty_role() {
     let needed = harness.permissions(&pb);
     let err = format!("{:#}", kube.preflight(&needed).await.unwrap_err());
     assert!(
-        err.contains("`create` on pods/eviction (cluster-wide)"),
+        err.contains("`create` on pods/eviction in namespace llm"),
         "{err}"
     );
     assert!(err.contains("nothing was injected"), "{err}");

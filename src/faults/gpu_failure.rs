@@ -22,10 +22,11 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use serde::Deserialize;
 
-use super::{Action, Checked, Injected, Lasts, Target};
+use super::{Action, Checked, Injected, Lasts, Scope, Target};
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::local::{Phase, RoleKind};
+use crate::events::Effect;
 use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -110,7 +111,7 @@ impl Action for GpuFailure {
         )
     }
 
-    fn permissions(&self, _namespace: &str) -> Vec<Permission> {
+    fn permissions(&self, _scope: &Scope) -> Vec<Permission> {
         let mut needed = vec![
             Permission::core("get", "nodes", None),
             Permission::core("list", "nodes", None),
@@ -156,6 +157,11 @@ impl Action for GpuFailure {
                     // What a process on a lost GPU sees: the end.
                     local.signal(pod, Signal::SIGKILL).await?;
                 }
+                target.effects.report(if ours {
+                    Effect::applied(format!("{} engines on {node} died", on_node.len()))
+                } else {
+                    Effect::failed(format!("{node}'s GPUs had failed already"))
+                });
                 Ok((
                     Injected {
                         detail: Some(format!(
@@ -163,6 +169,7 @@ impl Action for GpuFailure {
                             on_node.len()
                         )),
                         targets: on_node,
+                        ..Injected::default()
                     },
                     Failed { node, ours },
                 ))
@@ -195,6 +202,16 @@ impl Action for GpuFailure {
                     .map(|p| p.name)
                     .collect();
                 let ours = kube.taint_gpu_failure(&node, self.condition).await?;
+                target.effects.report(if ours {
+                    Effect::applied(format!(
+                        "{node} tainted NoExecute: the taint manager evicts its {} `{role}` pods",
+                        on_node.len()
+                    ))
+                } else {
+                    Effect::failed(format!(
+                        "{node} carries a gpu-failure taint already (another run's?): left as it was"
+                    ))
+                });
                 Ok((
                     Injected {
                         detail: Some(format!(
@@ -208,6 +225,7 @@ impl Action for GpuFailure {
                             if ours { "" } else { " (already tainted: left as it was)" }
                         )),
                         targets: on_node,
+                        ..Injected::default()
                     },
                     Failed { node, ours },
                 ))

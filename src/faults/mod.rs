@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::rbac::Permission;
+use crate::events::{Effect, EventKind, EventLog};
 use crate::playbook::{
     self, FaultSpecs, FieldPath, HumanDuration, Params, PlaybookError, Problem, Stack,
 };
@@ -63,10 +64,55 @@ impl Lasts {
 /// What an injection did, for `events.jsonl`.
 #[derive(Debug, Clone, Default)]
 pub struct Injected {
-    /// The pods hit.
+    /// The pods of the target role hit.
     pub targets: Vec<String>,
+    /// Other pods it hit too (a drain evicts every pod on its node in the
+    /// playbook's namespaces): listed apart, never timed as the role's.
+    pub others: Vec<String>,
     /// What else was done, in words (a node cordoned, a delay's size).
     pub detail: Option<String>,
+}
+
+/// Where a fault says what it was seen to do in the cluster, at once or
+/// later (a drain's evictions, a container that has to start): a
+/// `fault_effect` event, which the report shows first for the fault.
+#[derive(Clone)]
+pub struct Effects {
+    log: EventLog,
+    fault: String,
+    /// Set when a fault of the stack did not happen: the run then ends
+    /// `fault failed`.
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Effects {
+    pub fn new(
+        log: EventLog,
+        fault: &str,
+        failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self {
+            log,
+            fault: fault.to_string(),
+            failed,
+        }
+    }
+
+    pub fn report(&self, effect: Effect) {
+        if effect.kind == crate::events::EffectKind::Failed {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.log.emit(EventKind::FaultEffect {
+            fault: self.fault.clone(),
+            effect,
+        });
+    }
+
+    /// Now, on the stack's clock: when an effect was seen in force.
+    pub fn now_s(&self) -> f64 {
+        self.log.now_s()
+    }
 }
 
 /// Where a fault's own checks look: the playbook, the fault, and where the
@@ -103,13 +149,21 @@ impl Checked<'_> {
     }
 }
 
-/// What a fault is injected on: the stack's cluster, the target role, and
-/// the seed its random choices come from.
-#[derive(Clone, Copy)]
+/// What a fault is injected on: the stack's cluster, the target role, the
+/// seed its random choices come from, and where it reports its effect.
+#[derive(Clone)]
 pub struct Target<'a> {
     pub cluster: &'a Cluster,
     pub role: &'a str,
     pub seed: u64,
+    pub effects: Effects,
+}
+
+/// Where a fault's permissions apply on Kubernetes: its target role's
+/// namespace, and every namespace the stack's roles name.
+pub struct Scope<'a> {
+    pub namespace: &'a str,
+    pub namespaces: &'a [String],
 }
 
 /// Everything one action is and does.
@@ -131,21 +185,24 @@ pub trait Action: Sized + serde::de::DeserializeOwned + Send + Sync {
     /// What it will do to `target` of `stack`, in words, for `plan`.
     fn plan(&self, target: &str, stack: &Stack) -> String;
 
-    /// What it needs on a Kubernetes cluster, the target in `namespace`.
-    fn permissions(&self, namespace: &str) -> Vec<Permission>;
+    /// What it needs on a Kubernetes cluster, where it acts.
+    fn permissions(&self, scope: &Scope) -> Vec<Permission>;
 
     fn inject(
         &self,
         target: Target<'_>,
     ) -> impl Future<Output = anyhow::Result<(Injected, Self::Held)>> + Send;
 
-    /// Undoes what `inject` left in place.
+    /// Undoes what `inject` left in place (reporting, if it had not yet,
+    /// what the fault was seen to do).
     fn revert(
         &self,
         cluster: &Cluster,
         held: Self::Held,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
+
+mod ephemeral;
 
 /// The closed list of actions, and the dispatch from the enum to each.
 macro_rules! registry {
@@ -185,9 +242,9 @@ macro_rules! registry {
                 }
             }
 
-            pub fn permissions(&self, namespace: &str) -> Vec<Permission> {
+            pub fn permissions(&self, scope: &Scope) -> Vec<Permission> {
                 match self {
-                    $(FaultSpec::$variant(spec) => spec.permissions(namespace),)*
+                    $(FaultSpec::$variant(spec) => spec.permissions(scope),)*
                 }
             }
 
@@ -318,9 +375,15 @@ pub fn permissions(
         crate::cluster::kubernetes::preflight::watch_permissions(targets.values())
             .into_iter()
             .collect();
+    let mut namespaces: Vec<String> = targets.values().map(|t| t.namespace.clone()).collect();
+    namespaces.sort();
+    namespaces.dedup();
     for fault in faults {
         if let Some(target) = targets.get(&fault.target) {
-            needed.extend(fault.spec.permissions(&target.namespace));
+            needed.extend(fault.spec.permissions(&Scope {
+                namespace: &target.namespace,
+                namespaces: &namespaces,
+            }));
         }
     }
     needed.into_iter().collect()
@@ -365,8 +428,13 @@ mod tests {
                     "{action}: no plan text"
                 );
             }
+            let namespaces = ["llm".to_string()];
+            let scope = Scope {
+                namespace: "llm",
+                namespaces: &namespaces,
+            };
             assert!(
-                !spec.permissions("llm").is_empty(),
+                !spec.permissions(&scope).is_empty(),
                 "{action}: no Kubernetes permissions declared"
             );
         }
@@ -406,7 +474,12 @@ mod tests {
             needed.contains(&"`delete` on pods in namespace gw".to_string()),
             "{needed:?}"
         );
-        assert!(needed.contains(&"`create` on pods/eviction (cluster-wide)".to_string()));
+        assert!(needed.contains(&"`create` on pods/eviction in namespace llm".to_string()));
+        assert!(needed.contains(&"`create` on pods/eviction in namespace gw".to_string()));
+        assert!(
+            !needed.iter().any(|p| p.contains("on pods (cluster-wide)")),
+            "pods are never listed cluster-wide: {needed:?}"
+        );
         assert!(needed.contains(&"`patch` on nodes (cluster-wide)".to_string()));
         assert!(needed.contains(&"`watch` on pods in namespace llm".to_string()));
         assert!(!needed.iter().any(|p| p.contains("ephemeralcontainers")));

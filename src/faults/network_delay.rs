@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Action, Checked, Injected, Lasts, Target};
+use super::{Action, Checked, Effects, Injected, Lasts, Scope, Target, ephemeral};
+use crate::events::Effect;
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::kubernetes::{PodRef, chaos_mesh};
@@ -75,13 +76,21 @@ pub enum Direction {
 pub enum Delayed {
     /// The proxies of the role's pods shape their traffic.
     Local(String),
-    /// Ephemeral containers added (pod, container), and when.
+    /// Ephemeral containers added (pod, container), and when; the task
+    /// that verifies they run.
     Containers {
         started: tokio::time::Instant,
         added: Vec<(PodRef, String)>,
+        verifying: tokio::task::JoinHandle<()>,
+        effects: Effects,
     },
-    /// A Chaos Mesh NetworkChaos (namespace, name).
-    Chaos { namespace: String, name: String },
+    /// A Chaos Mesh NetworkChaos (namespace, name), and the task that
+    /// waits for Chaos Mesh to say it is injected.
+    Chaos {
+        namespace: String,
+        name: String,
+        verifying: tokio::task::JoinHandle<()>,
+    },
 }
 
 /// A small image with `tc` and `sh`, unless the fault names another.
@@ -114,6 +123,43 @@ pub fn delay_container(name: &str, image: &str, command: Vec<String>) -> serde_j
         "command": command,
         "securityContext": { "capabilities": { "add": ["NET_ADMIN"] } },
     })
+}
+
+/// How long Chaos Mesh may take to say a delay is injected.
+const CHAOS_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits for Chaos Mesh to report the delay in force (`AllInjected`), and
+/// reports the effect: a NetworkChaos that no controller acts on is a
+/// delay that never happened.
+async fn verify_chaos(
+    reader: chaos_mesh::ChaosReader,
+    namespace: String,
+    name: String,
+    effects: Effects,
+) {
+    let started = tokio::time::Instant::now();
+    loop {
+        let last = match reader.injected(&namespace, &name).await {
+            Ok((true, _)) => {
+                let mut effect = Effect::applied(format!(
+                    "Chaos Mesh reports NetworkChaos {namespace}/{name} injected"
+                ));
+                effect.active_s = Some(effects.now_s());
+                effects.report(effect);
+                return;
+            }
+            Ok((false, why)) => why,
+            Err(err) => format!("{err:#}"),
+        };
+        if started.elapsed() >= CHAOS_DEADLINE {
+            effects.report(Effect::failed(format!(
+                "Chaos Mesh did not report NetworkChaos {namespace}/{name} injected within {}s ({last}): is its controller running?",
+                CHAOS_DEADLINE.as_secs()
+            )));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 impl NetworkDelay {
@@ -256,7 +302,8 @@ impl Action for NetworkDelay {
         text
     }
 
-    fn permissions(&self, namespace: &str) -> Vec<Permission> {
+    fn permissions(&self, scope: &Scope) -> Vec<Permission> {
+        let namespace = scope.namespace;
         match self.mechanism() {
             DelayMechanism::ChaosMesh => vec![
                 Permission::of_group("create", chaos_mesh::GROUP, "networkchaos", Some(namespace)),
@@ -282,10 +329,16 @@ impl Action for NetworkDelay {
                 };
                 local.role(role)?;
                 let targets = local.shape(role, shaping);
+                // The proxies shape from the next byte on, open
+                // connections included: in force as soon as set.
+                target
+                    .effects
+                    .report(Effect::applied(format!("on {} pods' proxies", targets.len())));
                 Ok((
                     Injected {
                         targets,
                         detail: Some(self.describe()),
+                        ..Injected::default()
                     },
                     Delayed::Local(role.to_string()),
                 ))
@@ -311,6 +364,12 @@ impl Action for NetworkDelay {
                     .map(|p| p.name)
                     .collect();
                 kube.create_network_chaos(chaos).await?;
+                let verifying = tokio::spawn(verify_chaos(
+                    kube.chaos_reader(),
+                    spec.namespace.clone(),
+                    name.clone(),
+                    target.effects.clone(),
+                ));
                 Ok((
                     Injected {
                         targets,
@@ -319,10 +378,12 @@ impl Action for NetworkDelay {
                             self.describe(),
                             spec.namespace
                         )),
+                        ..Injected::default()
                     },
                     Delayed::Chaos {
                         namespace: spec.namespace.clone(),
                         name,
+                        verifying,
                     },
                 ))
             }
@@ -356,6 +417,12 @@ impl Action for NetworkDelay {
                     added.push((pod.clone(), name.clone()));
                 }
                 let targets = added.iter().map(|(p, _)| p.name.clone()).collect();
+                let verifying = ephemeral::verify(
+                    kube.pod_reader(),
+                    added.clone(),
+                    target.effects.clone(),
+                    "tc netem",
+                );
                 Ok((
                     Injected {
                         targets,
@@ -363,8 +430,14 @@ impl Action for NetworkDelay {
                             "{} (tc netem in container {name})",
                             self.describe()
                         )),
+                        ..Injected::default()
                     },
-                    Delayed::Containers { started, added },
+                    Delayed::Containers {
+                        started,
+                        added,
+                        verifying,
+                        effects: target.effects,
+                    },
                 ))
             }
         }
@@ -377,10 +450,28 @@ impl Action for NetworkDelay {
                 Ok(())
             }
             // Deleting the object ends the delay, early or not.
-            (Cluster::Kubernetes(kube), Delayed::Chaos { namespace, name }) => {
+            (
+                Cluster::Kubernetes(kube),
+                Delayed::Chaos {
+                    namespace,
+                    name,
+                    verifying,
+                },
+            ) => {
+                verifying.abort();
                 kube.delete_network_chaos(&namespace, &name).await
             }
-            (Cluster::Kubernetes(kube), Delayed::Containers { started, added }) => {
+            (
+                Cluster::Kubernetes(kube),
+                Delayed::Containers {
+                    started,
+                    added,
+                    verifying,
+                    effects,
+                },
+            ) => {
+                verifying.abort();
+                ephemeral::check_exits(&kube.pod_reader(), &added, &effects, "tc netem").await;
                 // On time, each container has taken its delay off itself.
                 let lasts = self.duration.map(|d| d.0).unwrap_or_default();
                 if started.elapsed() + Duration::from_millis(500) >= lasts {

@@ -15,7 +15,7 @@
 //! a refusal is retried with backoff until `timeout`. Revert uncordons the
 //! node only if shakedown cordoned it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -25,12 +25,12 @@ use rand::seq::IndexedRandom;
 use serde::Deserialize;
 use tokio::task::JoinHandle;
 
-use super::{Action, Checked, Injected, Lasts, Target};
+use super::{Action, Checked, Effects, Injected, Lasts, Scope, Target};
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::kubernetes::{Eviction, Evictor, PodRef};
 use crate::cluster::local::{LocalControl, Phase, RoleKind};
-use crate::events::EventKind;
+use crate::events::{Effect, EffectKind, EventKind};
 use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
 /// Grace period of an eviction when the playbook gives none: shorter than
@@ -66,6 +66,8 @@ pub struct Drain {
     node: String,
     cordoned_by_us: bool,
     evicting: JoinHandle<()>,
+    progress: Shared,
+    effects: Effects,
 }
 
 impl NodeDrain {
@@ -82,6 +84,72 @@ impl NodeDrain {
     }
 }
 
+/// How a drain's evictions went, pod by pod: what its effect is made of.
+#[derive(Debug, Default)]
+struct Progress {
+    to_evict: usize,
+    evicted: Vec<String>,
+    /// The last refusal of each pod a disruption budget held.
+    refused: std::collections::BTreeMap<String, String>,
+    errors: Vec<String>,
+    /// Reported already, by the drain's end or its revert.
+    reported: bool,
+}
+
+impl Progress {
+    /// The effect so far; `cut` when the drain was reverted before it ended.
+    fn effect(&self, cut: bool) -> Effect {
+        let done = self.evicted.len();
+        let mut detail = format!("{done} of {} pods evicted", self.to_evict);
+        if !self.refused.is_empty() {
+            let mut why: Vec<&str> = self.refused.values().map(String::as_str).collect();
+            why.dedup();
+            detail.push_str(&format!(
+                "; {} refused by their disruption budget: {}",
+                self.refused.len(),
+                why.join("; ")
+            ));
+        }
+        if !self.errors.is_empty() {
+            detail.push_str(&format!("; {}", self.errors.join("; ")));
+        }
+        if cut && done + self.refused.len() < self.to_evict {
+            detail.push_str("; reverted before the rest were evicted");
+        }
+        if self.to_evict == 0 {
+            return Effect::applied("no pod to evict: the node was cordoned");
+        }
+        if done == 0 && !self.refused.is_empty() {
+            return Effect {
+                kind: EffectKind::Refused,
+                detail,
+                active_s: None,
+            };
+        }
+        Effect::of(done, self.to_evict, detail)
+    }
+}
+
+type Shared = Arc<Mutex<Progress>>;
+
+fn update(progress: &Shared, change: impl FnOnce(&mut Progress)) {
+    if let Ok(mut p) = progress.lock() {
+        change(&mut p);
+    }
+}
+
+/// Reports the drain's effect, once.
+fn report(progress: &Shared, effects: &Effects, cut: bool) {
+    let effect = match progress.lock() {
+        Ok(mut p) if !p.reported => {
+            p.reported = true;
+            p.effect(cut)
+        }
+        _ => return,
+    };
+    effects.report(effect);
+}
+
 /// Evicts `pods` one by one, each only while fewer than `max_unavailable`
 /// pods of the role are unavailable.
 async fn evict(
@@ -90,6 +158,8 @@ async fn evict(
     pods: Vec<String>,
     max_unavailable: usize,
     grace: Duration,
+    progress: Shared,
+    effects: Effects,
 ) {
     for pod in pods {
         loop {
@@ -99,10 +169,15 @@ async fn evict(
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if let Err(err) = control.kill(&pod, grace).await {
-            tracing::warn!("eviction of {pod}: {err:#}");
+        match control.kill(&pod, grace).await {
+            Ok(()) => {
+                control.emit(EventKind::PodEvicted { pod: pod.clone() });
+                update(&progress, |p| p.evicted.push(pod));
+            }
+            Err(err) => update(&progress, |p| p.errors.push(format!("{pod}: {err:#}"))),
         }
     }
+    report(&progress, &effects, false);
 }
 
 /// Evicts `pods` one by one through the Eviction API. A refusal by a
@@ -113,6 +188,8 @@ async fn evict_through_budgets(
     pods: Vec<PodRef>,
     grace: Duration,
     timeout: Duration,
+    progress: Shared,
+    effects: Effects,
 ) {
     let deadline = tokio::time::Instant::now() + timeout;
     for pod in pods {
@@ -121,16 +198,31 @@ async fn evict_through_budgets(
         loop {
             attempts += 1;
             match evictor.evict(&pod, grace).await {
-                Ok(Eviction::Evicted) => break,
+                Ok(Eviction::Evicted) => {
+                    evictor.events.emit(EventKind::PodEvicted {
+                        pod: pod.name.clone(),
+                    });
+                    update(&progress, |p| {
+                        p.refused.remove(&pod.name);
+                        p.evicted.push(pod.name.clone());
+                    });
+                    break;
+                }
                 Ok(Eviction::Refused(message)) => {
                     if attempts == 1 {
                         evictor.events.emit(EventKind::EvictionRefused {
                             pod: pod.name.clone(),
-                            message,
+                            message: message.clone(),
                         });
                     }
+                    update(&progress, |p| {
+                        p.refused.insert(pod.name.clone(), message);
+                    });
                 }
-                Err(err) => tracing::warn!("{err:#}"),
+                Err(err) => {
+                    tracing::warn!("{err:#}");
+                    update(&progress, |p| p.errors.push(format!("{err:#}")));
+                }
             }
             if tokio::time::Instant::now() + backoff > deadline {
                 evictor.events.emit(EventKind::EvictionAbandoned {
@@ -143,6 +235,7 @@ async fn evict_through_budgets(
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+    report(&progress, &effects, false);
 }
 
 impl Action for NodeDrain {
@@ -166,12 +259,27 @@ impl Action for NodeDrain {
         at.fits("uncordon_after", self.uncordon_after)?;
         for stack in at.stacks() {
             if stack.cluster.kind != ClusterKind::Local {
+                if self.max_unavailable.is_some() {
+                    return at.refuse(
+                        "max_unavailable",
+                        format!(
+                            "on Kubernetes (stack `{}`) the pace of a drain is your PodDisruptionBudgets', as with `kubectl drain`: give the role a PodDisruptionBudget (`maxUnavailable: 1`) instead",
+                            stack.name
+                        ),
+                    );
+                }
                 continue;
             }
             if at.fault.target != "engine" {
                 return at.refuse(
                     "target",
                     "in a local cluster only `engine` pods sit on GPU nodes: drain `target: engine`",
+                );
+            }
+            if self.timeout.is_some() {
+                return at.refuse(
+                    "timeout",
+                    "`timeout` bounds how long refused evictions are retried on Kubernetes; a local drain waits for its `max_unavailable` instead",
                 );
             }
             if let Some(node) = &self.node {
@@ -196,33 +304,47 @@ impl Action for NodeDrain {
         Lasts::from_field(self.uncordon_after)
     }
 
-    fn plan(&self, target: &str, _stack: &Stack) -> String {
-        format!(
-            "{}: cordon, evict its `{target}` pods, at most {} unavailable, grace {}, uncordon {}",
-            self.node
-                .clone()
-                .unwrap_or_else(|| format!("a node hosting `{target}` pods")),
-            self.max_unavailable(),
-            HumanDuration(self.grace()),
-            self.uncordon_after
-                .map(|u| format!("after {u}"))
-                .unwrap_or_else(|| "at the end".into())
-        )
+    fn plan(&self, target: &str, stack: &Stack) -> String {
+        let node = self
+            .node
+            .clone()
+            .unwrap_or_else(|| format!("a GPU node hosting `{target}` pods"));
+        let uncordon = self
+            .uncordon_after
+            .map(|u| format!("after {u}"))
+            .unwrap_or_else(|| "at the end".into());
+        match stack.cluster.kind {
+            ClusterKind::Local => format!(
+                "{node}: cordon, evict its `{target}` pods, at most {} unavailable, grace {}, uncordon {uncordon}",
+                self.max_unavailable(),
+                HumanDuration(self.grace())
+            ),
+            ClusterKind::Kubernetes => format!(
+                "{node}: cordon, evict every pod on it in the playbook's namespaces (not DaemonSet or mirror pods) through their PodDisruptionBudgets, refusals retried for {}, grace {}, uncordon {uncordon}",
+                HumanDuration(self.timeout()),
+                HumanDuration(self.grace())
+            ),
+        }
     }
 
-    fn permissions(&self, _namespace: &str) -> Vec<Permission> {
-        vec![
+    fn permissions(&self, scope: &Scope) -> Vec<Permission> {
+        let mut needed = vec![
             Permission::core("get", "nodes", None),
             Permission::core("list", "nodes", None),
             Permission::core("patch", "nodes", None),
-            // A drain evicts whatever runs on the node, in any namespace.
-            Permission::core("list", "pods", None),
-            Permission::core("create", "pods/eviction", None),
-        ]
+        ];
+        // What runs on the node is listed and evicted namespace by
+        // namespace: only the playbook's.
+        for namespace in scope.namespaces {
+            needed.push(Permission::core("list", "pods", Some(namespace)));
+            needed.push(Permission::core("create", "pods/eviction", Some(namespace)));
+        }
+        needed
     }
 
     async fn inject(&self, target: Target<'_>) -> anyhow::Result<(Injected, Drain)> {
         let role = target.role;
+        let progress: Shared = Arc::default();
         match target.cluster {
             Cluster::Local(local) => {
                 if local.role(role)?.kind != RoleKind::Engine {
@@ -251,12 +373,15 @@ impl Action for NodeDrain {
                     })
                     .map(|p| p.pod)
                     .collect();
+                update(&progress, |p| p.to_evict = on_node.len());
                 let evicting = tokio::spawn(evict(
                     local.control(),
                     role.to_string(),
                     on_node.clone(),
                     self.max_unavailable(),
                     self.grace(),
+                    progress.clone(),
+                    target.effects.clone(),
                 ));
                 let detail = format!(
                     "node {node} cordoned{}, {} pods to evict, at most {} unavailable",
@@ -268,24 +393,26 @@ impl Action for NodeDrain {
                     Injected {
                         targets: on_node,
                         detail: Some(detail),
+                        ..Injected::default()
                     },
                     Drain {
                         node,
                         cordoned_by_us,
                         evicting,
+                        progress,
+                        effects: target.effects,
                     },
                 ))
             }
             Cluster::Kubernetes(kube) => {
+                let role_pods = kube.serving_pods(role).await?;
                 let node = match &self.node {
                     Some(node) => node.clone(),
                     None => {
                         let gpu_nodes = kube.gpu_nodes().await?;
-                        let mut hosting: Vec<String> = kube
-                            .serving_pods(role)
-                            .await?
-                            .into_iter()
-                            .filter_map(|p| p.node)
+                        let mut hosting: Vec<String> = role_pods
+                            .iter()
+                            .filter_map(|p| p.node.clone())
                             .filter(|n| gpu_nodes.contains(n))
                             .collect();
                         hosting.sort();
@@ -300,43 +427,40 @@ impl Action for NodeDrain {
                     }
                 };
                 let cordoned_by_us = kube.cordon(&node).await?;
-                // Namespaces the playbook did not name are left alone,
-                // kube-system above all.
-                let named: Vec<String> =
-                    kube.targets.values().map(|t| t.namespace.clone()).collect();
-                let (pods, skipped): (Vec<PodRef>, Vec<PodRef>) = kube
-                    .evictable_pods_on(&node)
-                    .await?
-                    .into_iter()
-                    .partition(|p| named.contains(&p.namespace));
+                // Only the playbook's namespaces are listed, so nothing
+                // else (kube-system above all) is ever evicted.
+                let pods = kube.evictable_pods_on(&node).await?;
+                let (targets, others): (Vec<&PodRef>, Vec<&PodRef>) = pods
+                    .iter()
+                    .partition(|p| role_pods.iter().any(|r| r.name == p.name && r.namespace == p.namespace));
+                update(&progress, |p| p.to_evict = pods.len());
                 let evicting = tokio::spawn(evict_through_budgets(
                     kube.evictor(),
                     pods.clone(),
                     self.grace(),
                     self.timeout(),
+                    progress.clone(),
+                    target.effects.clone(),
                 ));
                 let detail = format!(
-                    "node {node} cordoned{}, {} pods to evict through their disruption budgets{}",
+                    "node {node} cordoned{}, {} pods to evict through their disruption budgets ({} of role `{role}`, {} others)",
                     if cordoned_by_us { "" } else { " already" },
                     pods.len(),
-                    if skipped.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            ", {} left alone in namespaces the playbook does not name",
-                            skipped.len()
-                        )
-                    }
+                    targets.len(),
+                    others.len()
                 );
                 Ok((
                     Injected {
-                        targets: pods.into_iter().map(|p| p.name).collect(),
+                        targets: targets.iter().map(|p| p.name.clone()).collect(),
+                        others: others.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect(),
                         detail: Some(detail),
                     },
                     Drain {
                         node,
                         cordoned_by_us,
                         evicting,
+                        progress,
+                        effects: target.effects,
                     },
                 ))
             }
@@ -345,6 +469,8 @@ impl Action for NodeDrain {
 
     async fn revert(&self, cluster: &Cluster, drain: Drain) -> anyhow::Result<()> {
         drain.evicting.abort();
+        // A drain reverted before its evictions ended says how far it got.
+        report(&drain.progress, &drain.effects, true);
         if !drain.cordoned_by_us {
             return Ok(());
         }

@@ -24,7 +24,8 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 
 use super::pod_kill::{check_share, pick, pick_local, share_text};
-use super::{Action, Checked, Injected, Lasts, Target};
+use super::{Action, Checked, Effects, Injected, Lasts, Scope, Target, ephemeral};
+use crate::events::Effect;
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::PodRef;
 use crate::cluster::kubernetes::rbac::Permission;
@@ -57,10 +58,13 @@ pub struct PodFreeze {
 pub enum Frozen {
     /// The local pods stopped.
     Local(Vec<String>),
-    /// The ephemeral containers added (pod, container), and when.
+    /// The ephemeral containers added (pod, container), and when; the
+    /// task that verifies they run.
     Containers {
         started: tokio::time::Instant,
         added: Vec<(PodRef, String)>,
+        verifying: tokio::task::JoinHandle<()>,
+        effects: Effects,
     },
 }
 
@@ -145,7 +149,8 @@ impl Action for PodFreeze {
         )
     }
 
-    fn permissions(&self, namespace: &str) -> Vec<Permission> {
+    fn permissions(&self, scope: &Scope) -> Vec<Permission> {
+        let namespace = scope.namespace;
         vec![
             Permission::core("get", "pods", Some(namespace)),
             Permission::core("patch", "pods/ephemeralcontainers", Some(namespace)),
@@ -159,14 +164,26 @@ impl Action for PodFreeze {
             Cluster::Local(local) => {
                 let pods = pick_local(local, role, self.count, self.percent, target.seed)?;
                 let mut frozen = Vec::new();
+                let mut failures = Vec::new();
                 for pod in &pods {
-                    local.signal(pod, Signal::SIGSTOP).await?;
-                    frozen.push(pod.clone());
+                    match local.signal(pod, Signal::SIGSTOP).await {
+                        Ok(()) => frozen.push(pod.clone()),
+                        Err(err) => failures.push(format!("{pod}: {err:#}")),
+                    }
                 }
+                if frozen.is_empty() {
+                    bail!("no pod could be frozen: {}", failures.join("; "));
+                }
+                target.effects.report(Effect::of(
+                    frozen.len(),
+                    pods.len(),
+                    format!("{} of {} pods stopped", frozen.len(), pods.len()),
+                ));
                 Ok((
                     Injected {
-                        targets: pods,
+                        targets: frozen.clone(),
                         detail: Some("SIGSTOP: alive, sockets open, no progress".into()),
+                        ..Injected::default()
                     },
                     Frozen::Local(frozen),
                 ))
@@ -203,14 +220,26 @@ impl Action for PodFreeze {
                     kube.add_ephemeral_container(pod, container).await?;
                     added.push((pod.clone(), name.clone()));
                 }
+                let verifying = ephemeral::verify(
+                    kube.pod_reader(),
+                    added.clone(),
+                    target.effects.clone(),
+                    "the freeze",
+                );
                 Ok((
                     Injected {
                         targets: added.iter().map(|(p, _)| p.name.clone()).collect(),
                         detail: Some(format!(
                             "SIGSTOP of the target container's processes from ephemeral container {name}, resumed after {lasts}"
                         )),
+                        ..Injected::default()
                     },
-                    Frozen::Containers { started, added },
+                    Frozen::Containers {
+                        started,
+                        added,
+                        verifying,
+                        effects: target.effects,
+                    },
                 ))
             }
         }
@@ -225,7 +254,17 @@ impl Action for PodFreeze {
                 }
                 Ok(())
             }
-            (Cluster::Kubernetes(kube), Frozen::Containers { started, added }) => {
+            (
+                Cluster::Kubernetes(kube),
+                Frozen::Containers {
+                    started,
+                    added,
+                    verifying,
+                    effects,
+                },
+            ) => {
+                verifying.abort();
+                ephemeral::check_exits(&kube.pod_reader(), &added, &effects, "the freeze").await;
                 let lasts = self.duration.map(|d| d.0).unwrap_or_default();
                 if started.elapsed() + Duration::from_millis(500) >= lasts {
                     return Ok(());

@@ -14,7 +14,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::Deserialize;
 
-use super::{Action, Checked, Injected, Lasts, Target};
+use super::{Action, Checked, Injected, Lasts, Scope, Target};
+use crate::events::Effect;
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::local::Phase;
@@ -73,7 +74,8 @@ impl Action for PodKill {
         format!("{share} `{target}` pods, {signal}")
     }
 
-    fn permissions(&self, namespace: &str) -> Vec<Permission> {
+    fn permissions(&self, scope: &Scope) -> Vec<Permission> {
+        let namespace = scope.namespace;
         vec![Permission::core("delete", "pods", Some(namespace))]
     }
 
@@ -82,13 +84,19 @@ impl Action for PodKill {
         match target.cluster {
             Cluster::Local(local) => {
                 let running = pick_local(local, role, self.count, self.percent, target.seed)?;
+                let mut killed = Vec::new();
+                let mut failures = Vec::new();
                 for pod in &running {
-                    local.kill(pod, self.grace()).await?;
+                    match local.kill(pod, self.grace()).await {
+                        Ok(()) => killed.push(pod.clone()),
+                        Err(err) => failures.push(format!("{pod}: {err:#}")),
+                    }
                 }
+                report(&target, killed.len(), running.len(), &failures)?;
                 Ok((
                     Injected {
-                        targets: running,
-                        detail: None,
+                        targets: killed,
+                        ..Injected::default()
                     },
                     (),
                 ))
@@ -104,16 +112,29 @@ impl Action for PodKill {
                 if serving.is_empty() {
                     bail!("no Ready `{role}` pod to kill");
                 }
+                let mut deleted = Vec::new();
+                let mut failures = Vec::new();
                 for pod in &serving {
-                    kube.delete_pod(pod, self.grace()).await?;
+                    // The API server's answer is the pod, terminating: the
+                    // deletion is in the cluster once it says so.
+                    match kube.delete_pod(pod, self.grace()).await {
+                        Ok(()) => deleted.push(pod.name.clone()),
+                        Err(err) => failures.push(format!("{}: {err:#}", pod.name)),
+                    }
                 }
+                report(&target, deleted.len(), serving.len(), &failures)?;
                 Ok((
                     Injected {
-                        targets: serving.into_iter().map(|p| p.name).collect(),
-                        detail: Some(format!(
-                            "deleted with gracePeriodSeconds={}",
-                            self.grace().as_secs()
-                        )),
+                        targets: deleted,
+                        detail: Some(if self.grace().is_zero() {
+                            "deleted with gracePeriodSeconds=0: a force delete, as `kubectl delete --grace-period=0 --force`".to_string()
+                        } else {
+                            format!(
+                                "deleted with gracePeriodSeconds={}",
+                                self.grace().as_secs()
+                            )
+                        }),
+                        ..Injected::default()
                     },
                     (),
                 ))
@@ -125,6 +146,25 @@ impl Action for PodKill {
         // The cluster re-creates the pods on its own: nothing to undo.
         Ok(())
     }
+}
+
+/// Reports a kill's effect: every picked pod deleted, some, or none (an
+/// error, so the run says the fault failed).
+fn report(
+    target: &Target<'_>,
+    done: usize,
+    picked: usize,
+    failures: &[String],
+) -> anyhow::Result<()> {
+    if done == 0 {
+        bail!("no pod could be killed: {}", failures.join("; "));
+    }
+    let mut detail = format!("{done} of {picked} pods killed");
+    if !failures.is_empty() {
+        detail.push_str(&format!("; {}", failures.join("; ")));
+    }
+    target.effects.report(Effect::of(done, picked, detail));
+    Ok(())
 }
 
 /// How many of `available` pods a share picks: `count`, or `percent`

@@ -20,10 +20,11 @@ pub mod stats;
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
+use crate::events::EffectKind;
 use crate::events::RunStatus;
 use crate::measure::validity::Verdict as Validity;
 use crate::measure::{FaultSummary, StackSummary, Summary};
-use crate::playbook::Gate;
+use crate::playbook::{Gate, PdbBlock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Verdict {
@@ -208,6 +209,49 @@ fn judge_fault(judge: &mut Judge, fault: &FaultSummary, policy: &Gate) {
         let why = fault.error.clone().unwrap_or_else(|| "not injected".into());
         judge.push(name("injected"), why, "injected".into(), Verdict::Unknown);
         return;
+    }
+    // A fault that did not (fully) happen tests nothing: the stack is not
+    // judged on it, unless the policy counts a PodDisruptionBudget that
+    // held a drain as a pass (it is a valid resilience outcome).
+    let effect = match &fault.effect {
+        None => {
+            judge.push(
+                name("effect"),
+                "unverified: the cluster never showed it in force".into(),
+                "applied".into(),
+                Verdict::Unknown,
+            );
+            return;
+        }
+        Some(effect) => effect,
+    };
+    match effect.kind {
+        EffectKind::Applied => judge.push(
+            name("effect"),
+            effect.text(),
+            "applied".into(),
+            Verdict::Pass,
+        ),
+        EffectKind::Refused
+            if fault.action == "node-drain" && policy.drain_blocked_by_pdb == PdbBlock::Pass =>
+        {
+            judge.push(
+                name("effect"),
+                effect.text(),
+                "applied, or held by a PodDisruptionBudget (drain_blocked_by_pdb: pass)".into(),
+                Verdict::Pass,
+            );
+            return;
+        }
+        _ => {
+            judge.push(
+                name("effect"),
+                effect.text(),
+                "applied".into(),
+                Verdict::Unknown,
+            );
+            return;
+        }
     }
     // A window cut by the run's own end says nothing of how long recovery
     // takes; the stack was still down, which fails only when the stack's

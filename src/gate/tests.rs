@@ -26,6 +26,7 @@ fn fault(name: &str, recovery: Option<f64>, error_rate: f64, ttft_ratio: f64) ->
         ttft_degradation: Some(ttft_ratio),
         replacement_scheduled_s: Some(1.0),
         replacement_ready_s: Some(3.0),
+        effect: Some(crate::events::Effect::applied("1 of 1 pods killed")),
         ..FaultSummary::default()
     }
 }
@@ -79,6 +80,7 @@ fn policy() -> Gate {
         max_truncated_streams: Some(2),
         ttft_p99_ratio: Some(3.0),
         regression: Regression::default(),
+        drain_blocked_by_pdb: Default::default(),
     }
 }
 
@@ -101,7 +103,7 @@ fn good() -> Summary {
 #[test]
 fn a_good_run_passes_every_check() {
     let checks = judge(&good(), &policy(), None);
-    assert_eq!(checks.len(), 7, "{checks:#?}");
+    assert_eq!(checks.len(), 8, "{checks:#?}");
     assert_eq!(overall(&checks), Verdict::Pass);
 }
 
@@ -217,6 +219,7 @@ fn against_a_baseline_small_changes_pass_and_regressions_fail() {
         max_truncated_streams: None,
         ttft_p99_ratio: None,
         regression: Regression::default(),
+        drain_blocked_by_pdb: Default::default(),
     };
     let baseline = run(vec![stack(
         0.995,
@@ -316,11 +319,11 @@ fn junit_counts_and_escapes() {
     });
     let xml = junit("run-1", &checks);
     assert!(
-        xml.contains("tests=\"8\" failures=\"1\" errors=\"1\""),
+        xml.contains("tests=\"9\" failures=\"1\" errors=\"1\""),
         "{xml}"
     );
     assert!(xml.contains("kill &lt;&amp;&gt;"));
-    assert_eq!(xml.matches("<testcase ").count(), 8);
+    assert_eq!(xml.matches("<testcase ").count(), 9);
     assert_eq!(xml.matches("<failure ").count(), 1);
 }
 
@@ -334,6 +337,7 @@ fn a_rise_that_is_only_noise_is_not_a_regression() {
         max_truncated_streams: None,
         ttft_p99_ratio: None,
         regression: Regression::default(),
+        drain_blocked_by_pdb: Default::default(),
     };
     let with = |failed: u64| {
         let mut f = fault("kill", Some(1.0), 0.0, 1.0);
@@ -388,4 +392,41 @@ fn a_fault_cut_short_is_never_a_recovery_time() {
             .iter()
             .all(|c| !c.value.ends_with(" s") || c.name != "recovery kill")
     );
+}
+
+#[test]
+fn a_fault_that_did_not_happen_is_never_judged_as_if_it_had() {
+    use crate::events::{Effect, EffectKind};
+    let mut refused = fault("drain", Some(0.0), 0.0, 1.0);
+    refused.action = "node-drain".into();
+    refused.effect = Some(Effect {
+        kind: EffectKind::Refused,
+        detail: "0 of 3 pods evicted; 3 refused by their disruption budget".into(),
+        active_s: None,
+    });
+    let summary = run(vec![stack(0.995, 1, vec![refused])]);
+    let checks = judge(&summary, &policy(), None);
+    assert_eq!(verdict_of(&checks, "effect drain"), Verdict::Unknown);
+    assert!(
+        checks.iter().all(|c| c.name != "recovery drain"),
+        "no recovery judged"
+    );
+    assert_eq!(overall(&checks), Verdict::Unknown);
+    // A policy may count a budget that held as a pass, said so.
+    let lenient = Gate {
+        drain_blocked_by_pdb: crate::playbook::PdbBlock::Pass,
+        ..policy()
+    };
+    let checks = judge(&summary, &lenient, None);
+    assert_eq!(verdict_of(&checks, "effect drain"), Verdict::Pass);
+    assert_eq!(overall(&checks), Verdict::Pass);
+
+    let mut unverified = fault("kill", Some(1.0), 0.0, 1.0);
+    unverified.effect = None;
+    let checks = judge(
+        &run(vec![stack(0.995, 1, vec![unverified])]),
+        &policy(),
+        None,
+    );
+    assert_eq!(verdict_of(&checks, "effect kill"), Verdict::Unknown);
 }

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use super::recovery::{RecoveryRule, recovered_at};
 use super::stats::percentile;
 use super::{FaultSummary, MeasureSettings, Overlap, Sample, Second, between, ratio};
-use crate::events::{Event, EventKind};
+use crate::events::{Effect, EffectKind, Event, EventKind};
 use crate::record::Outcome;
 
 /// Everything the fault summaries are computed from, for one stack.
@@ -47,9 +47,12 @@ struct Injection {
     at: Option<f64>,
     requested: Option<f64>,
     targets: Vec<String>,
+    others: Vec<String>,
     detail: Option<String>,
     reverted_at: Option<f64>,
     error: Option<String>,
+    /// The last word on what it did in the cluster.
+    effect: Option<Effect>,
 }
 
 impl Injection {
@@ -60,6 +63,7 @@ impl Injection {
                 EventKind::FaultInjected {
                     fault,
                     targets,
+                    others,
                     detail,
                     requested_s,
                     started_s,
@@ -70,7 +74,11 @@ impl Injection {
                     found.at = Some(started_s.unwrap_or(event.t_s) - load_start);
                     found.requested = *requested_s;
                     found.targets = targets.clone();
+                    found.others = others.clone();
                     found.detail = detail.clone();
+                }
+                EventKind::FaultEffect { fault, effect } if fault == name => {
+                    found.effect = Some(effect.clone());
                 }
                 EventKind::FaultReverted { fault }
                     if fault == name && found.reverted_at.is_none() =>
@@ -85,7 +93,22 @@ impl Injection {
                 _ => {}
             }
         }
+        // A fault that had to start (a container) is in force from when it
+        // was seen running.
+        if let (Some(at), Some(active)) = (found.at, found.effect.as_ref().and_then(|e| e.active_s))
+        {
+            found.at = Some(at.max(active - load_start));
+        }
         found
+    }
+
+    /// Whether the fault happened at all, as far as the cluster showed.
+    fn happened(&self) -> bool {
+        self.at.is_some()
+            && self
+                .effect
+                .as_ref()
+                .is_none_or(|e| e.kind != EffectKind::Failed)
     }
 }
 
@@ -112,6 +135,10 @@ pub fn summarize(ctx: &Context) -> (Vec<FaultSummary>, Vec<Overlap>) {
         .iter()
         .enumerate()
         .filter_map(|(index, injection)| {
+            // A fault that did not happen has no window to measure.
+            if !injection.happened() {
+                return None;
+            }
             let at = injection.at?;
             let recovered = recovered_at(ctx.samples, at, ctx.load_end, &ctx.rule);
             let attribution_end = recovered.unwrap_or(ctx.load_end).max(at + 1e-6);
@@ -166,9 +193,15 @@ pub fn summarize(ctx: &Context) -> (Vec<FaultSummary>, Vec<Overlap>) {
                 name: name.clone(),
                 action: action.clone(),
                 requested_at_s: Some(*planned),
+                injected_at_s: injection.at,
+                targets: injection.targets.clone(),
+                others: injection.others.clone(),
+                detail: injection.detail.clone(),
+                effect: injection.effect.clone(),
                 error: injection
                     .error
                     .clone()
+                    .or_else(|| injection.effect.as_ref().map(|e| e.text()))
                     .or_else(|| Some("not injected".into())),
                 ..FaultSummary::default()
             });
@@ -260,7 +293,9 @@ fn summarize_one(
         name: name.to_string(),
         action: action.to_string(),
         targets: injection.targets.clone(),
+        others: injection.others.clone(),
         detail: injection.detail.clone(),
+        effect: injection.effect.clone(),
         requested_at_s: Some(requested),
         injected_at_s: Some(at),
         late_ms: Some((at - requested) * 1000.0),

@@ -166,14 +166,22 @@ pub struct Window {
 pub struct FaultSummary {
     pub name: String,
     pub action: String,
+    /// What it was seen to do in the cluster; `None`: never verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<crate::events::Effect>,
+    /// The pods of the target role it hit: what replacement times follow.
     pub targets: Vec<String>,
+    /// Other pods it hit (another application's, on a drained node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<String>,
     /// What else the fault did, in words (a node cordoned, a delay's size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     /// The playbook's offset for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_at_s: Option<f64>,
-    /// When its injection began; `None` if the run ended before.
+    /// When its injection began (or, for one that had to start, when it
+    /// was seen in force); `None` if the run ended before.
     pub injected_at_s: Option<f64>,
     /// How much later than asked it was injected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -648,6 +656,7 @@ mod tests {
                     fault: "kill-router".into(),
                     action: "pod-kill".into(),
                     targets: vec!["router-0-0".into()],
+                    others: vec![],
                     detail: None,
                     requested_s: Some(10.0),
                     started_s: Some(15.0),
@@ -739,6 +748,7 @@ mod tests {
                 fault: name.into(),
                 action: "pod-kill".into(),
                 targets: vec![],
+                others: vec![],
                 detail: None,
                 requested_s: Some(planned),
                 started_s: Some(t),

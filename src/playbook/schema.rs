@@ -639,6 +639,20 @@ pub struct Gate {
     /// How much worse than the baseline run a figure may be (`gate --baseline`).
     #[serde(default)]
     pub regression: Regression,
+    /// A drain that a PodDisruptionBudget held entirely: `could-not-judge`
+    /// (the default: the fault did not happen) or `pass` (a budget that
+    /// holds is a valid outcome). Never silent either way.
+    #[serde(default)]
+    pub drain_blocked_by_pdb: PdbBlock,
+}
+
+/// What the gate makes of a drain its disruption budgets held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PdbBlock {
+    #[default]
+    CouldNotJudge,
+    Pass,
 }
 
 /// Tolerances against a baseline run: a figure fails when it is worse than

@@ -152,6 +152,12 @@ pub fn fault_names(summary: &Summary) -> Vec<(String, String)> {
 pub fn recovery_text(f: &FaultSummary) -> String {
     if f.injected_at_s.is_none() {
         "not injected".into()
+    } else if f
+        .effect
+        .as_ref()
+        .is_some_and(|e| e.kind == crate::events::EffectKind::Failed)
+    {
+        "did not happen".into()
     } else if f.cut_short {
         "cut short".into()
     } else if f.unrecovered {
@@ -235,7 +241,16 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
     header.extend(summary.stacks.iter().map(|s| s.name.clone()));
     let mut rows = vec![header];
     type Cell = fn(&FaultSummary) -> String;
-    let cells: [(&str, Cell); 18] = [
+    let cells: [(&str, Cell); 20] = [
+        ("effect", |f| {
+            f.effect.as_ref().map(|e| e.text()).unwrap_or_else(|| {
+                if f.injected_at_s.is_some() {
+                    "unverified".into()
+                } else {
+                    "–".into()
+                }
+            })
+        }),
         ("injected at", |f| secs(f.injected_at_s)),
         ("injected late by", |f| {
             f.late_ms
@@ -251,6 +266,7 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
             }
         }),
         ("what it did", |f| f.detail.clone().unwrap_or_default()),
+        ("other pods hit", |f| f.others.join(", ")),
         ("overlapped with", |f| f.overlapped_with.join(", ")),
         ("first impact after", |f| secs(f.first_impact_s)),
         ("recovery (client side)", recovery_text),
@@ -305,8 +321,10 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
                     .unwrap_or_else(|| "n/a".into())
             })
             .collect();
-        if matches!(label, "error" | "what it did" | "overlapped with")
-            && values.iter().all(String::is_empty)
+        if matches!(
+            label,
+            "error" | "what it did" | "overlapped with" | "other pods hit"
+        ) && values.iter().all(String::is_empty)
         {
             continue;
         }

@@ -38,6 +38,7 @@ pub struct Behaviour {
 /// A PodDisruptionBudget: at least `min_available` Ready pods of `selector`.
 #[derive(Clone)]
 pub struct Budget {
+    pub name: String,
     pub namespace: String,
     pub selector: BTreeMap<String, String>,
     pub min_available: usize,
@@ -552,12 +553,16 @@ async fn evict(
             return status(404, "NotFound", &format!("pods \"{name}\" not found"));
         };
         let labels = &pod["metadata"]["labels"];
-        let budget = world.budgets.iter().find(|b| {
-            b.namespace == ns
-                && b.selector
-                    .iter()
-                    .all(|(k, v)| labels.get(k).and_then(Value::as_str) == Some(v))
-        });
+        let budget = world
+            .budgets
+            .iter()
+            .find(|b| {
+                b.namespace == ns
+                    && b.selector
+                        .iter()
+                        .all(|(k, v)| labels.get(k).and_then(Value::as_str) == Some(v))
+            })
+            .cloned();
         if let Some(budget) = budget {
             let healthy = world
                 .pods
@@ -571,11 +576,20 @@ async fn evict(
                 .count();
             if healthy <= budget.min_available {
                 world.evictions_refused += 1;
-                return status(
-                    429,
-                    "TooManyRequests",
-                    "Cannot evict pod as it would violate the pod's disruption budget.",
-                );
+                // As the real API server answers: the budget is named in the causes.
+                let body = json!({
+                    "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 429,
+                    "reason": "TooManyRequests",
+                    "message": "Cannot evict pod as it would violate the pod's disruption budget.",
+                    "details": { "causes": [{
+                        "reason": "DisruptionBudget",
+                        "message": format!(
+                            "The disruption budget {} needs {} healthy pods and has {healthy} currently",
+                            budget.name, budget.min_available
+                        ),
+                    }]},
+                });
+                return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
             }
         }
     }
@@ -617,6 +631,43 @@ async fn ephemeral(
     );
     pod["spec"]["ephemeralContainers"] = json!(containers);
     s.upsert(pod.clone(), "MODIFIED");
+    // The kubelet starts them a moment later and says so in the status, as
+    // a (hollow) kubelet does on the real control plane.
+    let (server, added) = (s.clone(), body["spec"]["ephemeralContainers"].clone());
+    let (ns, pod_name) = (
+        pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        name.clone(),
+    );
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let current = server
+            .world
+            .lock()
+            .unwrap()
+            .pods
+            .get(&(ns, pod_name))
+            .cloned();
+        let Some(mut current) = current else { return };
+        let mut statuses = current["status"]["ephemeralContainerStatuses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for container in added.as_array().cloned().unwrap_or_default() {
+            statuses.push(json!({
+                "name": container["name"],
+                "image": container["image"],
+                "imageID": container["image"],
+                "ready": false,
+                "restartCount": 0,
+                "state": { "running": { "startedAt": "2026-11-24T00:00:01Z" } },
+            }));
+        }
+        current["status"]["ephemeralContainerStatuses"] = json!(statuses);
+        server.upsert(current, "MODIFIED");
+    });
     Json(pod).into_response()
 }
 

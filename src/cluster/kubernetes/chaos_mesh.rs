@@ -68,7 +68,47 @@ pub fn network_chaos(
     }))
 }
 
+/// Reads NetworkChaos objects, for a fault waiting for Chaos Mesh to say
+/// its delay is in force.
+#[derive(Clone)]
+pub struct ChaosReader {
+    client: kube::Client,
+}
+
+impl ChaosReader {
+    /// Whether Chaos Mesh says the delay is injected in every selected pod
+    /// (its `AllInjected` condition), and why not when it says no.
+    pub async fn injected(&self, namespace: &str, name: &str) -> anyhow::Result<(bool, String)> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &resource());
+        let object = api
+            .get(name)
+            .await
+            .with_context(|| format!("cannot read NetworkChaos {namespace}/{name}"))?;
+        let conditions = object
+            .data
+            .pointer("/status/conditions")
+            .and_then(|c| c.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let all = conditions.iter().find(|c| c["type"] == "AllInjected");
+        Ok(match all {
+            Some(c) => (
+                c["status"] == "True",
+                c["reason"].as_str().unwrap_or_default().to_string(),
+            ),
+            None => (false, "no status from Chaos Mesh".into()),
+        })
+    }
+}
+
 impl KubeCluster {
+    pub fn chaos_reader(&self) -> ChaosReader {
+        ChaosReader {
+            client: self.client().clone(),
+        }
+    }
+
     /// Whether the API server serves NetworkChaos.
     pub async fn chaos_mesh_installed(&self) -> anyhow::Result<bool> {
         match self

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::events::EventLog;
@@ -404,13 +404,25 @@ impl KubeCluster {
     /// The pods on a node that a drain evicts: not DaemonSet pods, not
     /// mirror (static) pods, not already finished.
     pub async fn evictable_pods_on(&self, node: &str) -> anyhow::Result<Vec<PodRef>> {
-        let pods: Api<Pod> = Api::all(self.client.clone());
-        let list = pods
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-            .await
-            .with_context(|| format!("cannot list the pods on node {node}"))?;
-        let mut evictable: Vec<PodRef> = list
-            .items
+        // Namespace by namespace, only the playbook's: nothing else is ever
+        // listed, let alone evicted (kube-system above all).
+        let mut namespaces: Vec<&str> = self
+            .targets
+            .values()
+            .map(|t| t.namespace.as_str())
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        let mut items = Vec::new();
+        for namespace in namespaces {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+            let list = pods
+                .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+                .await
+                .with_context(|| format!("cannot list the pods on node {node} in {namespace}"))?;
+            items.extend(list.items);
+        }
+        let mut evictable: Vec<PodRef> = items
             .iter()
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
             .filter(|p| {
@@ -439,6 +451,13 @@ impl KubeCluster {
             .collect();
         evictable.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Ok(evictable)
+    }
+
+    /// Reads container statuses, for a fault verifying its containers run.
+    pub fn pod_reader(&self) -> PodReader {
+        PodReader {
+            client: self.client.clone(),
+        }
     }
 
     /// What a drain running in the background evicts through.
@@ -641,15 +660,45 @@ impl KubeCluster {
     ) -> anyhow::Result<()> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
         let patch = serde_json::json!({ "spec": { "ephemeralContainers": [container] } });
-        pods.patch_ephemeral_containers(&pod.name, &PatchParams::default(), &Patch::Strategic(&patch))
+        match pods
+            .patch_ephemeral_containers(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
             .await
-            .with_context(|| {
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) => {
+                // The whole answer (a rejected patch quotes the pod) goes to
+                // the run's log; the error says why in one line.
+                tracing::info!(
+                    "adding an ephemeral container to {}/{}: HTTP {}: {}",
+                    pod.namespace,
+                    pod.name,
+                    status.code,
+                    status.message
+                );
+                let hint = if status.code == 404 {
+                    " (ephemeral containers need Kubernetes 1.25 or later)"
+                } else {
+                    ""
+                };
+                anyhow::bail!(
+                    "cannot add an ephemeral container to pod {}/{}: {} ({}){hint}",
+                    pod.namespace,
+                    pod.name,
+                    one_line(&status.message, 240),
+                    status.reason
+                )
+            }
+            Err(err) => Err(err).with_context(|| {
                 format!(
-                    "cannot add an ephemeral container to pod {}/{} (ephemeral containers need Kubernetes 1.25 or later)",
+                    "cannot add an ephemeral container to pod {}/{}",
                     pod.namespace, pod.name
                 )
-            })?;
-        Ok(())
+            }),
+        }
     }
 }
 
@@ -662,23 +711,150 @@ pub struct Evictor {
 
 impl Evictor {
     /// Asks to evict a pod through the policy/v1 Eviction API, which a
-    /// PodDisruptionBudget may refuse.
+    /// PodDisruptionBudget may refuse; a refusal says which budget, as the
+    /// API server's `details.causes` do (kube's error type drops them, so
+    /// the answer is read whole).
     pub async fn evict(&self, pod: &PodRef, grace: Duration) -> anyhow::Result<Eviction> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let params = EvictParams {
-            delete_options: Some(with_grace(grace)),
-            ..EvictParams::default()
-        };
-        match pods.evict(&pod.name, &params).await {
-            Ok(_) => Ok(Eviction::Evicted),
-            Err(kube::Error::Api(status)) if status.code == 429 => {
-                Ok(Eviction::Refused(status.message.clone()))
-            }
+        // Built by hand: kube-core's `evict` sends `delete_options`, which
+        // the API server ignores, so the grace period never arrived.
+        let body = serde_json::json!({
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": { "name": pod.name, "namespace": pod.namespace },
+            "deleteOptions": {
+                "gracePeriodSeconds": u32::try_from(grace.as_secs()).unwrap_or(u32::MAX),
+            },
+        });
+        let request = axum::http::Request::post(format!(
+            "/api/v1/namespaces/{}/pods/{}/eviction",
+            pod.namespace, pod.name
+        ))
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&body).context("an eviction body")?)
+        .context("cannot build an eviction request")?;
+        let response = self
+            .client
+            .send(request.map(kube::client::Body::from))
+            .await
+            .with_context(|| format!("cannot evict pod {}/{}", pod.namespace, pod.name))?;
+        let code = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect_bytes()
+            .await
+            .with_context(|| format!("cannot read the eviction answer for {}", pod.name))?;
+        match code {
+            200..=299 => Ok(Eviction::Evicted),
             // Gone already: what the eviction wanted.
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(Eviction::Evicted),
-            Err(err) => {
-                Err(err).with_context(|| format!("cannot evict pod {}/{}", pod.namespace, pod.name))
-            }
+            404 => Ok(Eviction::Evicted),
+            429 => Ok(Eviction::Refused(status_text(&body))),
+            _ => anyhow::bail!(
+                "cannot evict pod {}/{}: HTTP {code}: {}",
+                pod.namespace,
+                pod.name,
+                status_text(&body)
+            ),
         }
+    }
+}
+
+/// A `metav1.Status` in words: its message, and its causes' messages
+/// (which name the PodDisruptionBudget that refused an eviction).
+pub fn status_text(body: &[u8]) -> String {
+    let Ok(status) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return String::from_utf8_lossy(body).chars().take(300).collect();
+    };
+    let mut text = status["message"].as_str().unwrap_or_default().to_string();
+    if let Some(causes) = status.pointer("/details/causes").and_then(|c| c.as_array()) {
+        let said: Vec<&str> = causes
+            .iter()
+            .filter_map(|c| c["message"].as_str())
+            .collect();
+        if !said.is_empty() {
+            text = format!("{} ({})", said.join("; "), text.trim_end_matches('.'));
+        }
+    }
+    text
+}
+
+/// The first line of an API server's message, at most `max` characters: a
+/// rejected patch quotes the whole object (kilobytes) after it.
+pub fn one_line(message: &str, max: usize) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    let cut = line
+        .find(": {")
+        .or_else(|| line.find(": core."))
+        .unwrap_or(line.len());
+    let mut text: String = line[..cut].chars().take(max).collect();
+    if text.len() < line.len() {
+        text.push('…');
+    }
+    text
+}
+
+/// What the kubelet says of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    Running,
+    Exited {
+        code: i32,
+        reason: String,
+    },
+    Waiting {
+        reason: String,
+    },
+    /// No status for it yet.
+    Unreported,
+}
+
+/// Reads pods' container statuses, for tasks that outlive a borrow of the cluster.
+#[derive(Clone)]
+pub struct PodReader {
+    client: kube::Client,
+}
+
+impl PodReader {
+    /// The state of an ephemeral container of a pod.
+    pub async fn ephemeral_state(
+        &self,
+        pod: &PodRef,
+        container: &str,
+    ) -> anyhow::Result<ContainerState> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let found = pods
+            .get(&pod.name)
+            .await
+            .with_context(|| format!("cannot read pod {}/{}", pod.namespace, pod.name))?;
+        let status = found
+            .status
+            .and_then(|s| s.ephemeral_container_statuses)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.name == container);
+        let Some(state) = status.and_then(|s| s.state) else {
+            return Ok(ContainerState::Unreported);
+        };
+        Ok(if state.running.is_some() {
+            ContainerState::Running
+        } else if let Some(done) = state.terminated {
+            ContainerState::Exited {
+                code: done.exit_code,
+                reason: [done.reason, done.message]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(": "),
+            }
+        } else if let Some(waiting) = state.waiting {
+            ContainerState::Waiting {
+                reason: [waiting.reason, waiting.message]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(": "),
+            }
+        } else {
+            ContainerState::Unreported
+        })
     }
 }

@@ -337,6 +337,11 @@ impl LocalCluster {
 }
 
 impl LocalControl {
+    /// Writes an event of this cluster's stack to `events.jsonl`.
+    pub fn emit(&self, kind: EventKind) {
+        self.shared.events.emit(kind);
+    }
+
     /// The stack's OpenAI-compatible base URL: the router's front port.
     pub fn endpoint(&self) -> &str {
         &self.endpoint

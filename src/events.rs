@@ -108,6 +108,11 @@ pub enum EventKind {
     PodReady {
         pod: String,
         role: String,
+        /// When the pod's Ready condition says it turned Ready (its
+        /// `lastTransitionTime`, to the second), on the stack's clock: a
+        /// watch that lagged sees it later. What replacement times use.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        condition_s: Option<f64>,
     },
     PodNotReady {
         pod: String,
@@ -291,6 +296,12 @@ impl EventLog {
     /// Seconds on this log's clock.
     pub fn now_s(&self) -> f64 {
         self.origin.elapsed().as_secs_f64()
+    }
+
+    /// A wall-clock time (a Kubernetes timestamp) on this log's clock.
+    pub fn s_at(&self, utc: DateTime<Utc>) -> f64 {
+        let ago = (Utc::now() - utc).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        self.now_s() - ago
     }
 
     pub fn emit(&self, kind: EventKind) {

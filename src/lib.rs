@@ -22,6 +22,7 @@ pub mod http;
 pub mod jsonl;
 pub mod kv_cache;
 pub mod load;
+pub mod logging;
 pub mod measure;
 pub mod plan;
 pub mod playbook;

@@ -63,11 +63,15 @@ enum Command {
         /// Where run directories are.
         #[arg(long, default_value = "reports")]
         reports: PathBuf,
-        /// Also clean a Kubernetes cluster: uncordon the nodes shakedown
-        /// cordoned. A kubeconfig context, or the current one when no name
-        /// is given.
+        /// Also clean a Kubernetes cluster: what any run left there
+        /// (cordons, gpu-failure taints, NetworkChaos). A kubeconfig
+        /// context, or the current one when no name is given.
         #[arg(long, num_args = 0..=1, default_missing_value = "")]
         context: Option<String>,
+        /// With --context: also what runs left that cannot be shown dead
+        /// (another host's, or alive). Only when you know they are gone.
+        #[arg(long, requires = "context")]
+        force: bool,
     },
     /// Rebuild summary.json, report.md and report.html from run directories' records; several runs side by side.
     Report {
@@ -95,21 +99,10 @@ const EXIT_DEGRADED: u8 = 3;
 /// interrupted.
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = match cli.command {
+    shakedown::logging::init(match cli.command {
         Command::Engine(_) | Command::Router(_) | Command::KvCache(_) => "info",
-        _ => "warn",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        // A log line that cannot be written (a full disk under an engine's
-        // log) is lost, never a panic: the emulated servers must not die
-        // of their own logging and pass for a failing stack.
-        .log_internal_errors(false)
-        .init();
+        _ => "shakedown=warn",
+    });
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -148,7 +141,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             gate,
         } => run_playbook(&playbook, reports, quiet, gate).await,
         Command::Plan { playbook } => plan(&playbook).await,
-        Command::Cleanup { reports, context } => cleanup(&reports, context).await,
+        Command::Cleanup {
+            reports,
+            context,
+            force,
+        } => cleanup(&reports, context, force).await,
         Command::Report { runs, out } => report_runs(&runs, out),
         Command::Engine(args) => {
             let listener = bind(&args.host, args.port).await?;
@@ -294,11 +291,20 @@ async fn plan(path: &Path) -> anyhow::Result<ExitCode> {
             let kube = shakedown::cluster::kubernetes::KubeCluster::from_client(
                 client, stack, "plan", log,
             );
-            let needed = faults::permissions(kube.targets(), &stack_faults);
-            kube.describe_targets(&needed).await
+            let needs = faults::requirements(kube.targets(), &stack_faults);
+            kube.describe_targets(&needs).await
         };
         match described.await {
-            Ok(text) => print!("{text}"),
+            Ok((text, problems)) => {
+                print!("{text}");
+                // What would stop the run stops the plan too: exit 1.
+                for problem in &problems {
+                    println!("  PROBLEM: {problem}");
+                }
+                if !problems.is_empty() {
+                    code = ExitCode::from(1);
+                }
+            }
             Err(err) => {
                 println!("  cannot resolve the targets: {err:#}");
                 code = ExitCode::from(1);
@@ -310,10 +316,10 @@ async fn plan(path: &Path) -> anyhow::Result<ExitCode> {
 
 /// `shakedown cleanup`: what killed runs left behind, and on a named
 /// Kubernetes context what any run left there.
-async fn cleanup(reports: &Path, context: Option<String>) -> anyhow::Result<ExitCode> {
+async fn cleanup(reports: &Path, context: Option<String>, force: bool) -> anyhow::Result<ExitCode> {
     if let Some(context) = &context {
         let context = (!context.is_empty()).then_some(context.as_str());
-        let cleaned = shakedown::cluster::kubernetes::cleanup(context, None).await?;
+        let cleaned = shakedown::cluster::kubernetes::cleanup(context, None, force).await?;
         print_kubernetes_cleanup("kubernetes", &cleaned);
     }
     let cleaned = shakedown::state::cleanup(reports)?;
@@ -338,8 +344,13 @@ async fn cleanup(reports: &Path, context: Option<String>) -> anyhow::Result<Exit
                 run.run.display(),
                 context.as_deref().unwrap_or("(current)")
             );
-            match shakedown::cluster::kubernetes::cleanup(context.as_deref(), Some(&run.run_id))
-                .await
+            // Its state file showed the run dead: its changes may go.
+            match shakedown::cluster::kubernetes::cleanup(
+                context.as_deref(),
+                Some(&run.run_id),
+                true,
+            )
+            .await
             {
                 Ok(cleaned) => print_kubernetes_cleanup(&label, &cleaned),
                 Err(err) => {

@@ -88,6 +88,7 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
     std::fs::write(dir.join("playbook.yaml"), &loaded.text)
         .context("cannot write playbook.yaml")?;
+    crate::logging::write_run_log_to(&dir);
     let state = Arc::new(RunState::create(&dir)?);
     let (events, events_writer) = jsonl::open::<Event>(&dir.join("events.jsonl"))?;
     let (records, records_writer) = jsonl::open::<Record>(&dir.join("requests.jsonl"))?;
@@ -310,7 +311,7 @@ impl StackRun<'_> {
                 self.state
                     .uses_kubernetes(self.stack.cluster.context.as_deref());
                 // Permissions and targets, before anything is changed.
-                kube.preflight(&faults::permissions(kube.targets(), &self.faults()))
+                kube.preflight(&faults::requirements(kube.targets(), &self.faults()))
                     .await?;
                 kube.start_observing();
                 Cluster::Kubernetes(Box::new(kube))

@@ -23,7 +23,7 @@ fn ready_engines_over_time(events: &[Event]) -> Vec<(f64, usize)> {
     let mut over_time = Vec::new();
     for e in events {
         match &e.kind {
-            EventKind::PodReady { pod, role } if role == "engine" => {
+            EventKind::PodReady { pod, role, .. } if role == "engine" => {
                 ready.insert(pod.clone());
             }
             EventKind::PodNotReady { pod, .. }

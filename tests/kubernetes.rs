@@ -127,12 +127,15 @@ impl Harness {
     }
 
     /// What preflight checks for the playbook's faults.
-    fn permissions(&self, pb: &Playbook) -> Vec<shakedown::cluster::kubernetes::rbac::Permission> {
+    fn permissions(
+        &self,
+        pb: &Playbook,
+    ) -> shakedown::cluster::kubernetes::preflight::Requirements {
         let Cluster::Kubernetes(kube) = &self.cluster else {
             unreachable!()
         };
         let faults: Vec<_> = pb.faults.iter().collect();
-        faults::permissions(kube.targets(), &faults)
+        faults::requirements(kube.targets(), &faults)
     }
 
     async fn events(self) -> Vec<Event> {
@@ -500,7 +503,7 @@ faults:
         "{stdout}"
     );
     assert!(
-        stdout.contains("every verb the faults need is allowed"),
+        stdout.contains("every permission, node and role the faults need is there"),
         "{stdout}"
     );
     assert!(
@@ -761,10 +764,20 @@ async fn a_chaos_mesh_delay_is_a_network_chaos_deleted_on_revert() {
         "not deleted on revert"
     );
 
-    // One left by a run that died is found by its annotation.
+    // One left behind is found by its annotation, but its run (this very
+    // process) is alive: cleanup leaves it alone, and says why.
     harness.inject(&pb, 0).await;
-    let deleted =
-        shakedown::cluster::kubernetes::chaos_mesh::cleanup(&server.client().await, Some("run-1"))
+    let client = server.client().await;
+    let (deleted, left_alone) =
+        shakedown::cluster::kubernetes::chaos_mesh::cleanup(&client, Some("run-1"), false)
+            .await
+            .unwrap();
+    assert!(deleted.is_empty());
+    assert!(left_alone[0].contains("still alive"), "{left_alone:?}");
+    assert_eq!(server.world.lock().unwrap().network_chaos.len(), 1);
+    // Once it is known gone (its state file said so), it goes.
+    let (deleted, _) =
+        shakedown::cluster::kubernetes::chaos_mesh::cleanup(&client, Some("run-1"), true)
             .await
             .unwrap();
     assert_eq!(deleted.len(), 1);

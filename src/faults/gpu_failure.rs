@@ -95,6 +95,10 @@ impl Action for GpuFailure {
         at.fits("duration", self.duration)
     }
 
+    fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
     fn lasts(&self) -> Lasts {
         Lasts::from_field(self.duration)
     }

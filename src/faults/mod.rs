@@ -188,6 +188,11 @@ pub trait Action: Sized + serde::de::DeserializeOwned + Send + Sync {
     /// What it needs on a Kubernetes cluster, where it acts.
     fn permissions(&self, scope: &Scope) -> Vec<Permission>;
 
+    /// The node it names, which must exist before anything is injected.
+    fn node(&self) -> Option<&str> {
+        None
+    }
+
     fn inject(
         &self,
         target: Target<'_>,
@@ -239,6 +244,12 @@ macro_rules! registry {
             pub fn plan(&self, target: &str, stack: &Stack) -> String {
                 match self {
                     $(FaultSpec::$variant(spec) => spec.plan(target, stack),)*
+                }
+            }
+
+            pub fn node(&self) -> Option<&str> {
+                match self {
+                    $(FaultSpec::$variant(spec) => spec.node(),)*
                 }
             }
 
@@ -387,6 +398,24 @@ pub fn permissions(
         }
     }
     needed.into_iter().collect()
+}
+
+/// What a stack's faults need of its Kubernetes cluster before anything is
+/// injected: the permissions, and the nodes they name.
+pub fn requirements(
+    targets: &std::collections::BTreeMap<String, crate::cluster::kubernetes::Target>,
+    faults: &[&Fault],
+) -> crate::cluster::kubernetes::preflight::Requirements {
+    let mut nodes: Vec<String> = faults
+        .iter()
+        .filter_map(|f| f.spec.node().map(str::to_string))
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    crate::cluster::kubernetes::preflight::Requirements {
+        permissions: permissions(targets, faults),
+        nodes,
+    }
 }
 
 /// Each fault's random choices depend on the playbook's seed and its name

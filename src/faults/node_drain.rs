@@ -300,6 +300,10 @@ impl Action for NodeDrain {
         Ok(())
     }
 
+    fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
     fn lasts(&self) -> Lasts {
         Lasts::from_field(self.uncordon_after)
     }

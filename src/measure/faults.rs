@@ -282,7 +282,7 @@ fn summarize_one(
         .map(|s| s.ttft_ms)
         .collect();
     let ttft_p99 = percentile(&mut ttft, 99.0);
-    let (scheduled, ready) = replacement_times(ctx.events, &injection.targets);
+    let replaced = replacement_times(ctx.events, &injection.targets);
     let requested = injection.requested.unwrap_or(planned);
     let overlapped_with = windows
         .iter()
@@ -316,22 +316,40 @@ fn summarize_one(
         worst_second_success_rate: worst.is_finite().then_some(worst),
         ttft_p99_ms: ttft_p99,
         ttft_degradation: ttft_p99.zip(ctx.baseline_ttft_p99_ms).map(|(d, b)| d / b),
-        replacement_scheduled_s: scheduled.map(|t| t - ctx.load_start - at),
-        replacement_ready_s: ready.map(|t| t - ctx.load_start - at),
+        replacement_scheduled_s: replaced.scheduled.map(|t| t - ctx.load_start - at),
+        replacement_ready_s: replaced.ready.map(|t| t - ctx.load_start - at),
+        replacement_ready_watched_s: replaced.ready_watched.map(|t| t - ctx.load_start - at),
+        replacements_pending: replaced.pending,
         error: injection.error.clone(),
     }
 }
 
+/// When a fault's replacements came, from the cluster's events, on the
+/// stack's clock: the latest over its targets (the stack is whole again
+/// only when all are back); `None` if any replacement never came.
+#[derive(Debug, Default, PartialEq)]
+struct Replacements {
+    scheduled: Option<f64>,
+    /// By the pods' Ready conditions where the cluster gave them.
+    ready: Option<f64>,
+    /// When the watch saw them Ready, for comparison.
+    ready_watched: Option<f64>,
+    /// Replacements that went Pending: no node could take them.
+    pending: u32,
+}
+
 /// For each target pod, the replacement that names it in `replaces`: when
-/// it was scheduled and when it turned Ready. The fault's times are the
-/// latest over its targets (the stack is whole again only when all are
-/// back), on the stack's clock; `None` if any replacement never came.
-fn replacement_times(events: &[Event], targets: &[String]) -> (Option<f64>, Option<f64>) {
+/// it was scheduled and when it turned Ready.
+fn replacement_times(events: &[Event], targets: &[String]) -> Replacements {
+    let mut found = Replacements::default();
     if targets.is_empty() {
-        return (None, None);
+        return found;
     }
-    let mut scheduled = Some(f64::NEG_INFINITY);
-    let mut ready = Some(f64::NEG_INFINITY);
+    let (mut scheduled, mut ready, mut watched) = (
+        Some(f64::NEG_INFINITY),
+        Some(f64::NEG_INFINITY),
+        Some(f64::NEG_INFINITY),
+    );
     for target in targets {
         let replacement = events.iter().find_map(|e| match &e.kind {
             EventKind::PodScheduled {
@@ -342,17 +360,39 @@ fn replacement_times(events: &[Event], targets: &[String]) -> (Option<f64>, Opti
             _ => None,
         });
         let Some((pod, at)) = replacement else {
-            return (None, None);
+            return Replacements {
+                pending: found.pending,
+                ..Replacements::default()
+            };
         };
+        if events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::PodPending { pod: p, .. } if *p == pod))
+        {
+            found.pending += 1;
+        }
         scheduled = scheduled.map(|s| s.max(at));
         let ready_at = events.iter().find_map(|e| match &e.kind {
-            EventKind::PodReady { pod: p, .. } if *p == pod => Some(e.t_s),
+            // The condition's time is to the second: never before the
+            // scheduling it follows.
+            EventKind::PodReady {
+                pod: p,
+                condition_s,
+                ..
+            } if *p == pod => Some((condition_s.map_or(e.t_s, |c| c.max(at)), e.t_s)),
             _ => None,
         });
         ready = match (ready, ready_at) {
-            (Some(r), Some(t)) => Some(r.max(t)),
+            (Some(r), Some((t, _))) => Some(r.max(t)),
+            _ => None,
+        };
+        watched = match (watched, ready_at) {
+            (Some(r), Some((_, w))) => Some(r.max(w)),
             _ => None,
         };
     }
-    (scheduled, ready)
+    found.scheduled = scheduled;
+    found.ready = ready;
+    found.ready_watched = watched;
+    found
 }

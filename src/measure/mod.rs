@@ -231,7 +231,14 @@ pub struct FaultSummary {
     pub ttft_degradation: Option<f64>,
     /// Cluster side: from injection to the last replacement scheduled / Ready.
     pub replacement_scheduled_s: Option<f64>,
+    /// By the pods' Ready condition, where the cluster gave one.
     pub replacement_ready_s: Option<f64>,
+    /// When the watch saw them Ready, kept for comparison.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacement_ready_watched_s: Option<f64>,
+    /// Replacements that waited Pending (no node with room, no free GPU).
+    #[serde(default)]
+    pub replacements_pending: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -676,6 +683,7 @@ mod tests {
                 EventKind::PodReady {
                     pod: "router-0-1".into(),
                     role: "router".into(),
+                    condition_s: None,
                 },
             ),
         ];

@@ -273,7 +273,20 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
         ("replacement scheduled after", |f| {
             secs(f.replacement_scheduled_s)
         }),
-        ("replacement Ready after", |f| secs(f.replacement_ready_s)),
+        ("replacement Ready after", |f| {
+            let ready = secs(f.replacement_ready_s);
+            let ready = match (f.replacement_ready_s, f.replacement_ready_watched_s) {
+                (Some(r), Some(w)) if (w - r).abs() >= 0.05 => {
+                    format!("{ready} (watch saw it at {})", secs(Some(w)))
+                }
+                _ => ready,
+            };
+            if f.replacements_pending > 0 {
+                format!("{ready}; {} waited Pending", f.replacements_pending)
+            } else {
+                ready
+            }
+        }),
         ("failed requests", |f| {
             if f.shared_failed > 0 {
                 format!("{} (+{} in overlaps)", f.failed, f.shared_failed)

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 
-use super::{ANNOTATION, KubeCluster, Target};
+use super::{ANNOTATION, KubeCluster, OWNER_ANNOTATION, Target};
 
 pub const GROUP: &str = "chaos-mesh.org";
 pub const VERSION: &str = "v1alpha1";
@@ -49,7 +49,7 @@ pub fn network_chaos(
         "metadata": {
             "name": name,
             "namespace": target.namespace,
-            "annotations": { ANNOTATION: run_id },
+            "annotations": { ANNOTATION: run_id, OWNER_ANNOTATION: super::owner() },
         },
         "spec": {
             "action": "delay",
@@ -150,15 +150,22 @@ impl KubeCluster {
 }
 
 /// Deletes every NetworkChaos that carries shakedown's annotation with
-/// `run_id` (any run's when `None`); none when Chaos Mesh is not installed. Returns `namespace/name`s deleted.
-pub async fn cleanup(client: &kube::Client, run_id: Option<&str>) -> anyhow::Result<Vec<String>> {
+/// `run_id` (any run's when `None`), of runs provably dead (or all with
+/// `force`); none when Chaos Mesh is not installed. Returns the
+/// `namespace/name`s deleted, and what was left alone and why.
+pub async fn cleanup(
+    client: &kube::Client,
+    run_id: Option<&str>,
+    force: bool,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource());
     let list = match api.list(&ListParams::default()).await {
         Ok(list) => list,
-        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Vec::new()),
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok((Vec::new(), Vec::new())),
         Err(err) => return Err(err).context("cannot list Chaos Mesh NetworkChaos objects"),
     };
     let mut deleted = Vec::new();
+    let mut left_alone = Vec::new();
     for object in list.items {
         let ours = super::marked_by(&object.metadata, run_id);
         let (Some(namespace), Some(name)) = (
@@ -167,6 +174,10 @@ pub async fn cleanup(client: &kube::Client, run_id: Option<&str>) -> anyhow::Res
         ) else {
             continue;
         };
+        if ours && let Err(why) = super::may_clean(&object.metadata, force) {
+            left_alone.push(format!("NetworkChaos {namespace}/{name}: {why}"));
+            continue;
+        }
         if ours {
             let api: Api<DynamicObject> =
                 Api::namespaced_with(client.clone(), &namespace, &resource());
@@ -180,7 +191,7 @@ pub async fn cleanup(client: &kube::Client, run_id: Option<&str>) -> anyhow::Res
             }
         }
     }
-    Ok(deleted)
+    Ok((deleted, left_alone))
 }
 
 #[cfg(test)]

@@ -31,6 +31,87 @@ use crate::playbook::Stack;
 /// Marks what shakedown changed; its value is the run id.
 pub const ANNOTATION: &str = "shakedown.dev/run";
 
+/// Says which process made the change (`host:pid:start`), so `cleanup`
+/// can tell a run that is still alive from one that died.
+pub const OWNER_ANNOTATION: &str = "shakedown.dev/owner";
+
+/// This process as an owner: its host, pid and the kernel's start time
+/// (a reused pid is never taken for it).
+pub fn owner() -> String {
+    let pid = std::process::id();
+    format!(
+        "{}:{pid}:{}",
+        host_name(),
+        crate::state::process_start(pid).unwrap_or(0)
+    )
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// Whether the run that changed something is alive, as far as this
+/// process can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    Alive(String),
+    Dead,
+    /// Another host's process, or a change with no owner: not provably dead.
+    Unknown(String),
+}
+
+/// The liveness of an owner annotation's process.
+pub fn liveness(owner: Option<&str>) -> Liveness {
+    let Some(owner) = owner else {
+        return Liveness::Unknown("it names no owner process".into());
+    };
+    let mut parts = owner.rsplitn(3, ':');
+    let (Some(start), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+        return Liveness::Unknown(format!("its owner `{owner}` is not host:pid:start"));
+    };
+    if host != host_name() {
+        return Liveness::Unknown(format!(
+            "its run is on host {host} (pid {pid}): whether it is alive cannot be seen from here"
+        ));
+    }
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
+        return Liveness::Unknown(format!("its owner `{owner}` is not host:pid:start"));
+    };
+    if crate::state::process_start(pid) == Some(start) {
+        Liveness::Alive(format!("its run is still alive (pid {pid} on this host)"))
+    } else {
+        Liveness::Dead
+    }
+}
+
+/// The owner annotation of an object.
+fn owner_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
+    metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OWNER_ANNOTATION))
+        .map(String::as_str)
+}
+
+/// Whether cleanup may undo a change: its run is provably dead, or
+/// `force`; else why not.
+fn may_clean(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    force: bool,
+) -> Result<(), String> {
+    match liveness(owner_of(metadata)) {
+        Liveness::Dead => Ok(()),
+        _ if force => Ok(()),
+        Liveness::Alive(why) => Err(why),
+        Liveness::Unknown(why) => Err(format!("{why}; --force cleans it anyway")),
+    }
+}
+
 /// The taint a `gpu-failure` puts on a node (value: the run id), so the
 /// taint manager evicts its GPU pods as when a GPU-health controller
 /// reports the node's GPUs unhealthy.
@@ -110,44 +191,55 @@ pub fn client_from_config(mut config: kube::Config) -> anyhow::Result<kube::Clie
 }
 
 /// After a run that died: uncordons the nodes that carry shakedown's
-/// annotation with `run_id` (any run's when `None`), and deletes the Chaos
-/// Mesh NetworkChaos objects it made. Returns what it undid.
-pub async fn cleanup(context: Option<&str>, run_id: Option<&str>) -> anyhow::Result<Cleaned> {
+/// annotation with `run_id` (any run's when `None`), removes its
+/// gpu-failure taints, and deletes the Chaos Mesh NetworkChaos objects it
+/// made. A change whose run is alive, or cannot be shown dead, is left
+/// alone (and said) unless `force`. Returns what it undid.
+pub async fn cleanup(
+    context: Option<&str>,
+    run_id: Option<&str>,
+    force: bool,
+) -> anyhow::Result<Cleaned> {
     let client = client(context).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let list = nodes
         .list(&ListParams::default())
         .await
         .context("cannot list nodes")?;
-    let mut uncordoned = Vec::new();
-    let mut untainted = Vec::new();
+    let mut cleaned = Cleaned::default();
     for node in list.items {
         let Some(name) = node.metadata.name.clone() else {
             continue;
         };
-        let ours = marked_by(&node.metadata, run_id);
-        if ours && KubeCluster::uncordon(&client, &name, run_id).await? {
-            uncordoned.push(name.clone());
-        }
+        let cordoned = marked_by(&node.metadata, run_id)
+            && node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
         let tainted = node
             .spec
             .as_ref()
             .and_then(|s| s.taints.as_ref())
             .is_some_and(|taints| taints.iter().any(|t| taint_is_ours(t, run_id)));
+        if !cordoned && !tainted {
+            continue;
+        }
+        if let Err(why) = may_clean(&node.metadata, force) {
+            cleaned.left_alone.push(format!("node {name}: {why}"));
+            continue;
+        }
         if tainted {
             KubeCluster::untaint(&client, &name, run_id).await?;
-            untainted.push(name);
+            cleaned.untainted.push(name.clone());
+        }
+        if cordoned && KubeCluster::uncordon(&client, &name, run_id).await? {
+            cleaned.uncordoned.push(name);
         }
     }
-    let chaos = chaos_mesh::cleanup(&client, run_id).await?;
-    Ok(Cleaned {
-        uncordoned,
-        untainted,
-        chaos,
-    })
+    let (chaos, left_alone) = chaos_mesh::cleanup(&client, run_id, force).await?;
+    cleaned.chaos = chaos;
+    cleaned.left_alone.extend(left_alone);
+    Ok(cleaned)
 }
 
-/// What `cleanup` undid on a cluster.
+/// What `cleanup` undid on a cluster, and what it left alone.
 #[derive(Debug, Default)]
 pub struct Cleaned {
     pub uncordoned: Vec<String>,
@@ -155,6 +247,8 @@ pub struct Cleaned {
     pub untainted: Vec<String>,
     /// NetworkChaos objects deleted, as `namespace/name`.
     pub chaos: Vec<String>,
+    /// Changes of runs that are alive (or cannot be shown dead), and why.
+    pub left_alone: Vec<String>,
 }
 
 /// A `gpu-failure` taint of run `run_id` (any run's when `None`).
@@ -319,6 +413,20 @@ impl KubeCluster {
         Ok(())
     }
 
+    /// Every node's name.
+    pub async fn node_names(&self) -> anyhow::Result<Vec<String>> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let list = nodes
+            .list(&ListParams::default())
+            .await
+            .context("cannot list nodes")?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect())
+    }
+
     /// Nodes with the GPU resource in their allocatable.
     pub async fn gpu_nodes(&self) -> anyhow::Result<Vec<String>> {
         let nodes: Api<Node> = Api::all(self.client.clone());
@@ -353,7 +461,7 @@ impl KubeCluster {
             return Ok(false);
         }
         let patch = serde_json::json!({
-            "metadata": { "annotations": { ANNOTATION: self.run_id } },
+            "metadata": { "annotations": { ANNOTATION: self.run_id, OWNER_ANNOTATION: owner() } },
             "spec": { "unschedulable": true },
         });
         nodes
@@ -381,10 +489,20 @@ impl KubeCluster {
         if !ours {
             return Ok(false);
         }
-        let patch = serde_json::json!({
-            "metadata": { "annotations": { ANNOTATION: null } },
-            "spec": { "unschedulable": null },
-        });
+        // The annotations stay while a gpu-failure taint of ours does.
+        let still_tainted = current
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| taint_is_ours(t, run_id)));
+        let patch = if still_tainted {
+            serde_json::json!({ "spec": { "unschedulable": null } })
+        } else {
+            serde_json::json!({
+                "metadata": { "annotations": { ANNOTATION: null, OWNER_ANNOTATION: null } },
+                "spec": { "unschedulable": null },
+            })
+        };
         nodes
             .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -559,7 +677,7 @@ impl KubeCluster {
         let patch = serde_json::json!({
             "metadata": {
                 "resourceVersion": current.metadata.resource_version,
-                "annotations": { ANNOTATION: self.run_id },
+                "annotations": { ANNOTATION: self.run_id, OWNER_ANNOTATION: owner() },
             },
             "spec": { "taints": taints },
         });
@@ -615,10 +733,23 @@ impl KubeCluster {
         if kept.len() == taints.len() {
             return Ok(false);
         }
-        let patch = serde_json::json!({
-            "metadata": { "resourceVersion": current.metadata.resource_version },
-            "spec": { "taints": kept },
-        });
+        // The annotations go too, unless a cordon of ours remains.
+        let cordoned_by_us = marked_by(&current.metadata, run_id)
+            && current.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+        let patch = if cordoned_by_us {
+            serde_json::json!({
+                "metadata": { "resourceVersion": current.metadata.resource_version },
+                "spec": { "taints": kept },
+            })
+        } else {
+            serde_json::json!({
+                "metadata": {
+                    "resourceVersion": current.metadata.resource_version,
+                    "annotations": { ANNOTATION: null, OWNER_ANNOTATION: null },
+                },
+                "spec": { "taints": kept },
+            })
+        };
         nodes
             .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
             .await

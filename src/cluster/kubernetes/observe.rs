@@ -97,6 +97,8 @@ impl PodTracker {
                     EventKind::PodReady {
                         pod: name.clone(),
                         role: role.clone(),
+                        // On the UTC clock here; `observe` puts it on the stack's.
+                        condition_s: ready_since(pod).map(|t| t.timestamp_micros() as f64 / 1e6),
                     }
                 } else {
                     EventKind::PodNotReady {
@@ -141,6 +143,20 @@ impl PodTracker {
     }
 }
 
+/// When the pod's Ready condition last turned, as the kubelet reports it.
+fn ready_since(pod: &Pod) -> Option<chrono::DateTime<chrono::Utc>> {
+    let time = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?
+        .last_transition_time
+        .as_ref()?;
+    chrono::DateTime::from_timestamp_micros(time.0.as_microsecond())
+}
+
 /// Watches every target until aborted; a watch that breaks is resumed by
 /// kube-runtime's watcher with backoff.
 pub async fn observe(client: kube::Client, targets: Vec<Target>, events: EventLog) {
@@ -169,7 +185,14 @@ pub async fn observe(client: kube::Client, targets: Vec<Target>, events: EventLo
                         Vec::new()
                     }
                 };
-                for kind in made {
+                for mut kind in made {
+                    // The condition's wall-clock time, on the stack's clock.
+                    if let EventKind::PodReady { condition_s, .. } = &mut kind
+                        && let Some(micros) = condition_s.take()
+                        && let Some(utc) = chrono::DateTime::from_timestamp_micros(micros as i64)
+                    {
+                        *condition_s = Some(events.s_at(utc));
+                    }
                     events.emit(kind);
                 }
             }

@@ -28,36 +28,68 @@ pub fn watch_permissions<'a>(targets: impl IntoIterator<Item = &'a Target>) -> V
     needed.into_iter().collect()
 }
 
+/// What a stack's faults need of the cluster, gathered from the faults
+/// ([`crate::faults::requirements`]).
+#[derive(Debug, Clone, Default)]
+pub struct Requirements {
+    pub permissions: Vec<Permission>,
+    /// Nodes the faults name.
+    pub nodes: Vec<String>,
+}
+
 impl KubeCluster {
-    /// Everything checked before a fault is injected; the first failure
-    /// says what to fix, and names every missing permission at once.
-    pub async fn preflight(&self, needed: &[Permission]) -> anyhow::Result<()> {
-        let missing = self.missing(needed).await?;
+    /// Everything checked before a fault is injected. Every problem is
+    /// said at once; `Err` when there is any: nothing may be injected.
+    pub async fn preflight(&self, needs: &Requirements) -> anyhow::Result<()> {
+        let problems = self.problems(needs).await?;
+        if !problems.is_empty() {
+            bail!("{}; nothing was injected", problems.join("; "));
+        }
+        Ok(())
+    }
+
+    /// What stands between the playbook and this cluster, in words.
+    pub async fn problems(&self, needs: &Requirements) -> anyhow::Result<Vec<String>> {
+        let mut problems = Vec::new();
+        let missing = self.missing(&needs.permissions).await?;
         if !missing.is_empty() {
-            bail!(
-                "missing permissions: {}. faults/rbac.yaml grants exactly what shakedown uses; nothing was injected",
+            problems.push(format!(
+                "missing permissions: {} (`shakedown rbac PLAYBOOK` prints what grants them)",
                 missing.join(", ")
+            ));
+            // Without them the rest cannot be read.
+            return Ok(problems);
+        }
+        if needs_chaos_mesh(&needs.permissions) && !self.chaos_mesh_installed().await? {
+            problems.push(
+                "a delay asks for `mechanism: chaos-mesh`, but this cluster does not serve chaos-mesh.org/v1alpha1 NetworkChaos: install Chaos Mesh or use the default `mechanism: ephemeral-container`".into(),
             );
         }
-        if needs_chaos_mesh(needed) && !self.chaos_mesh_installed().await? {
-            bail!(
-                "a delay asks for `mechanism: chaos-mesh`, but this cluster does not serve chaos-mesh.org/v1alpha1 NetworkChaos: install Chaos Mesh or use the default `mechanism: ephemeral-container`; nothing was injected"
-            );
+        if !needs.nodes.is_empty() {
+            let known = self.node_names().await?;
+            for node in &needs.nodes {
+                if !known.contains(node) {
+                    problems.push(format!(
+                        "a fault names node `{node}`, which this cluster does not have: its nodes are {}",
+                        known.join(", ")
+                    ));
+                }
+            }
         }
         for target in self.targets.values() {
             let serving = self.serving_pods(&target.role).await?;
             if serving.is_empty() {
-                bail!(
-                    "role `{}` selects no Ready pod: no pod matches `{}` in namespace {} (check with `kubectl get pods -n {} -l '{}'`); nothing was injected",
+                problems.push(format!(
+                    "role `{}` selects no Ready pod: no pod matches `{}` in namespace {} (check with `kubectl get pods -n {} -l '{}'`)",
                     target.role,
                     target.selector,
                     target.namespace,
                     target.namespace,
                     target.selector
-                );
+                ));
             }
         }
-        Ok(())
+        Ok(problems)
     }
 
     /// The permissions of `needed` the API server says shakedown lacks.
@@ -72,9 +104,12 @@ impl KubeCluster {
     }
 
     /// What `shakedown plan` shows of the cluster now: each role's Ready
-    /// pods and their nodes, the GPU nodes, and any missing permission.
-    /// Reads only.
-    pub async fn describe_targets(&self, needed: &[Permission]) -> anyhow::Result<String> {
+    /// pods and their nodes, the GPU nodes; and, apart, every problem
+    /// preflight would stop at. Reads only.
+    pub async fn describe_targets(
+        &self,
+        needs: &Requirements,
+    ) -> anyhow::Result<(String, Vec<String>)> {
         let mut out = String::new();
         for target in self.targets.values() {
             let pods = self.serving_pods(&target.role).await?;
@@ -110,16 +145,11 @@ impl KubeCluster {
                 gpu_nodes.join(", ")
             }
         ));
-        let missing = self.missing(needed).await?;
-        out.push_str(&if missing.is_empty() {
-            "  permissions: every verb the faults need is allowed\n".to_string()
-        } else {
-            format!(
-                "  permissions MISSING: {} (see faults/rbac.yaml)\n",
-                missing.join(", ")
-            )
-        });
-        Ok(out)
+        let problems = self.problems(needs).await?;
+        if problems.is_empty() {
+            out.push_str("  preflight: every permission, node and role the faults need is there\n");
+        }
+        Ok((out, problems))
     }
 
     async fn allowed(&self, permission: &Permission) -> anyhow::Result<bool> {

@@ -353,6 +353,7 @@ async fn probe(
                 shared.events.emit(EventKind::PodReady {
                     pod: pod.clone(),
                     role: role_name.clone(),
+                    condition_s: None,
                 });
                 shared.set_ready(role, index, &proxy.url(), true);
             }

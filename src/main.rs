@@ -28,6 +28,8 @@ enum Command {
     /// Run a chaos playbook and write a run directory under reports/.
     Run {
         playbook: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
         /// Where run directories are made.
         #[arg(long, default_value = "reports")]
         reports: PathBuf,
@@ -57,7 +59,11 @@ enum Command {
         playbooks: Vec<PathBuf>,
     },
     /// Show what a playbook would do: per stack, the fault timeline and blast radius. Injects nothing.
-    Plan { playbook: PathBuf },
+    Plan {
+        playbook: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
     /// Stop what runs killed outright left behind (their state.json says what).
     Cleanup {
         /// Where run directories are.
@@ -88,6 +94,35 @@ enum Command {
     Router(router::RouterArgs),
     /// Run the emulated KV-cache server that engines share (as LMCache's).
     KvCache(kv_cache::KvCacheArgs),
+}
+
+/// Changes to the playbook, so a shipped one runs unedited anywhere.
+#[derive(clap::Args, Debug, Default)]
+struct OverrideArgs {
+    /// The kubeconfig context of every Kubernetes stack.
+    #[arg(long)]
+    context: Option<String>,
+    /// The namespace of every Kubernetes stack (roles that name their own keep it).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Run only this stack (and the faults that apply to it).
+    #[arg(long)]
+    stack: Option<String>,
+    /// Set a field: `--set load.rate=8`, `--set stacks.aibrix.endpoint=http://...`,
+    /// `--set 'faults[0].at=90s'`. The value is YAML. May be given again.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<String>,
+}
+
+impl OverrideArgs {
+    fn overrides(self) -> playbook::Overrides {
+        playbook::Overrides {
+            context: self.context,
+            namespace: self.namespace,
+            stack: self.stack,
+            set: self.set,
+        }
+    }
 }
 
 /// `run`: the run completed, but shakedown cannot vouch for a stack's
@@ -136,11 +171,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         ))),
         Command::Run {
             playbook,
+            overrides,
             reports,
             quiet,
             gate,
-        } => run_playbook(&playbook, reports, quiet, gate).await,
-        Command::Plan { playbook } => plan(&playbook).await,
+        } => run_playbook(&playbook, &overrides.overrides(), reports, quiet, gate).await,
+        Command::Plan {
+            playbook,
+            overrides,
+        } => plan(&playbook, &overrides.overrides()).await,
         Command::Cleanup {
             reports,
             context,
@@ -190,8 +229,8 @@ fn validate(playbooks: &[PathBuf]) -> ExitCode {
             Ok(loaded) => println!(
                 "{}: ok ({}, {})",
                 path.display(),
-                count(loaded.playbook.stacks.len(), "stack"),
-                count(loaded.playbook.faults.len(), "fault")
+                report::plural(loaded.playbook.stacks.len(), "stack"),
+                report::plural(loaded.playbook.faults.len(), "fault")
             ),
             Err(err) => {
                 print_playbook_error(&err);
@@ -206,23 +245,15 @@ fn validate(playbooks: &[PathBuf]) -> ExitCode {
     }
 }
 
-/// "1 stack", "2 stacks".
-fn count(n: usize, what: &str) -> String {
-    if n == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{n} {what}s")
-    }
-}
-
 /// `shakedown run`: runs a playbook; the exit code says how it ended.
 async fn run_playbook(
     path: &Path,
+    overrides: &playbook::Overrides,
     reports: PathBuf,
     quiet: bool,
     with_gate: bool,
 ) -> anyhow::Result<ExitCode> {
-    let loaded = match faults::load_playbook(path) {
+    let loaded = match faults::load_playbook_with(path, overrides) {
         Ok(loaded) => loaded,
         Err(err) => {
             print_playbook_error(&err);
@@ -262,8 +293,8 @@ async fn run_playbook(
 
 /// `shakedown plan`: the timeline and blast radius, and on Kubernetes the
 /// targets as they are now, read-only.
-async fn plan(path: &Path) -> anyhow::Result<ExitCode> {
-    let loaded = match faults::load_playbook(path) {
+async fn plan(path: &Path, overrides: &playbook::Overrides) -> anyhow::Result<ExitCode> {
+    let loaded = match faults::load_playbook_with(path, overrides) {
         Ok(loaded) => loaded,
         Err(err) => {
             print_playbook_error(&err);

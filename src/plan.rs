@@ -37,6 +37,10 @@ fn describe_cluster(stack: &Stack) -> String {
             "kubernetes: context {}",
             c.context.as_deref().unwrap_or("(current)")
         ),
+        ClusterKind::Endpoint => format!(
+            "endpoint only: {}, load and measurement, no faults",
+            stack.endpoint.as_deref().unwrap_or_default()
+        ),
     }
 }
 
@@ -52,9 +56,9 @@ pub fn render(pb: &Playbook) -> String {
         None => format!("{} tokens", load.request.prompt_tokens),
     };
     let mut out = format!(
-        "playbook {}: {} stacks, {}, {} per stack, {} load at {rate} req/s ({}, {questions} → {} tokens)\n",
+        "playbook {}: {}, {}, {} per stack, {} load at {rate} req/s ({}, {questions} → {} tokens)\n",
         pb.name,
-        pb.stacks.len(),
+        crate::report::plural(pb.stacks.len(), "stack"),
         spelled(&pb.schedule),
         pb.duration,
         spelled(&load.arrival),
@@ -95,7 +99,17 @@ pub fn render(pb: &Playbook) -> String {
                 fault.spec.plan(&fault.target, stack),
             ]);
         }
-        out.push_str(&table.build().with(Style::rounded()).to_string());
+        // The blast radius wraps, so the table stays readable in a terminal.
+        out.push_str(
+            &table
+                .build()
+                .with(Style::rounded())
+                .modify(
+                    tabled::settings::object::Columns::one(4),
+                    tabled::settings::Width::wrap(72).keep_words(true),
+                )
+                .to_string(),
+        );
         out.push('\n');
     }
     out.push_str("\nNothing was injected. Targets are picked when each fault fires, by the playbook's seed: the same pods on every run.\n");

@@ -298,7 +298,7 @@ impl StackRun<'_> {
                     log.clone(),
                 )
                 .await?;
-                Cluster::Local(local)
+                Some(Cluster::Local(local))
             }
             ClusterKind::Kubernetes => {
                 let run_id = self
@@ -314,23 +314,27 @@ impl StackRun<'_> {
                 kube.preflight(&faults::requirements(kube.targets(), &self.faults()))
                     .await?;
                 kube.start_observing();
-                Cluster::Kubernetes(Box::new(kube))
+                Some(Cluster::Kubernetes(Box::new(kube)))
             }
+            // An endpoint only: load and measurement, nothing to inject into.
+            ClusterKind::Endpoint => None,
         };
-        let result = self.drive(&cluster, &log).await;
+        let result = self.drive(cluster.as_ref(), &log).await;
         if let Err(err) = &result {
             log.emit(EventKind::StackFailed {
                 error: format!("{err:#}"),
             });
         }
-        cluster.shutdown().await;
+        if let Some(cluster) = cluster {
+            cluster.shutdown().await;
+        }
         log.emit(EventKind::StackStopped);
         result
     }
 
-    async fn drive(&self, cluster: &Cluster, log: &EventLog) -> anyhow::Result<StackEnd> {
+    async fn drive(&self, cluster: Option<&Cluster>, log: &EventLog) -> anyhow::Result<StackEnd> {
         let mut stop = self.stop.clone();
-        if let Cluster::Local(local) = cluster {
+        if let Some(Cluster::Local(local)) = cluster {
             tokio::select! {
                 ready = local.wait_ready(
                     self.stack.cluster.ready_timeout.map_or(READY_TIMEOUT, |t| t.0),
@@ -339,7 +343,10 @@ impl StackRun<'_> {
                 _ = crate::stopped(&mut stop) => return Ok(StackEnd::Interrupted),
             }
         }
-        let endpoint = cluster.endpoint().to_string();
+        let endpoint = match cluster {
+            Some(cluster) => cluster.endpoint().to_string(),
+            None => self.stack.endpoint.clone().unwrap_or_default(),
+        };
         let served_model = preflight(&endpoint).await?;
         log.emit(EventKind::StackReady {
             endpoint: endpoint.clone(),
@@ -405,7 +412,9 @@ impl StackRun<'_> {
             .zip(self.metrics.clone())
             .map(|(scrape, sink)| {
                 let targets = match cluster {
-                    Cluster::Local(local) if scrape.urls.is_empty() => local.engine_metrics_urls(),
+                    Some(Cluster::Local(local)) if scrape.urls.is_empty() => {
+                        local.engine_metrics_urls()
+                    }
                     _ => scrape.urls.clone(),
                 };
                 tokio::spawn(load::scrape::scrape(
@@ -435,6 +444,10 @@ impl StackRun<'_> {
                 Step::Inject(i) => {
                     let fault = faults[i];
                     let started_s = log.now_s();
+                    // Validation keeps faults off endpoint-only stacks.
+                    let Some(cluster) = cluster else {
+                        continue;
+                    };
                     // No `?` between an injection and the reverts below: a
                     // step that fails is recorded, and the faults in force
                     // are still reverted.
@@ -480,7 +493,7 @@ impl StackRun<'_> {
                 }
                 Step::Revert(i) => {
                     timeline.reverted(i);
-                    if let Some(state) = held.remove(&i) {
+                    if let (Some(cluster), Some(state)) = (cluster, held.remove(&i)) {
                         revert(cluster, log, faults[i], state).await;
                     }
                 }
@@ -497,7 +510,7 @@ impl StackRun<'_> {
         // However the stack ended, nothing stays in force.
         for i in timeline.in_force().into_iter().rev() {
             timeline.reverted(i);
-            if let Some(state) = held.remove(&i) {
+            if let (Some(cluster), Some(state)) = (cluster, held.remove(&i)) {
                 revert(cluster, log, faults[i], state).await;
             }
         }

@@ -405,3 +405,150 @@ fn validate_locates_errors_and_exits_2() {
         "{stderr}"
     );
 }
+
+/// A `shakedown engine` on a free port, killed when dropped.
+struct Engine(std::process::Child, u16);
+
+impl Engine {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(BIN)
+            .args([
+                "engine",
+                "--port",
+                &port.to_string(),
+                "--decode-per-token",
+                "2ms",
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the engine never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child, port)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_stack_with_only_an_endpoint_gets_load_and_measurement() {
+    // A port-forward or an ingress: nothing to inject into, everything to measure.
+    let engine = Engine::start();
+    let playbook = format!(
+        r#"
+apiVersion: shakedown/v1
+name: endpoint-only
+duration: 3s
+stacks:
+  - name: remote
+    endpoint: http://127.0.0.1:{}
+load: {{ arrival: constant, rate: 20, request: {{ prompt_tokens: 16, max_tokens: 4 }}, timeout: 5s }}
+steady_state: {{ baseline: 1s }}
+"#,
+        engine.1
+    );
+    let mut run = start(&playbook);
+    let (status, stderr) = run.wait(Duration::from_secs(60));
+    assert!(status.success(), "{stderr}");
+    let dir = run.run_dir();
+    let records = records(&dir.join("requests.jsonl"));
+    assert!((59..=60).contains(&records.len()), "{}", records.len());
+    assert!(records.iter().all(|r| r.outcome == Outcome::Ok));
+
+    // A fault on it is refused where it is written, before anything runs.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!(
+            "{playbook}faults:\n  - {{ name: kill, at: 2s, action: pod-kill, target: engine }}\n"
+        ),
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .arg("validate")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("faults[0].target") && stderr.contains("endpoint only"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_command_line_overrides_a_shipped_playbook_without_editing_it() {
+    let engine = Engine::start();
+    let playbook = r#"
+apiVersion: shakedown/v1
+name: overrides
+duration: 60s
+stacks:
+  - name: a
+    endpoint: http://127.0.0.1:9
+  - name: b
+    endpoint: http://127.0.0.1:9
+load: { arrival: constant, rate: 2, request: { prompt_tokens: 16, max_tokens: 4 }, timeout: 5s }
+steady_state: { baseline: 1s }
+"#;
+    let endpoint = format!("stacks.b.endpoint=http://127.0.0.1:{}", engine.1);
+    let mut run = start_with(playbook, |command| {
+        command.args([
+            "--stack",
+            "b",
+            "--set",
+            "duration=2s",
+            "--set",
+            "load.rate=10",
+            "--set",
+            &endpoint,
+        ]);
+    });
+    let (status, stderr) = run.wait(Duration::from_secs(60));
+    assert!(status.success(), "{stderr}");
+    let dir = run.run_dir();
+    let summary = summary(&dir);
+    assert_eq!(summary.stacks.len(), 1);
+    assert_eq!(summary.stacks[0].name, "b");
+    let requests = summary.stacks[0].requests_total;
+    assert!(
+        (19..=20).contains(&requests),
+        "2 s at 10 a second: {requests}"
+    );
+    // The run directory keeps the playbook as run, and says how it came to be.
+    let as_run = std::fs::read_to_string(dir.join("playbook.yaml")).unwrap();
+    assert!(
+        as_run.starts_with("# The playbook as run:") && as_run.contains("--set 'load.rate=10'"),
+        "{as_run}"
+    );
+    let report = Command::new(BIN).arg("report").arg(&dir).output().unwrap();
+    assert!(report.status.success(), "the report reads it back");
+
+    // A bad value is refused as a bad value in the file would be.
+    let mut bad = start_with(playbook, |command| {
+        command.args(["--set", "load.rate=fast"]);
+    });
+    let (status, stderr) = bad.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("load.rate") && stderr.contains("overrides"),
+        "{stderr}"
+    );
+}

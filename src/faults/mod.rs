@@ -33,6 +33,14 @@ pub fn load_playbook(path: &Path) -> Result<LoadedPlaybook, PlaybookError> {
     playbook::load(path)
 }
 
+/// [`load_playbook`] with the command line's changes (`--set`, `--context`...).
+pub fn load_playbook_with(
+    path: &Path,
+    overrides: &playbook::Overrides,
+) -> Result<LoadedPlaybook, PlaybookError> {
+    playbook::load_with(path, overrides)
+}
+
 /// Reads, checks and types a playbook file alone (a run directory's copy).
 pub fn read_playbook(path: &Path) -> Result<Playbook, PlaybookError> {
     playbook::read(path)

@@ -246,6 +246,7 @@ impl Action for NetworkDelay {
                         );
                     }
                 }
+                ClusterKind::Endpoint => {}
             }
         }
         if self.delay.is_none() && self.loss.is_none() {

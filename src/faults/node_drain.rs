@@ -323,7 +323,7 @@ impl Action for NodeDrain {
                 self.max_unavailable(),
                 HumanDuration(self.grace())
             ),
-            ClusterKind::Kubernetes => format!(
+            ClusterKind::Kubernetes | ClusterKind::Endpoint => format!(
                 "{node}: cordon, evict every pod on it in the playbook's namespaces (not DaemonSet or mirror pods) through their PodDisruptionBudgets, refusals retried for {}, grace {}, uncordon {uncordon}",
                 HumanDuration(self.timeout()),
                 HumanDuration(self.grace())

@@ -129,7 +129,7 @@ impl Action for PodFreeze {
                         }
                     }
                 }
-                ClusterKind::Kubernetes => {}
+                ClusterKind::Kubernetes | ClusterKind::Endpoint => {}
             }
         }
         at.fits("duration", self.duration)
@@ -140,9 +140,10 @@ impl Action for PodFreeze {
     }
 
     fn plan(&self, target: &str, stack: &Stack) -> String {
+        let share = share_text(self.count, self.percent, stack, target);
         format!(
-            "{} `{target}` pods stopped (SIGSTOP), alive but making no progress, {}",
-            share_text(self.count, self.percent, stack, target),
+            "{share} `{target}` {} stopped (SIGSTOP), alive but making no progress, {}",
+            super::pod_kill::pods_word(&share),
             self.duration
                 .map(|d| format!("for {d}"))
                 .unwrap_or_else(|| "until the end".into())

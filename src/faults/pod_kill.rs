@@ -71,7 +71,7 @@ impl Action for PodKill {
             None => "SIGKILL".to_string(),
             Some(grace) => format!("SIGTERM, grace {grace}"),
         };
-        format!("{share} `{target}` pods, {signal}")
+        format!("{share} `{target}` {}, {signal}", pods_word(&share))
     }
 
     fn permissions(&self, scope: &Scope) -> Vec<Permission> {
@@ -255,6 +255,11 @@ pub(super) fn share_text(
         .map(|r| format!(" of {r}"))
         .unwrap_or_default();
     format!("{how_many}{of}")
+}
+
+/// "pod" after a lone "1", "pods" otherwise.
+pub(super) fn pods_word(share: &str) -> &'static str {
+    if share == "1" { "pod" } else { "pods" }
 }
 
 /// How many pods a local stack's role has, for plans.

@@ -82,6 +82,9 @@ impl fmt::Display for HumanDuration {
             write!(f, "0s")
         } else if ms % 60_000 == 0 {
             write!(f, "{}m", ms / 60_000)
+        } else if ms % 1000 == 0 && ms > 60_000 {
+            // 150s reads better as 2m30s beside whole minutes.
+            write!(f, "{}m{}s", ms / 60_000, ms % 60_000 / 1000)
         } else if ms % 1000 == 0 {
             write!(f, "{}s", ms / 1000)
         } else {
@@ -160,7 +163,9 @@ mod tests {
             HumanDuration(Duration::from_millis(200)).to_string(),
             "200ms"
         );
-        assert_eq!(HumanDuration(Duration::from_secs(90)).to_string(), "90s");
+        assert_eq!(HumanDuration(Duration::from_secs(45)).to_string(), "45s");
+        assert_eq!(HumanDuration(Duration::from_secs(90)).to_string(), "1m30s");
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(HumanDuration(Duration::from_secs(300)).to_string(), "5m");
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod duration;
 pub mod lengths;
+pub mod overrides;
 pub mod prompts;
 pub mod schema;
 mod validate;
@@ -22,6 +23,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use duration::HumanDuration;
+pub use overrides::Overrides;
 pub use schema::*;
 pub use validate::fits;
 pub use yaml::FieldPath;
@@ -67,7 +69,7 @@ pub struct PlaybookError {
 }
 
 impl PlaybookError {
-    fn whole_file(file: &Path, line: Option<u32>, message: impl Into<String>) -> Self {
+    pub fn whole_file(file: &Path, line: Option<u32>, message: impl Into<String>) -> Self {
         Self {
             file: file.to_path_buf(),
             line,
@@ -121,8 +123,43 @@ pub fn read<S: FaultSpecs>(path: &Path) -> Result<Playbook<S>, PlaybookError> {
 /// Reads, parses and validates a playbook file and reads the data files it
 /// names, ready to run.
 pub fn load<S: FaultSpecs>(path: &Path) -> Result<LoadedPlaybook<S>, PlaybookError> {
-    let text = read_text(path)?;
-    let playbook = parse(path, &text)?;
+    load_with(path, &Overrides::default())
+}
+
+/// [`load`], with the command line's changes applied first: the text kept
+/// (for the run directory) is then the playbook as run, and errors are
+/// located in the file where the field is there.
+pub fn load_with<S: FaultSpecs>(
+    path: &Path,
+    overrides: &Overrides,
+) -> Result<LoadedPlaybook<S>, PlaybookError> {
+    let original = read_text(path)?;
+    let (text, playbook) = if overrides.is_empty() {
+        let playbook = parse(path, &original)?;
+        (original, playbook)
+    } else {
+        check_syntax(path, &original)?;
+        let mut doc: serde_json::Value =
+            yaml::from_str(&original).map_err(|err| from_yaml_error(path, err))?;
+        overrides
+            .apply(&mut doc)
+            .map_err(|why| PlaybookError::whole_file(path, None, why))?;
+        let text = format!(
+            "# The playbook as run: {} with {}\n{}\n",
+            path.display(),
+            overrides.describe(),
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
+        );
+        let playbook = parse_located_in(path, &text, &original).map_err(|mut err| {
+            let note = " (with the command line's overrides)";
+            err.message.push_str(note);
+            for problem in &mut err.more {
+                problem.message.push_str(note);
+            }
+            err
+        })?;
+        (text, playbook)
+    };
     let prompts = match &playbook.load.request.prompts {
         None => None,
         Some(file) => {
@@ -226,6 +263,16 @@ fn located(file: &Path, text: &str, problems: Vec<Problem>) -> PlaybookError {
 
 /// Parses and validates playbook text; `file` only names it in errors.
 pub fn parse<S: FaultSpecs>(file: &Path, text: &str) -> Result<Playbook<S>, PlaybookError> {
+    parse_located_in(file, text, text)
+}
+
+/// Parses `text`, locating errors in `source` (the file as written, when
+/// `text` is it after the command line's changes).
+fn parse_located_in<S: FaultSpecs>(
+    file: &Path,
+    text: &str,
+    source: &str,
+) -> Result<Playbook<S>, PlaybookError> {
     if text.trim().is_empty()
         || text
             .lines()
@@ -238,7 +285,12 @@ pub fn parse<S: FaultSpecs>(file: &Path, text: &str) -> Result<Playbook<S>, Play
         ));
     }
     check_syntax(file, text)?;
-    let read: Playbook<Params> = deserialize_located(file, text)?;
+    let read: Playbook<Params> = deserialize_located(file, text).map_err(|mut err| {
+        if !std::ptr::eq(text, source) {
+            relocate(&mut err, source);
+        }
+        err
+    })?;
     let mut problems = Vec::new();
     let mut faults = Vec::with_capacity(read.faults.len());
     for (i, fault) in read.faults.iter().enumerate() {
@@ -252,14 +304,23 @@ pub fn parse<S: FaultSpecs>(file: &Path, text: &str) -> Result<Playbook<S>, Play
         }
     }
     if !problems.is_empty() {
-        return Err(located(file, text, problems));
+        return Err(located(file, source, problems));
     }
     let playbook = read.with_faults(faults);
     let problems = validate::validate(&playbook);
     if !problems.is_empty() {
-        return Err(located(file, text, problems));
+        return Err(located(file, source, problems));
     }
     Ok(playbook)
+}
+
+/// Moves an error's position to where its field is in `source`.
+fn relocate(err: &mut PlaybookError, source: &str) {
+    let position = yaml::Spans::read(source)
+        .ok()
+        .and_then(|spans| spans.find(&FieldPath::parse(&err.field)));
+    err.line = position.map(|p| p.line);
+    err.column = position.map(|p| p.column);
 }
 
 /// A serde message as a playbook author would put it: Rust type names

@@ -100,6 +100,10 @@ pub struct Stack {
     pub endpoint: Option<String>,
     #[serde(default)]
     pub model: Option<String>,
+    /// Where its faults land. Left out, the stack is an endpoint only: a
+    /// port-forward or an ingress shakedown sends load to and measures,
+    /// with no cluster to inject faults into.
+    #[serde(default)]
     pub cluster: ClusterSpec,
     /// Named target groups: Kubernetes label selectors; on a local
     /// cluster, processes beside its own `engine` and `router`.
@@ -124,6 +128,7 @@ impl Stack {
                 .chain(self.roles.keys().cloned())
                 .collect(),
             ClusterKind::Kubernetes => self.roles.keys().cloned().collect(),
+            ClusterKind::Endpoint => Vec::new(),
         }
     }
 }
@@ -170,14 +175,17 @@ pub struct Role {
     pub health: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClusterKind {
     Local,
     Kubernetes,
+    /// No cluster: load and measurement of an existing endpoint only.
+    #[default]
+    Endpoint,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     pub kind: ClusterKind,

@@ -389,6 +389,44 @@ fn validate_stack(path: FieldPath, stack: &Stack) -> Result<(), Problem> {
     let cluster = &stack.cluster;
     let cpath = path.clone().key("cluster");
     match cluster.kind {
+        ClusterKind::Endpoint => {
+            for (field, set) in [
+                ("nodes", cluster.nodes.is_some()),
+                ("gpus_per_node", cluster.gpus_per_node.is_some()),
+                ("engine", cluster.engine.is_some()),
+                ("router", cluster.router.is_some()),
+                ("ready_timeout", cluster.ready_timeout.is_some()),
+                ("context", cluster.context.is_some()),
+                ("namespace", cluster.namespace.is_some()),
+                ("gpu_resource", cluster.gpu_resource.is_some()),
+            ] {
+                if set {
+                    return at(
+                        cpath.key(field),
+                        format!(
+                            "`{field}` belongs to a cluster; a stack with `kind: endpoint` (or no `cluster:`) is an endpoint only"
+                        ),
+                    );
+                }
+            }
+            if !stack.roles.is_empty() {
+                return at(
+                    path.key("roles"),
+                    "an endpoint-only stack has no roles: faults need a cluster, such as `cluster: { kind: kubernetes, context: ... }`",
+                );
+            }
+            match &stack.endpoint {
+                None => at(
+                    path.key("endpoint"),
+                    "a stack with no `cluster:` is an endpoint only: give its `endpoint`, the OpenAI-compatible URL its users call, or a `cluster:` to run or reach it",
+                ),
+                Some(url) if reqwest::Url::parse(url).is_err() || !url.starts_with("http") => at(
+                    path.key("endpoint"),
+                    format!("`{url}` is not an http(s) URL"),
+                ),
+                Some(_) => Ok(()),
+            }
+        }
         ClusterKind::Kubernetes => {
             for (field, set) in [
                 ("nodes", cluster.nodes.is_some()),
@@ -754,6 +792,15 @@ fn validate_fault<S>(pb: &Playbook<S>, path: FieldPath, fault: &Fault<S>) -> Res
         }
     }
     for stack in pb.stacks.iter().filter(|s| fault.applies_to(&s.name)) {
+        if stack.cluster.kind == ClusterKind::Endpoint {
+            return at(
+                path.key("target"),
+                format!(
+                    "stack `{}` is an endpoint only (it has no `cluster:`): a fault needs a cluster to act on. Give the stack `cluster: {{ kind: kubernetes, ... }}` and `roles`, or leave it out of the fault with `stacks:`",
+                    stack.name
+                ),
+            );
+        }
         let roles = stack.role_names();
         if !roles.iter().any(|r| r == &fault.target) {
             return at(

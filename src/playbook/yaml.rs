@@ -37,6 +37,28 @@ impl FieldPath {
         self.0.push(Step::Index(index));
         self
     }
+    /// Reads back a path as [`FieldPath`]'s `Display` writes it.
+    pub fn parse(text: &str) -> Self {
+        let mut path = FieldPath::default();
+        for part in text.split('.').filter(|p| !p.is_empty()) {
+            let (key, mut rest) = match part.find('[') {
+                Some(i) => (&part[..i], &part[i..]),
+                None => (part, ""),
+            };
+            if !key.is_empty() {
+                path.0.push(Step::Key(key.to_string()));
+            }
+            while let Some(inner) = rest.strip_prefix('[') {
+                let Some(end) = inner.find(']') else { break };
+                if let Ok(index) = inner[..end].parse() {
+                    path.0.push(Step::Index(index));
+                }
+                rest = &inner[end + 1..];
+            }
+        }
+        path
+    }
+
     /// Appends a path such as serde_path_to_error gives (`a.b[2].c`).
     pub fn join(mut self, rest: &serde_path_to_error::Path) -> Self {
         for segment in rest.iter() {

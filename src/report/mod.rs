@@ -27,6 +27,15 @@ use crate::record::{Gaps, Outcome, Record};
 pub use html::html;
 pub use tables::{markdown, terminal};
 
+/// "1 stack", "2 stacks".
+pub fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 /// What the measurement needs from a playbook, for one stack.
 pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
     let ss = &pb.steady_state;

@@ -527,8 +527,15 @@ async fn serve_until_signalled(
 }
 
 fn print_kubernetes_cleanup(label: &str, cleaned: &shakedown::cluster::kubernetes::Cleaned) {
-    if cleaned.uncordoned.is_empty() && cleaned.untainted.is_empty() && cleaned.chaos.is_empty() {
+    if cleaned.uncordoned.is_empty()
+        && cleaned.untainted.is_empty()
+        && cleaned.chaos.is_empty()
+        && cleaned.left_alone.is_empty()
+    {
         println!("{label}: nothing carries shakedown's annotation");
+    }
+    for why in &cleaned.left_alone {
+        println!("{label}: left alone {why}");
     }
     if !cleaned.uncordoned.is_empty() {
         println!("{label}: uncordoned {}", cleaned.uncordoned.join(", "));

@@ -13,7 +13,7 @@ mod kube_fixture;
 use std::time::Duration;
 
 use kube_fixture::{ApiServer, Behaviour, Budget};
-use serde_json::json;
+use serde_json::{Value, json};
 use shakedown::cluster::Cluster;
 use shakedown::cluster::kubernetes::{ANNOTATION, KubeCluster};
 use shakedown::events::{Event, EventKind, EventLog};
@@ -420,6 +420,214 @@ async fn a_delay_is_an_ephemeral_container_that_takes_itself_off() {
                 .starts_with("shakedown-delay-")
         );
     }
+    // The kubelet reports the containers running: the delay is in force
+    // from then, and said so.
+    let events = harness.events().await;
+    let effect = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::FaultEffect { effect, .. } => Some(effect.clone()),
+            _ => None,
+        })
+        .expect("the delay's effect");
+    assert_eq!(
+        effect.kind,
+        shakedown::events::EffectKind::Applied,
+        "{effect:?}"
+    );
+    assert!(effect.detail.contains("4 of 4"), "{effect:?}");
+    assert!(effect.active_s.is_some());
+}
+
+#[tokio::test]
+async fn a_rerun_on_the_same_pod_names_its_delay_container_anew() {
+    // Ephemeral containers stay in the pod for good: a second run with
+    // the same seed must not collide with the first's container.
+    let server = cluster_of_four(quick()).await;
+    let pb = playbook(
+        "  - { name: slow, at: 1s, action: network-delay, target: router, delay: 50ms, duration: 30s }",
+    );
+    let client = server.client().await;
+    let mut names = Vec::new();
+    for run_id in ["run-1", "run-2"] {
+        let kube =
+            KubeCluster::from_client(client.clone(), &pb.stacks[0], run_id, log_to_nowhere());
+        let cluster = Cluster::Kubernetes(Box::new(kube));
+        let target = Target {
+            cluster: &cluster,
+            role: "router",
+            seed: 42,
+            effects: faults::Effects::new(log_to_nowhere(), "slow", Default::default()),
+        };
+        pb.faults[0].spec.inject(target).await.unwrap();
+    }
+    for (_, container) in server.world.lock().unwrap().ephemeral.iter() {
+        names.push(container["name"].as_str().unwrap().to_string());
+    }
+    assert_eq!(names.len(), 2);
+    assert_ne!(names[0], names[1], "{names:?}");
+}
+
+#[tokio::test]
+async fn a_freeze_runs_in_the_target_container_s_processes_and_thaws_early_by_exec() {
+    let server = cluster_of_four(quick()).await;
+    let pb = playbook(
+        "  - { name: hang, at: 1s, action: pod-freeze, target: engine, count: 2, duration: 40s }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let (held, injected) = harness.inject(&pb, 0).await;
+    assert_eq!(injected.targets.len(), 2);
+    let added = server.world.lock().unwrap().ephemeral.clone();
+    assert_eq!(added.len(), 2);
+    for (_, container) in &added {
+        assert_eq!(
+            container["targetContainerName"], "main",
+            "the pod's first container"
+        );
+        assert!(
+            container["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("shakedown-freeze-")
+        );
+        let script = container["command"][2].as_str().unwrap();
+        assert!(
+            script.contains("kill -STOP") && script.contains("sleep 40"),
+            "{script}"
+        );
+    }
+    // Reverted early: the processes are resumed through exec.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    harness.revert(&pb, 0, held).await;
+    let execs = server.world.lock().unwrap().execs.clone();
+    assert_eq!(execs.len(), 2, "{execs:?}");
+    assert!(
+        execs
+            .iter()
+            .all(|(_, _, command)| command[2].contains("kill -CONT"))
+    );
+    let events = harness.events().await;
+    assert!(events.iter().any(|e| matches!(
+        &e.kind,
+        EventKind::FaultEffect { effect, .. } if effect.kind == shakedown::events::EffectKind::Applied
+    )));
+}
+
+#[tokio::test]
+async fn a_gpu_failure_taints_the_node_its_pods_go_and_the_revert_takes_it_off() {
+    let server = cluster_of_four(quick()).await;
+    let pb = playbook(
+        "  - { name: lose, at: 1s, action: gpu-failure, target: engine, node: gpu-a, duration: 30s, condition: true }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let Cluster::Kubernetes(kube) = &harness.cluster else {
+        unreachable!()
+    };
+    // The node it names must exist before anything is injected.
+    let needs = harness.permissions(&pb);
+    assert_eq!(needs.nodes, vec!["gpu-a"]);
+    kube.preflight(&needs).await.unwrap();
+    let (held, injected) = harness.inject(&pb, 0).await;
+    assert_eq!(injected.targets, vec!["vllm-0", "vllm-1"]);
+    let node = server.node("gpu-a");
+    let taint = &node["spec"]["taints"][0];
+    assert_eq!(taint["key"], "shakedown.dev/gpu-failure");
+    assert_eq!(taint["value"], "run-1");
+    assert_eq!(taint["effect"], "NoExecute");
+    assert!(
+        node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "GPUUnhealthy" && c["status"] == "True"),
+        "{node}"
+    );
+    // The taint manager evicts them; their replacements go elsewhere.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pods = server.pods("llm", "app=vllm");
+        let live: Vec<&Value> = pods
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .collect();
+        let on_a = live
+            .iter()
+            .filter(|p| p["spec"]["nodeName"] == "gpu-a")
+            .count();
+        let placed = live
+            .iter()
+            .filter(|p| !p["spec"]["nodeName"].is_null())
+            .count();
+        if on_a == 0 && placed == 4 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{pods:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    harness.revert(&pb, 0, held).await;
+    let node = server.node("gpu-a");
+    assert!(
+        node["spec"]["taints"]
+            .as_array()
+            .is_none_or(|t| t.is_empty()),
+        "{node}"
+    );
+    assert!(
+        !node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "GPUUnhealthy"),
+        "{node}"
+    );
+    harness.events().await;
+}
+
+#[tokio::test]
+async fn a_dead_run_s_gpu_taint_is_found_and_removed_by_cleanup() {
+    let server = cluster_of_four(quick()).await;
+    let pb = playbook(
+        "  - { name: lose, at: 1s, action: gpu-failure, target: engine, node: gpu-b, duration: 30s }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    harness.inject(&pb, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(dir.path());
+    // Its run is this process, alive: cleanup leaves it, then --force takes it.
+    let output = shakedown(&kubeconfig, &["cleanup", "--context", "--reports"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("left alone node gpu-b") && stdout.contains("still alive"),
+        "{stdout}"
+    );
+    assert!(
+        !server.node("gpu-b")["spec"]["taints"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let output = shakedown(
+        &kubeconfig,
+        &["cleanup", "--context", "--force", "--reports"],
+    )
+    .arg(dir.path())
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("removed the gpu-failure taint of gpu-b"),
+        "{stdout}"
+    );
+    assert!(
+        server.node("gpu-b")["spec"]["taints"]
+            .as_array()
+            .is_none_or(|t| t.is_empty())
+    );
     harness.events().await;
 }
 
@@ -738,7 +946,11 @@ async fn a_chaos_mesh_delay_is_a_network_chaos_deleted_on_revert() {
         "{err}"
     );
 
-    server.world.lock().unwrap().chaos_mesh = true;
+    {
+        let mut world = server.world.lock().unwrap();
+        world.chaos_mesh = true;
+        world.chaos_mesh_controller = true;
+    }
     kube.preflight(&needed).await.unwrap();
     let (held, injected) = harness.inject(&pb, 0).await;
     assert_eq!(injected.targets, vec!["router-0"]);

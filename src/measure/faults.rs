@@ -373,13 +373,19 @@ fn replacement_times(events: &[Event], targets: &[String]) -> Replacements {
         }
         scheduled = scheduled.map(|s| s.max(at));
         let ready_at = events.iter().find_map(|e| match &e.kind {
-            // The condition's time is to the second: never before the
-            // scheduling it follows.
+            // The condition's time is truncated to the second, so the pod
+            // turned Ready in [c, c + 1): the watch's time is the better
+            // figure inside that second, the condition's bound the better
+            // one when the watch was late (a reconnect, a slow informer).
+            // Never before the scheduling it follows.
             EventKind::PodReady {
                 pod: p,
                 condition_s,
                 ..
-            } if *p == pod => Some((condition_s.map_or(e.t_s, |c| c.max(at)), e.t_s)),
+            } if *p == pod => Some((
+                condition_s.map_or(e.t_s, |c| e.t_s.min(c + 1.0).max(at)),
+                e.t_s,
+            )),
             _ => None,
         });
         ready = match (ready, ready_at) {

@@ -706,6 +706,28 @@ mod tests {
     }
 
     #[test]
+    fn ready_is_the_watch_s_time_within_the_condition_s_second_and_bounded_by_it() {
+        let ready_with = |watched: f64, condition: f64| {
+            let (samples, mut events) = scenario();
+            for e in &mut events {
+                if let EventKind::PodReady { condition_s, .. } = &mut e.kind {
+                    e.t_s = watched;
+                    *condition_s = Some(condition);
+                }
+            }
+            summarize_stack("s", samples, &events, &settings()).faults[0]
+                .replacement_ready_s
+                .map(|s| (s * 1000.0).round() / 1000.0)
+        };
+        // Delivered 400 ms into the condition's second: the watch's time.
+        assert_eq!(ready_with(17.4, 17.0), Some(2.4));
+        // Delivered 5 s late (a reconnect): at most the end of that second.
+        assert_eq!(ready_with(22.0, 17.0), Some(3.0));
+        // A condition (skewed clocks) before the scheduling: never earlier.
+        assert_eq!(ready_with(16.2, 15.0), Some(1.0));
+    }
+
+    #[test]
     fn availability_counts_after_warmup_only() {
         let (samples, events) = scenario();
         let summary = summarize_stack("s", samples, &events, &settings());

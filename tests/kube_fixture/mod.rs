@@ -60,6 +60,8 @@ pub struct World {
     pub execs: Vec<(String, String, Vec<String>)>,
     /// Whether Chaos Mesh's NetworkChaos is served, and the objects made.
     pub chaos_mesh: bool,
+    /// Whether a Chaos Mesh controller acts on them (says AllInjected).
+    pub chaos_mesh_controller: bool,
     pub network_chaos: BTreeMap<(String, String), Value>,
     history: Vec<(u64, String, Value)>,
     version: u64,
@@ -140,12 +142,18 @@ impl World {
             .collect()
     }
 
-    /// A free node for a pod: schedulable, with a GPU if it wants one, the
-    /// least busy.
+    /// A free node for a pod: schedulable, untainted, with a GPU if it
+    /// wants one, the least busy.
     fn place(&self, gpu: bool) -> Option<String> {
         self.nodes
             .iter()
             .filter(|(_, n)| n["spec"]["unschedulable"] != true)
+            .filter(|(_, n)| {
+                !n["spec"]["taints"].as_array().is_some_and(|t| {
+                    t.iter()
+                        .any(|t| t["effect"] == "NoExecute" || t["effect"] == "NoSchedule")
+                })
+            })
             .filter(|(_, n)| !gpu || n.pointer("/status/allocatable/nvidia.com~1gpu").is_some())
             .min_by_key(|(name, _)| {
                 self.pods
@@ -181,6 +189,7 @@ impl ApiServer {
             )
             .route("/api/v1/nodes", get(list_nodes))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+            .route("/api/v1/nodes/{name}/status", patch(patch_node_status))
             .route(
                 "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
                 post(review),
@@ -200,7 +209,7 @@ impl ApiServer {
             )
             .route(
                 "/apis/chaos-mesh.org/v1alpha1/namespaces/{ns}/networkchaos/{name}",
-                axum::routing::delete(delete_chaos),
+                get(get_chaos).delete(delete_chaos),
             )
             .with_state(server.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -353,7 +362,9 @@ impl ApiServer {
             new["spec"]["nodeName"] = json!(node);
             server.upsert(new.clone(), "MODIFIED");
             tokio::time::sleep(server.behaviour.ready_after).await;
-            new["status"] = json!({ "phase": "Running", "conditions": [{ "type": "Ready", "status": "True" }] });
+            // The kubelet stamps the transition, to the second.
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            new["status"] = json!({ "phase": "Running", "conditions": [{ "type": "Ready", "status": "True", "lastTransitionTime": now }] });
             server.upsert(new, "MODIFIED");
             let _ = remover.await;
         });
@@ -696,15 +707,94 @@ async fn patch_node(
     Path(name): Path<String>,
     Json(body): Json<Value>,
 ) -> Response {
+    let (node, evict) = {
+        let mut world = s.world.lock().unwrap();
+        if world.denies("patch", "nodes") {
+            return status(403, "Forbidden", "nodes is forbidden: cannot patch");
+        }
+        let rv = world.bump();
+        let Some(node) = world.nodes.get_mut(&name) else {
+            return status(404, "NotFound", &format!("nodes \"{name}\" not found"));
+        };
+        // A patch that names a version applies only to that version, as
+        // the real API server's optimistic concurrency has it.
+        if let Some(wanted) = body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            && node["metadata"]["resourceVersion"]
+                .as_str()
+                .is_some_and(|v| v != wanted)
+        {
+            return status(
+                409,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on nodes \"{name}\": the object has been modified"
+                ),
+            );
+        }
+        let mut body = body.clone();
+        if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("resourceVersion");
+        }
+        merge(node, &body);
+        node["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let no_execute = node["spec"]["taints"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["effect"] == "NoExecute"));
+        let node = node.clone();
+        // The taint manager: pods on a NoExecute node that do not
+        // tolerate it are deleted.
+        let evict: Vec<(String, String)> = if no_execute {
+            world
+                .pods
+                .iter()
+                .filter(|(_, p)| p["spec"]["nodeName"] == name.as_str())
+                .filter(|(_, p)| p["metadata"]["deletionTimestamp"].is_null())
+                .filter(|(_, p)| p["spec"]["tolerations"].is_null())
+                .map(|((ns, pod), _)| (ns.clone(), pod.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (node, evict)
+    };
+    for (ns, pod) in evict {
+        s.delete(&ns, &pod, None);
+    }
+    Json(node).into_response()
+}
+
+/// A strategic merge of a node's status: conditions merge by type, and a
+/// `$patch: delete` removes one.
+async fn patch_node_status(
+    State(s): State<ApiServer>,
+    Path(name): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
     let mut world = s.world.lock().unwrap();
-    if world.denies("patch", "nodes") {
-        return status(403, "Forbidden", "nodes is forbidden: cannot patch");
+    if world.denies("patch", "nodes/status") {
+        return status(403, "Forbidden", "nodes/status is forbidden: cannot patch");
     }
     let rv = world.bump();
     let Some(node) = world.nodes.get_mut(&name) else {
         return status(404, "NotFound", &format!("nodes \"{name}\" not found"));
     };
-    merge(node, &body);
+    let mut conditions = node["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for change in body["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        conditions.retain(|c| c["type"] != change["type"]);
+        if change["$patch"] != "delete" {
+            conditions.push(change);
+        }
+    }
+    node["status"]["conditions"] = json!(conditions);
     node["metadata"]["resourceVersion"] = json!(rv.to_string());
     Json(node.clone()).into_response()
 }
@@ -769,8 +859,32 @@ async fn create_chaos(
         .as_str()
         .unwrap_or_default()
         .to_string();
+    let mut body = body.clone();
+    if world.chaos_mesh_controller {
+        body["status"] = json!({ "conditions": [
+            { "type": "AllInjected", "status": "True", "reason": "" },
+        ]});
+    }
     world.network_chaos.insert((ns, name), body.clone());
     (StatusCode::CREATED, Json(body)).into_response()
+}
+
+async fn get_chaos(
+    State(s): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let world = s.world.lock().unwrap();
+    if !world.chaos_mesh {
+        return chaos_missing();
+    }
+    match world.network_chaos.get(&(ns, name.clone())) {
+        Some(object) => Json(object.clone()).into_response(),
+        None => status(
+            404,
+            "NotFound",
+            &format!("networkchaos \"{name}\" not found"),
+        ),
+    }
 }
 
 async fn delete_chaos(

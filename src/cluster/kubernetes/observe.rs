@@ -97,7 +97,7 @@ impl PodTracker {
                     EventKind::PodReady {
                         pod: name.clone(),
                         role: role.clone(),
-                        // On the UTC clock here; `observe` puts it on the stack's.
+                        // Unix seconds here; `observe` puts it on the stack's clock.
                         condition_s: ready_since(pod).map(|t| t.timestamp_micros() as f64 / 1e6),
                     }
                 } else {
@@ -188,8 +188,9 @@ pub async fn observe(client: kube::Client, targets: Vec<Target>, events: EventLo
                 for mut kind in made {
                     // The condition's wall-clock time, on the stack's clock.
                     if let EventKind::PodReady { condition_s, .. } = &mut kind
-                        && let Some(micros) = condition_s.take()
-                        && let Some(utc) = chrono::DateTime::from_timestamp_micros(micros as i64)
+                        && let Some(unix_s) = condition_s.take()
+                        && let Some(utc) =
+                            chrono::DateTime::from_timestamp_micros((unix_s * 1e6) as i64)
                     {
                         *condition_s = Some(events.s_at(utc));
                     }

@@ -1,7 +1,7 @@
 # shakedown: the two commands of the README, and the checks behind them.
 CARGO ?= cargo
 
-.PHONY: run test lint bench build clean
+.PHONY: run test test-kube lint bench build clean
 
 ## make run: build shakedown and run the quick-start playbook on the local cluster.
 run:
@@ -15,6 +15,19 @@ test: lint
 	# Not --all-targets: that would run the benchmark too (`make bench`);
 	# clippy above still builds it.
 	$(CARGO) test --lib --bins --tests
+	$(MAKE) test-kube
+
+## make test-kube: the Kubernetes backend against a real control plane
+## (../shared/k8s-real, or $$K8S_REAL), started fresh for each test. Without
+## its binaries this says it skipped, and nothing is counted as passed.
+K8S_REAL ?= $(abspath ../shared/k8s-real)
+test-kube:
+	@if [ -x "$(K8S_REAL)/bin/kube-apiserver" ] && command -v etcd >/dev/null; then \
+		K8S_REAL="$(K8S_REAL)" $(CARGO) test --test kubernetes_real -- --ignored --test-threads=1; \
+	else \
+		echo "SKIPPED tests/kubernetes_real.rs: no control plane binaries in $(K8S_REAL)/bin (or no etcd);"; \
+		echo "        build them once as $(K8S_REAL)/README.md says, or set K8S_REAL. Not counted as passed."; \
+	fi
 
 ## make bench: the load generator's speed and memory, and summarising 1,000,000 records.
 bench:

@@ -282,7 +282,7 @@ async fn run_playbook(
         .summary
         .stacks
         .iter()
-        .any(|s| s.validity.verdict == shakedown::measure::validity::Verdict::Degraded);
+        .any(|s| s.validity.verdict != shakedown::measure::validity::Verdict::Valid);
     Ok(match result.status {
         RunStatus::Completed if degraded => ExitCode::from(EXIT_DEGRADED),
         RunStatus::Completed => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@
 //! report are rebuilt from those files by [`crate::report`], the same code
 //! `shakedown report` uses.
 
+use crate::cluster::kubernetes::error_text;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -322,7 +323,7 @@ impl StackRun<'_> {
         let result = self.drive(cluster.as_ref(), &log).await;
         if let Err(err) = &result {
             log.emit(EventKind::StackFailed {
-                error: format!("{err:#}"),
+                error: error_text(err),
             });
         }
         if let Some(cluster) = cluster {
@@ -482,11 +483,13 @@ impl StackRun<'_> {
                             fault_failed.store(true, Ordering::Relaxed);
                             log.emit(EventKind::FaultFailed {
                                 fault: fault.name.clone(),
-                                error: format!("{err:#}"),
+                                error: error_text(&err),
                             });
                             eprintln!(
-                                "shakedown: stack `{}`: fault `{}` could not be injected: {err:#}",
-                                self.stack.name, fault.name
+                                "shakedown: stack `{}`: fault `{}` could not be injected: {}",
+                                self.stack.name,
+                                fault.name,
+                                error_text(&err)
                             );
                         }
                     }
@@ -608,7 +611,7 @@ async fn revert(cluster: &Cluster, log: &EventLog, fault: &Fault, held: Held) {
         }),
         Err(err) => log.emit(EventKind::FaultFailed {
             fault: fault.name.clone(),
-            error: format!("revert failed: {err:#}"),
+            error: format!("revert failed: {}", error_text(&err)),
         }),
     }
 }

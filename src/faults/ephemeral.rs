@@ -5,6 +5,7 @@
 //! when the fault was seen in force; [`check_exits`] looks at how they
 //! ended when the fault is reverted.
 
+use crate::cluster::kubernetes::error_text;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -66,7 +67,7 @@ pub(super) fn verify(
                         START_DEADLINE.as_secs()
                     )),
                     Ok(_) => still.push(entry),
-                    Err(err) => failed.push(format!("{}: {err:#}", pod.name)),
+                    Err(err) => failed.push(format!("{}: {}", pod.name, error_text(&err))),
                 }
             }
             pending = still;

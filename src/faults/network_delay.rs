@@ -13,6 +13,7 @@
 //! `mechanism: chaos-mesh`, a Chaos Mesh NetworkChaos with the same delay
 //! and duration is created instead, and deleted on revert.
 
+use crate::cluster::kubernetes::error_text;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -149,7 +150,7 @@ async fn verify_chaos(
                 return;
             }
             Ok((false, why)) => why,
-            Err(err) => format!("{err:#}"),
+            Err(err) => error_text(&err),
         };
         if started.elapsed() >= CHAOS_DEADLINE {
             effects.report(Effect::failed(format!(
@@ -481,7 +482,7 @@ impl Action for NetworkDelay {
                 let mut failures = Vec::new();
                 for (pod, container) in &added {
                     if let Err(err) = kube.exec(pod, container, netem_removal()).await {
-                        failures.push(format!("{}: {err:#}", pod.name));
+                        failures.push(format!("{}: {}", pod.name, error_text(&err)));
                     }
                 }
                 if failures.is_empty() {

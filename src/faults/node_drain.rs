@@ -15,6 +15,7 @@
 //! a refusal is retried with backoff until `timeout`. Revert uncordons the
 //! node only if shakedown cordoned it.
 
+use crate::cluster::kubernetes::error_text;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -174,7 +175,7 @@ async fn evict(
                 control.emit(EventKind::PodEvicted { pod: pod.clone() });
                 update(&progress, |p| p.evicted.push(pod));
             }
-            Err(err) => update(&progress, |p| p.errors.push(format!("{pod}: {err:#}"))),
+            Err(err) => update(&progress, |p| p.errors.push(format!("{pod}: {}", error_text(&err)))),
         }
     }
     report(&progress, &effects, false);
@@ -221,7 +222,7 @@ async fn evict_through_budgets(
                 }
                 Err(err) => {
                     tracing::warn!("{err:#}");
-                    update(&progress, |p| p.errors.push(format!("{err:#}")));
+                    update(&progress, |p| p.errors.push(error_text(&err)));
                 }
             }
             if tokio::time::Instant::now() + backoff > deadline {

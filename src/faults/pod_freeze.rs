@@ -17,6 +17,7 @@
 //! exec. A container whose only process is its init cannot be frozen this
 //! way: the ephemeral container exits 3 and says so.
 
+use crate::cluster::kubernetes::error_text;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -169,7 +170,7 @@ impl Action for PodFreeze {
                 for pod in &pods {
                     match local.signal(pod, Signal::SIGSTOP).await {
                         Ok(()) => frozen.push(pod.clone()),
-                        Err(err) => failures.push(format!("{pod}: {err:#}")),
+                        Err(err) => failures.push(format!("{pod}: {}", error_text(&err))),
                     }
                 }
                 if frozen.is_empty() {
@@ -273,7 +274,7 @@ impl Action for PodFreeze {
                 let mut failures = Vec::new();
                 for (pod, container) in &added {
                     if let Err(err) = kube.exec(pod, container, thaw_command()).await {
-                        failures.push(format!("{}: {err:#}", pod.name));
+                        failures.push(format!("{}: {}", pod.name, error_text(&err)));
                     }
                 }
                 if failures.is_empty() {

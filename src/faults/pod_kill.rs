@@ -6,6 +6,7 @@
 //! `restart_delay`. Kubernetes: deletes the picked Ready pods of the role
 //! with `gracePeriodSeconds`; their ReplicaSet re-creates them.
 
+use crate::cluster::kubernetes::error_text;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -89,7 +90,7 @@ impl Action for PodKill {
                 for pod in &running {
                     match local.kill(pod, self.grace()).await {
                         Ok(()) => killed.push(pod.clone()),
-                        Err(err) => failures.push(format!("{pod}: {err:#}")),
+                        Err(err) => failures.push(format!("{pod}: {}", error_text(&err))),
                     }
                 }
                 report(&target, killed.len(), running.len(), &failures)?;
@@ -119,7 +120,7 @@ impl Action for PodKill {
                     // deletion is in the cluster once it says so.
                     match kube.delete_pod(pod, self.grace()).await {
                         Ok(()) => deleted.push(pod.name.clone()),
-                        Err(err) => failures.push(format!("{}: {err:#}", pod.name)),
+                        Err(err) => failures.push(format!("{}: {}", pod.name, error_text(&err))),
                     }
                 }
                 report(&target, deleted.len(), serving.len(), &failures)?;

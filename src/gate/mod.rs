@@ -177,9 +177,13 @@ fn judge_stack(judge: &mut Judge, run: &Summary, stack: &StackSummary, policy: &
             "valid".into(),
             Verdict::Pass,
         ),
-        Validity::Degraded => judge.push(
+        verdict @ (Validity::Degraded | Validity::NotMeasured) => judge.push(
             "measurement".into(),
-            format!("degraded: {}", stack.validity.reasons.join("; ")),
+            format!(
+                "{}: {}",
+                verdict.as_str(),
+                stack.validity.reasons.join("; ")
+            ),
             "valid".into(),
             Verdict::Unknown,
         ),

@@ -44,7 +44,11 @@ pub struct Context<'a> {
 /// A fault as `events.jsonl` tells it, on the load's clock.
 #[derive(Debug, Default)]
 struct Injection {
+    /// When it was in force: when shakedown began it, or, for one that had
+    /// to start (a container), when it was seen running.
     at: Option<f64>,
+    /// When shakedown began it.
+    started: Option<f64>,
     requested: Option<f64>,
     targets: Vec<String>,
     others: Vec<String>,
@@ -72,6 +76,7 @@ impl Injection {
                     // Counted from when shakedown began the injection, not
                     // from when the cluster acknowledged it.
                     found.at = Some(started_s.unwrap_or(event.t_s) - load_start);
+                    found.started = found.at;
                     found.requested = *requested_s;
                     found.targets = targets.clone();
                     found.others = others.clone();
@@ -298,7 +303,11 @@ fn summarize_one(
         effect: injection.effect.clone(),
         requested_at_s: Some(requested),
         injected_at_s: Some(at),
-        late_ms: Some((at - requested) * 1000.0),
+        late_ms: Some((injection.started.unwrap_or(at) - requested) * 1000.0),
+        in_force_after_ms: injection
+            .started
+            .filter(|&started| at > started)
+            .map(|started| (at - started) * 1000.0),
         reverted_at_s: injection.reverted_at,
         first_impact_s: first_impact.is_finite().then_some(first_impact - at),
         recovered_at_s: recovered,

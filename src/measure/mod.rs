@@ -183,9 +183,15 @@ pub struct FaultSummary {
     /// When its injection began (or, for one that had to start, when it
     /// was seen in force); `None` if the run ended before.
     pub injected_at_s: Option<f64>,
-    /// How much later than asked it was injected.
+    /// How much later than asked shakedown began it: shakedown's own
+    /// lateness, which the validity judges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub late_ms: Option<f64>,
+    /// From when shakedown began it to when it was seen in force, for a
+    /// fault that has to start (an ephemeral container): the cluster's
+    /// time, not shakedown's. Its windows are timed from in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_force_after_ms: Option<f64>,
     /// When it was reverted, for faults that last a while.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverted_at_s: Option<f64>,
@@ -968,5 +974,26 @@ mod tests {
         assert!((fault.injected_at_s.unwrap() - 10.4).abs() < 1e-9);
         assert!((fault.late_ms.unwrap() - 400.0).abs() < 1e-6);
         assert_eq!(summary.validity.verdict, validity::Verdict::Degraded);
+    }
+
+    #[test]
+    fn a_fault_the_cluster_took_a_second_to_start_is_timed_from_then_and_not_late() {
+        let (samples, mut events) = scenario();
+        events.push(event(
+            16.1,
+            EventKind::FaultEffect {
+                fault: "kill-router".into(),
+                effect: crate::events::Effect {
+                    active_s: Some(16.1),
+                    ..crate::events::Effect::applied("tc netem running in 1 of 1 pods")
+                },
+            },
+        ));
+        let summary = summarize_stack("s", samples, &events, &settings());
+        let fault = &summary.faults[0];
+        assert!((fault.injected_at_s.unwrap() - 11.1).abs() < 1e-9);
+        assert!(fault.late_ms.unwrap().abs() < 1e-6, "{:?}", fault.late_ms);
+        assert!((fault.in_force_after_ms.unwrap() - 1100.0).abs() < 1e-6);
+        assert_eq!(summary.validity.verdict, validity::Verdict::Valid);
     }
 }

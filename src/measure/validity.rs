@@ -39,6 +39,8 @@ pub enum Verdict {
     #[default]
     Valid,
     Degraded,
+    /// No request was scheduled: the run ended before its load began.
+    NotMeasured,
 }
 
 impl Verdict {
@@ -46,6 +48,7 @@ impl Verdict {
         match self {
             Verdict::Valid => "valid",
             Verdict::Degraded => "degraded",
+            Verdict::NotMeasured => "not measured",
         }
     }
 }
@@ -130,9 +133,14 @@ pub fn assess(
             ));
         }
     }
+    if samples.is_empty() {
+        reasons.push("no request was scheduled: the run ended before its load began".to_string());
+    }
     let count = |outcome: Outcome| samples.iter().filter(|s| s.outcome == outcome).count() as u64;
     Validity {
-        verdict: if reasons.is_empty() {
+        verdict: if samples.is_empty() {
+            Verdict::NotMeasured
+        } else if reasons.is_empty() {
             Verdict::Valid
         } else {
             Verdict::Degraded
@@ -184,6 +192,17 @@ mod tests {
         assert_eq!(bad.verdict, Verdict::Degraded);
         assert!(bad.reasons[0].contains("fell behind"), "{:?}", bad.reasons);
         assert!((bad.send_lag_ms.max.unwrap() - 3400.0).abs() < 5.0);
+    }
+
+    #[test]
+    fn a_run_with_no_request_is_not_measured_never_valid() {
+        let v = assess(&[], &[], &[], None, &ValidityLimits::default());
+        assert_eq!(v.verdict, Verdict::NotMeasured);
+        assert!(
+            v.reasons[0].contains("before its load began"),
+            "{:?}",
+            v.reasons
+        );
     }
 
     #[test]

@@ -241,7 +241,7 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
     header.extend(summary.stacks.iter().map(|s| s.name.clone()));
     let mut rows = vec![header];
     type Cell = fn(&FaultSummary) -> String;
-    let cells: [(&str, Cell); 20] = [
+    let cells: [(&str, Cell); 21] = [
         ("effect", |f| {
             f.effect.as_ref().map(|e| e.text()).unwrap_or_else(|| {
                 if f.injected_at_s.is_some() {
@@ -256,6 +256,11 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
             f.late_ms
                 .map(|l| format!("{l:.0} ms"))
                 .unwrap_or_else(|| "–".into())
+        }),
+        ("in force after", |f| {
+            f.in_force_after_ms
+                .map(|l| format!("{l:.0} ms (the cluster starting it)"))
+                .unwrap_or_default()
         }),
         ("reverted at", |f| secs(f.reverted_at_s)),
         ("targets", |f| {
@@ -336,7 +341,7 @@ pub fn fault_rows(summary: &Summary, fault: &str) -> Rows {
             .collect();
         if matches!(
             label,
-            "error" | "what it did" | "overlapped with" | "other pods hit"
+            "error" | "what it did" | "overlapped with" | "other pods hit" | "in force after"
         ) && values.iter().all(String::is_empty)
         {
             continue;
@@ -364,9 +369,14 @@ pub fn as_markdown(rows: Rows) -> String {
     })
 }
 
+/// For a terminal: long cells (a PDB's refusal, a list of pods) wrap at
+/// word boundaries, so a table stays as wide as a terminal is.
 pub fn as_boxes(rows: Rows) -> String {
     render(rows, |t| {
-        t.with(Style::rounded());
+        t.with(Style::rounded()).modify(
+            tabled::settings::object::Columns::new(1..),
+            tabled::settings::Width::wrap(64).keep_words(true),
+        );
     })
 }
 
@@ -462,11 +472,18 @@ pub fn degraded_lines(summary: &Summary) -> Vec<String> {
         .iter()
         .filter(|s| s.validity.verdict != Validity::Valid)
         .map(|s| {
-            format!(
-                "Measurement degraded for stack `{}`: {}. Its figures are shown but not vouched for; the gate will not judge them.",
-                s.name,
-                s.validity.reasons.join("; ")
-            )
+            match s.validity.verdict {
+                Validity::NotMeasured => format!(
+                    "Stack `{}` was not measured: {}. The gate will not judge it.",
+                    s.name,
+                    s.validity.reasons.join("; ")
+                ),
+                _ => format!(
+                    "Measurement degraded for stack `{}`: {}. Its figures are shown but not vouched for; the gate will not judge them.",
+                    s.name,
+                    s.validity.reasons.join("; ")
+                ),
+            }
         })
         .collect()
 }

@@ -352,10 +352,20 @@ impl ApiServer {
             };
             tokio::time::sleep(server.behaviour.schedule_after).await;
             let gpu = old["metadata"]["annotations"]["fixture/gpu"] == "true";
-            // Pending until a node can take it.
+            // Pending until a node can take it, said as the scheduler says it.
+            let mut said = false;
             let node = loop {
                 if let Some(node) = server.world.lock().unwrap().place(gpu) {
                     break node;
+                }
+                if !said {
+                    said = true;
+                    new["status"] = json!({ "phase": "Pending", "conditions": [
+                        { "type": "Ready", "status": "False" },
+                        { "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                          "message": "0/4 nodes are available: no node fits" },
+                    ] });
+                    server.upsert(new.clone(), "MODIFIED");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };

@@ -908,6 +908,30 @@ pub fn status_text(body: &[u8]) -> String {
     text
 }
 
+/// An error as one readable line: each cause of the chain, and for the API
+/// server's refusal its message and HTTP code only (kube's own text of it
+/// repeats the whole `Status` in Rust's debug form). The full chain goes to
+/// the run's log.
+pub fn error_text(err: &anyhow::Error) -> String {
+    tracing::warn!("{err:?}");
+    let mut parts = Vec::new();
+    for cause in err.chain() {
+        if let Some(kube::Error::Api(status)) = cause.downcast_ref::<kube::Error>() {
+            parts.push(format!(
+                "{} (HTTP {})",
+                one_line(&status.message, 300),
+                status.code
+            ));
+            // Its sources only say the same again.
+            break;
+        }
+        // Causes of ours may list several pods' errors: only a quoted
+        // object (kilobytes) is cut.
+        parts.push(one_line(&cause.to_string(), 2000));
+    }
+    parts.join(": ")
+}
+
 /// The first line of an API server's message, at most `max` characters: a
 /// rejected patch quotes the whole object (kilobytes) after it.
 pub fn one_line(message: &str, max: usize) -> String {
@@ -987,5 +1011,36 @@ impl PodReader {
         } else {
             ContainerState::Unreported
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_api_refusal_reads_as_one_line_with_its_code() {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure",
+            "code": 500,
+            "message": "error dialing backend: tls: first record does not look like a TLS handshake",
+        }))
+        .unwrap();
+        let err = anyhow::Error::new(kube::Error::Api(Box::new(status)))
+            .context("cannot exec in default/vllm-0 container shakedown-freeze-1");
+        assert_eq!(
+            error_text(&err),
+            "cannot exec in default/vllm-0 container shakedown-freeze-1: error dialing backend: \
+             tls: first record does not look like a TLS handshake (HTTP 500)"
+        );
+    }
+
+    #[test]
+    fn a_rejected_patch_is_cut_before_the_object_it_quotes() {
+        let message = "Pod \"vllm-0\" is invalid: spec.ephemeralContainers: Forbidden: existing ephemeral containers \"x\" may not be changed\n: {\"kind\": ... 3.8 kB }";
+        assert_eq!(
+            one_line(message, 300),
+            "Pod \"vllm-0\" is invalid: spec.ephemeralContainers: Forbidden: existing ephemeral containers \"x\" may not be changed"
+        );
     }
 }

@@ -21,6 +21,8 @@ use crate::events::{EventKind, EventLog};
 #[derive(Debug, Default)]
 struct Seen {
     scheduled: bool,
+    /// Said Pending (the scheduler found no node) once already.
+    pending: bool,
     ready: bool,
     terminating: bool,
     replaces: Option<String>,
@@ -89,6 +91,18 @@ impl PodTracker {
                 });
             }
         }
+        if !seen.scheduled
+            && !seen.pending
+            && self.listed
+            && let Some(reason) = unschedulable(pod)
+        {
+            seen.pending = true;
+            events.push(EventKind::PodPending {
+                pod: name.clone(),
+                role: role.clone(),
+                reason,
+            });
+        }
         let ready = is_serving(pod);
         if ready != seen.ready {
             seen.ready = ready;
@@ -141,6 +155,24 @@ impl PodTracker {
             self.gone.push_back(name.to_string());
         }
     }
+}
+
+/// Why the scheduler left the pod without a node ("0/3 nodes are
+/// available: ..."), when it did.
+fn unschedulable(pod: &Pod) -> Option<String> {
+    let condition = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+    (condition.reason.as_deref() == Some("Unschedulable")).then(|| {
+        condition
+            .message
+            .clone()
+            .unwrap_or_else(|| "Unschedulable".to_string())
+    })
 }
 
 /// When the pod's Ready condition last turned, as the kubelet reports it.
@@ -255,5 +287,25 @@ mod tests {
             &other[..],
             [EventKind::PodScheduled { replaces: None, .. }]
         ));
+    }
+
+    #[test]
+    fn a_replacement_the_scheduler_cannot_place_is_said_pending_once() {
+        let mut t = PodTracker::new("engine");
+        t.apply(&pod("a", Some("n1"), true, false));
+        t.listed();
+        t.delete(&pod("a", Some("n1"), true, false));
+        let mut unplaced = pod("d", None, false, false);
+        unplaced.status = serde_json::from_value(serde_json::json!({ "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 1 node(s) had untolerated taint",
+        }]}))
+        .unwrap();
+        let pending = t.apply(&unplaced);
+        assert!(matches!(
+            &pending[..],
+            [EventKind::PodPending { pod, reason, .. }] if pod == "d" && reason.contains("untolerated taint")
+        ));
+        assert!(t.apply(&unplaced).is_empty());
     }
 }

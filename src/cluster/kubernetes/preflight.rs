@@ -118,11 +118,11 @@ impl KubeCluster {
             nodes.dedup();
             let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
             out.push_str(&format!(
-                "  role {} (`{}` in {}): {} Ready pods{}{}\n",
+                "  role {} (`{}` in {}): {}{}{}\n",
                 target.role,
                 target.selector,
                 target.namespace,
-                pods.len(),
+                crate::report::plural(pods.len(), "Ready pod"),
                 if names.is_empty() {
                     String::new()
                 } else {
@@ -131,7 +131,11 @@ impl KubeCluster {
                 if nodes.is_empty() {
                     String::new()
                 } else {
-                    format!(", on nodes {}", nodes.join(", "))
+                    format!(
+                        ", on {} {}",
+                        if nodes.len() == 1 { "node" } else { "nodes" },
+                        nodes.join(", ")
+                    )
                 },
             ));
         }

@@ -3,6 +3,7 @@
 //! [`shakedown::playbook`], `report` over [`shakedown::report`], `engine` and
 //! `router` over the emulated servers.
 
+use shakedown::cluster::kubernetes::error_text;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -63,6 +64,15 @@ enum Command {
         playbook: PathBuf,
         #[command(flatten)]
         overrides: OverrideArgs,
+    },
+    /// Print the RBAC manifests a playbook needs on its cluster, and nothing more: a Role per namespace, a ClusterRole only for nodes.
+    Rbac {
+        playbook: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+        /// Bind to this ServiceAccount, NAMESPACE/NAME (made when absent); default shakedown/shakedown.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service_account: Option<shakedown::cluster::kubernetes::rbac::ServiceAccount>,
     },
     /// Stop what runs killed outright left behind (their state.json says what).
     Cleanup {
@@ -134,6 +144,22 @@ const EXIT_DEGRADED: u8 = 3;
 /// interrupted.
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that only print may die quietly when their reader goes
+    // (`shakedown rbac PLAYBOOK | head`), as Unix tools do; a run or a
+    // cleanup must not: it has faults to revert.
+    if matches!(
+        cli.command,
+        Command::Validate { .. } | Command::Plan { .. } | Command::Rbac { .. }
+    ) {
+        // SAFETY: restoring a signal's default action before any thread
+        // starts has no handler to race with.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     shakedown::logging::init(match cli.command {
         Command::Engine(_) | Command::Router(_) | Command::KvCache(_) => "info",
         _ => "shakedown=warn",
@@ -149,7 +175,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("shakedown: {err:#}");
+            eprintln!("shakedown: {}", error_text(&err));
             ExitCode::from(1)
         }
     }
@@ -180,6 +206,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             playbook,
             overrides,
         } => plan(&playbook, &overrides.overrides()).await,
+        Command::Rbac {
+            playbook,
+            overrides,
+            service_account,
+        } => Ok(rbac(
+            &playbook,
+            &overrides.overrides(),
+            &service_account.unwrap_or_default(),
+        )),
         Command::Cleanup {
             reports,
             context,
@@ -291,6 +326,73 @@ async fn run_playbook(
     })
 }
 
+/// `shakedown rbac`: the Roles the playbook's Kubernetes stacks need, for
+/// `kubectl apply -f -`. One cluster at a time: stacks on several contexts
+/// are asked for one by one with `--stack`.
+fn rbac(
+    path: &Path,
+    overrides: &playbook::Overrides,
+    account: &shakedown::cluster::kubernetes::rbac::ServiceAccount,
+) -> ExitCode {
+    let loaded = match faults::load_playbook_with(path, overrides) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            print_playbook_error(&err);
+            return ExitCode::from(2);
+        }
+    };
+    let pb = &loaded.playbook;
+    let stacks: Vec<&playbook::Stack> = pb
+        .stacks
+        .iter()
+        .filter(|s| s.cluster.kind == playbook::ClusterKind::Kubernetes)
+        .collect();
+    if stacks.is_empty() {
+        eprintln!(
+            "shakedown rbac: {} has no stack with `cluster: {{ kind: kubernetes }}`: nothing to grant",
+            path.display()
+        );
+        return ExitCode::from(2);
+    }
+    let mut contexts: Vec<String> = stacks
+        .iter()
+        .map(|s| {
+            s.cluster
+                .context
+                .clone()
+                .unwrap_or_else(|| "(current)".into())
+        })
+        .collect();
+    contexts.sort();
+    contexts.dedup();
+    if contexts.len() > 1 {
+        eprintln!(
+            "shakedown rbac: the stacks are on {} clusters (contexts {}): ask for one at a time with --stack NAME",
+            contexts.len(),
+            contexts.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    let mut needs = Vec::new();
+    for stack in stacks {
+        let targets = shakedown::cluster::kubernetes::targets_of(stack);
+        needs.extend(faults::permission_reasons(
+            &targets,
+            &pb.faults_for(&stack.name),
+        ));
+    }
+    print!(
+        "{}",
+        shakedown::cluster::kubernetes::rbac::manifests(
+            &pb.name,
+            &path.display().to_string(),
+            account,
+            &needs
+        )
+    );
+    ExitCode::SUCCESS
+}
+
 /// `shakedown plan`: the timeline and blast radius, and on Kubernetes the
 /// targets as they are now, read-only.
 async fn plan(path: &Path, overrides: &playbook::Overrides) -> anyhow::Result<ExitCode> {
@@ -337,7 +439,7 @@ async fn plan(path: &Path, overrides: &playbook::Overrides) -> anyhow::Result<Ex
                 }
             }
             Err(err) => {
-                println!("  cannot resolve the targets: {err:#}");
+                println!("  cannot resolve the targets: {}", error_text(&err));
                 code = ExitCode::from(1);
             }
         }
@@ -385,7 +487,7 @@ async fn cleanup(reports: &Path, context: Option<String>, force: bool) -> anyhow
             {
                 Ok(cleaned) => print_kubernetes_cleanup(&label, &cleaned),
                 Err(err) => {
-                    eprintln!("{label}: {err:#}");
+                    eprintln!("{label}: {}", error_text(&err));
                     failed = true;
                 }
             }

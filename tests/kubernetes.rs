@@ -380,6 +380,71 @@ async fn preflight_names_the_missing_permission_and_an_empty_role() {
     harness.events().await;
 }
 
+#[tokio::test]
+async fn a_grant_in_the_target_s_namespace_is_enough_and_a_missing_one_is_named_with_it() {
+    let server = cluster_of_four(quick()).await;
+    // The delay targets the router in `gw`: exec in `llm` is not needed.
+    server
+        .world
+        .lock()
+        .unwrap()
+        .denied
+        .insert("create pods/exec in llm".into());
+    let pb = playbook(
+        "  - { name: slow, at: 1s, action: network-delay, target: router, delay: 10ms, duration: 5s }\n  - { name: kill, at: 2s, action: pod-kill, target: engine }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let Cluster::Kubernetes(kube) = &harness.cluster else {
+        unreachable!()
+    };
+    let needed = harness.permissions(&pb);
+    kube.preflight(&needed).await.unwrap();
+
+    server
+        .world
+        .lock()
+        .unwrap()
+        .denied
+        .insert("create pods/exec in gw".into());
+    let err = format!("{:#}", kube.preflight(&needed).await.unwrap_err());
+    assert!(
+        err.contains("`create` on pods/exec in namespace gw"),
+        "{err}"
+    );
+    assert!(!err.contains("namespace llm"), "{err}");
+    harness.events().await;
+}
+
+#[tokio::test]
+async fn pods_of_the_same_labels_in_a_namespace_the_playbook_does_not_name_are_never_touched() {
+    let server = cluster_of_four(quick()).await;
+    for (name, node) in [("twin-0", "gpu-a"), ("twin-1", "gpu-b")] {
+        server.add_pod(
+            "staging",
+            name,
+            json!({"app": "vllm", "release": "test"}),
+            node,
+            true,
+        );
+    }
+    let pb = playbook(
+        "  - { name: all, at: 1s, action: pod-kill, target: engine, percent: 100 }\n  - { name: drain, at: 2s, action: node-drain, target: engine, node: gpu-b, uncordon_after: 1s }",
+    );
+    let harness = Harness::new(&server, &pb).await;
+    let (_, killed) = harness.inject(&pb, 0).await;
+    assert_eq!(killed.targets.len(), 4, "{:?}", killed.targets);
+    assert!(killed.targets.iter().all(|p| p.starts_with("vllm-")));
+    let (held, _) = harness.inject(&pb, 1).await;
+    harness.revert(&pb, 1, held).await;
+    let deleted = server.world.lock().unwrap().deletions.clone();
+    assert!(
+        deleted.iter().all(|(pod, _)| !pod.starts_with("twin-")),
+        "{deleted:?}"
+    );
+    assert_eq!(server.pods("staging", "app=vllm").len(), 2);
+    harness.events().await;
+}
+
 fn log_to_nowhere() -> EventLog {
     EventLog::new(
         shakedown::jsonl::JsonlSink::discard(),
@@ -859,73 +924,27 @@ async fn a_missing_kubeconfig_is_an_error_before_anything_runs() {
     );
 }
 
-/// faults/rbac.yaml grants exactly what preflight checks for, no more.
+/// faults/rbac.yaml is what `shakedown rbac` prints for the shipped
+/// production-stack playbook: the documented example never drifts.
 #[test]
-fn rbac_yaml_grants_exactly_the_verbs_shakedown_uses() {
-    use shakedown::cluster::kubernetes::Target;
-
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/faults/rbac.yaml")).unwrap();
-    let mut granted = std::collections::BTreeSet::new();
-    for value in serde_saphyr::from_str_multiple::<serde_json::Value, Vec<_>>(&text).unwrap() {
-        if value["kind"] != "ClusterRole" {
-            continue;
-        }
-        for rule in value["rules"].as_array().unwrap() {
-            let group = rule["apiGroups"][0].as_str().unwrap().to_string();
-            for resource in rule["resources"].as_array().unwrap() {
-                for verb in rule["verbs"].as_array().unwrap() {
-                    granted.insert((
-                        verb.as_str().unwrap().to_string(),
-                        group.clone(),
-                        resource.as_str().unwrap().to_string(),
-                    ));
-                }
-            }
-        }
-    }
-    let pb = playbook(
-        "  - { name: a, at: 2s, action: pod-kill, target: engine }\n  - { name: b, at: 3s, action: node-drain, target: engine }\n  - { name: c, at: 4s, action: network-delay, target: router, delay: 10ms, duration: 5s }\n  - { name: d, at: 5s, action: network-delay, target: router, delay: 10ms, duration: 5s, mechanism: chaos-mesh }",
+fn faults_rbac_yaml_is_what_shakedown_rbac_prints_for_the_shipped_playbook() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shakedown"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["rbac", "playbooks/production-stack.yaml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let targets = [
-        Target {
-            role: "engine".into(),
-            namespace: "llm".into(),
-            selector: "app=vllm".into(),
-        },
-        Target {
-            role: "router".into(),
-            namespace: "gw".into(),
-            selector: "app=router".into(),
-        },
-    ];
-    let targets: std::collections::BTreeMap<String, Target> =
-        targets.into_iter().map(|t| (t.role.clone(), t)).collect();
-    let faults: Vec<_> = pb.faults.iter().collect();
-    let mut needed: std::collections::BTreeSet<(String, String, String)> =
-        faults::permissions(&targets, &faults)
-            .into_iter()
-            .map(|p| {
-                let resource = if p.subresource.is_empty() {
-                    p.resource.to_string()
-                } else {
-                    format!("{}/{}", p.resource, p.subresource)
-                };
-                (p.verb.to_string(), p.group.to_string(), resource)
-            })
-            .collect();
-    needed.insert((
-        "create".into(),
-        "authorization.k8s.io".into(),
-        "selfsubjectaccessreviews".into(),
-    ));
-    // `cleanup` finds leftover NetworkChaos across namespaces.
-    needed.insert((
-        "list".into(),
-        "chaos-mesh.org".into(),
-        "networkchaos".into(),
-    ));
-    assert_eq!(granted, needed);
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/faults/rbac.yaml")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        shipped,
+        "run `shakedown rbac playbooks/production-stack.yaml > faults/rbac.yaml`"
+    );
 }
 
 #[tokio::test]

@@ -240,6 +240,11 @@ struct Engine {
 
 impl Engine {
     fn start() -> Self {
+        Self::start_serving("shakedown/emulated-llm")
+    }
+
+    /// An engine that serves `model`, as a shipped playbook names it.
+    fn start_serving(model: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -251,7 +256,9 @@ impl Engine {
                 "--port",
                 &port.to_string(),
                 "--decode-per-token",
-                "2ms",
+                "1ms",
+                "--model",
+                model,
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -729,4 +736,245 @@ fn a_gpu_failure_s_taint_evicts_through_the_taint_manager_and_goes_with_the_reve
             .is_none_or(|t| t.iter().all(|t| t["key"] != "shakedown.dev/gpu-failure")),
         "{node}"
     );
+}
+
+/// A kubeconfig that authenticates as a ServiceAccount, by a token the API
+/// server issues, with contexts `local` and `staging` as the admin's has.
+fn service_account_kubeconfig(plane: &ControlPlane, namespace: &str, name: &str) -> PathBuf {
+    let token = plane.ok(&["-n", namespace, "create", "token", name, "--duration=1h"]);
+    let ca = plane.dir.path().join("pki/ca.crt");
+    let path = plane
+        .dir
+        .path()
+        .join(format!("{namespace}-{name}.kubeconfig"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster: {{ server: https://127.0.0.1:{API_PORT}, certificate-authority: {} }}\nusers:\n- name: sa\n  user: {{ token: {} }}\ncontexts:\n- name: local\n  context: {{ cluster: local, user: sa, namespace: default }}\n- name: staging\n  context: {{ cluster: local, user: sa, namespace: default }}\ncurrent-context: local\n",
+            ca.display(),
+            token.trim()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The shipped playbook, its six minutes squeezed into 30 s by overrides,
+/// load on `endpoint`: the run command's arguments.
+fn shipped_squeezed(playbook: &str, stack: &str, endpoint: &str, reports: &Path) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(playbook);
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "-q".into(),
+        "--reports".into(),
+        reports.display().to_string(),
+        path.display().to_string(),
+        "--context".into(),
+        "local".into(),
+    ];
+    for set in [
+        "duration=30s".to_string(),
+        format!("stacks.{stack}.endpoint={endpoint}"),
+        "steady_state.warmup=1s".into(),
+        "steady_state.baseline=2s".into(),
+        "steady_state.recovered_when.hold=1s".into(),
+        "faults.kill-engine.at=4s".into(),
+        "faults.drain-gpu-node.at=8s".into(),
+        "faults.drain-gpu-node.uncordon_after=5s".into(),
+        "faults.drain-gpu-node.timeout=10s".into(),
+        "faults.router-delay.at=18s".into(),
+        "faults.router-delay.duration=3s".into(),
+        "load.request.max_tokens=16".into(),
+    ] {
+        args.push("--set".into());
+        args.push(set);
+    }
+    args
+}
+
+#[test]
+#[ignore = "needs a real control plane: make test-kube"]
+fn a_service_account_with_only_the_generated_roles_runs_both_shipped_playbooks() {
+    let plane = ControlPlane::start();
+    plane.install("production-stack.yaml");
+    plane.install("aibrix.yaml");
+    plane.ok(&["create", "namespace", "shakedown"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (playbook, stack, model) in [
+        (
+            "playbooks/production-stack.yaml",
+            "production-stack",
+            "meta-llama/Llama-3.1-8B-Instruct",
+        ),
+        ("playbooks/aibrix.yaml", "aibrix", "llama-3-1-8b-instruct"),
+    ] {
+        // One account per playbook: each is granted exactly its own roles.
+        let out = plane.shakedown(&[
+            "rbac",
+            playbook_path(playbook).as_str(),
+            "--service-account",
+            &format!("shakedown/{stack}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let manifests = dir.path().join(format!("{stack}-rbac.yaml"));
+        std::fs::write(&manifests, &out.stdout).unwrap();
+        plane.ok(&["apply", "-f", manifests.to_str().unwrap()]);
+        let kubeconfig = service_account_kubeconfig(&plane, "shakedown", stack);
+
+        let engine = Engine::start_serving(model);
+        let reports = dir.path().join(format!("{stack}-reports"));
+        let out = Command::new(BIN)
+            .args(shipped_squeezed(playbook, stack, &engine.url, &reports))
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stack}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let run_dir = std::fs::read_dir(&reports)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        for fault in &summary(&run_dir).stacks[0].faults {
+            assert_eq!(
+                fault.effect.as_ref().map(|e| e.kind),
+                Some(EffectKind::Applied),
+                "{stack}: {fault:?}"
+            );
+        }
+        // Nothing outside its namespaces.
+        for (verb, resource) in [
+            ("delete", "pods"),
+            ("create", "pods/exec"),
+            ("patch", "pods/ephemeralcontainers"),
+        ] {
+            let out = Command::new(plane.dir.path().join("bin/kubectl"))
+                .args(["auth", "can-i", verb, resource, "-n", "kube-system"])
+                .env("KUBECONFIG", &kubeconfig)
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                "no",
+                "{stack}: {verb} {resource}"
+            );
+        }
+    }
+
+    // Without any one rule of its roles, preflight names what is missing,
+    // with its namespace, and nothing is injected.
+    let kubeconfig = service_account_kubeconfig(&plane, "shakedown", "production-stack");
+    let plan = || {
+        Command::new(BIN)
+            .args([
+                "plan",
+                playbook_path("playbooks/production-stack.yaml").as_str(),
+                "--context",
+                "local",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap()
+    };
+    for (kind, namespace) in [("clusterrole", None), ("role", Some("default"))] {
+        let mut get = vec!["get", kind, "shakedown-production-stack"];
+        if let Some(ns) = namespace {
+            get.extend(["-n", ns]);
+        }
+        let role = plane.json(&get);
+        for i in 0..role["rules"].as_array().unwrap().len() {
+            let rule = role["rules"][i].clone();
+            let mut without = role.clone();
+            without["rules"].as_array_mut().unwrap().remove(i);
+            without["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("resourceVersion");
+            let path = dir.path().join("without.json");
+            std::fs::write(&path, without.to_string()).unwrap();
+            plane.ok(&["replace", "-f", path.to_str().unwrap()]);
+            let resource = rule["resources"][0].as_str().unwrap();
+            let verb = rule["verbs"][0].as_str().unwrap();
+            let expected = match namespace {
+                Some(ns) => format!("`{verb}` on {resource} in namespace {ns}"),
+                None => format!("`{verb}` on {resource} (cluster-wide)"),
+            };
+            // RBAC reaches the authorizer through its informers: a moment.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let stdout = loop {
+                let out = plan();
+                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                if out.status.code() == Some(1) && stdout.contains(&expected) {
+                    break stdout;
+                }
+                assert!(Instant::now() < deadline, "without {rule}: {stdout}");
+                std::thread::sleep(Duration::from_millis(300));
+            };
+            assert!(stdout.contains("missing permissions"), "{stdout}");
+            let path = dir.path().join("with.json");
+            let mut with = role.clone();
+            with["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("resourceVersion");
+            std::fs::write(&path, with.to_string()).unwrap();
+            plane.ok(&["replace", "-f", path.to_str().unwrap()]);
+        }
+    }
+    // And a run without one is refused before anything is injected.
+    let role = plane.json(&["get", "role", "shakedown-production-stack", "-n", "default"]);
+    let mut without = role.clone();
+    without["rules"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|r| r["resources"][0] != "pods/eviction");
+    without["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    let path = dir.path().join("without.json");
+    std::fs::write(&path, without.to_string()).unwrap();
+    plane.ok(&["replace", "-f", path.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(2));
+    let engine = Engine::start_serving("meta-llama/Llama-3.1-8B-Instruct");
+    let reports = dir.path().join("refused");
+    let out = Command::new(BIN)
+        .args(shipped_squeezed(
+            "playbooks/production-stack.yaml",
+            "production-stack",
+            &engine.url,
+            &reports,
+        ))
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`create` on pods/eviction in namespace default"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was injected"), "{stderr}");
+    if let Some(run_dir) = std::fs::read_dir(&reports).ok().and_then(|mut d| d.next()) {
+        let injected = events(&run_dir.unwrap().path().join("events.jsonl"))
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::FaultInjected { .. }));
+        assert!(!injected);
+    }
+}
+
+fn playbook_path(playbook: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(playbook)
+        .display()
+        .to_string()
 }

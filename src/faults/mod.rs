@@ -384,28 +384,57 @@ fn typed<A: Action>(params: &Params) -> Result<A, Problem> {
 }
 
 /// Everything a stack's faults need on a Kubernetes cluster, with
-/// watching the targets' pods: what preflight checks and `faults/rbac.yaml`
+/// watching the targets' pods: what preflight checks and `shakedown rbac`
 /// grants.
 pub fn permissions(
     targets: &std::collections::BTreeMap<String, crate::cluster::kubernetes::Target>,
     faults: &[&Fault],
 ) -> Vec<Permission> {
-    let mut needed: std::collections::BTreeSet<Permission> =
+    let mut needed: Vec<Permission> = permission_reasons(targets, faults)
+        .into_iter()
+        .map(|(permission, _)| permission)
+        .collect();
+    needed.sort();
+    needed.dedup();
+    needed
+}
+
+/// Each permission a stack needs, with who needs it: "watch the targets"
+/// or "fault `kill-engine` (pod-kill)". One entry per permission and
+/// reason; the same permission may come for several reasons.
+pub fn permission_reasons(
+    targets: &std::collections::BTreeMap<String, crate::cluster::kubernetes::Target>,
+    faults: &[&Fault],
+) -> Vec<(Permission, String)> {
+    let mut needed: Vec<(Permission, String)> =
         crate::cluster::kubernetes::preflight::watch_permissions(targets.values())
             .into_iter()
+            .map(|p| {
+                (
+                    p,
+                    "find the roles' pods and watch their replacements".to_string(),
+                )
+            })
             .collect();
     let mut namespaces: Vec<String> = targets.values().map(|t| t.namespace.clone()).collect();
     namespaces.sort();
     namespaces.dedup();
     for fault in faults {
         if let Some(target) = targets.get(&fault.target) {
-            needed.extend(fault.spec.permissions(&Scope {
-                namespace: &target.namespace,
-                namespaces: &namespaces,
-            }));
+            let why = format!("fault `{}` ({})", fault.name, fault.spec.action());
+            needed.extend(
+                fault
+                    .spec
+                    .permissions(&Scope {
+                        namespace: &target.namespace,
+                        namespaces: &namespaces,
+                    })
+                    .into_iter()
+                    .map(|p| (p, why.clone())),
+            );
         }
     }
-    needed.into_iter().collect()
+    needed
 }
 
 /// What a stack's faults need of its Kubernetes cluster before anything is

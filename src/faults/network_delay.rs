@@ -307,11 +307,15 @@ impl Action for NetworkDelay {
     fn permissions(&self, scope: &Scope) -> Vec<Permission> {
         let namespace = scope.namespace;
         match self.mechanism() {
+            // `get`: whether Chaos Mesh says it is injected.
             DelayMechanism::ChaosMesh => vec![
                 Permission::of_group("create", chaos_mesh::GROUP, "networkchaos", Some(namespace)),
+                Permission::of_group("get", chaos_mesh::GROUP, "networkchaos", Some(namespace)),
                 Permission::of_group("delete", chaos_mesh::GROUP, "networkchaos", Some(namespace)),
             ],
+            // `get` pods: whether the kubelet runs the container.
             DelayMechanism::EphemeralContainer => vec![
+                Permission::core("get", "pods", Some(namespace)),
                 Permission::core("patch", "pods/ephemeralcontainers", Some(namespace)),
                 Permission::core("create", "pods/exec", Some(namespace)),
             ],

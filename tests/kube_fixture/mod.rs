@@ -49,7 +49,8 @@ pub struct World {
     pods: BTreeMap<(String, String), Value>,
     nodes: BTreeMap<String, Value>,
     pub budgets: Vec<Budget>,
-    /// "verb resource[/subresource]" pairs the caller may not do.
+    /// What the caller may not do: "verb resource[/subresource]"
+    /// anywhere, or "verb resource in namespace" there only.
     pub denied: BTreeSet<String>,
     /// (pod, gracePeriodSeconds) of every delete and eviction that went through.
     pub deletions: Vec<(String, Option<u64>)>,
@@ -128,8 +129,10 @@ impl World {
         self.version
     }
 
-    fn denies(&self, verb: &str, resource: &str) -> bool {
+    fn denies(&self, verb: &str, resource: &str, namespace: Option<&str>) -> bool {
         self.denied.contains(&format!("{verb} {resource}"))
+            || namespace
+                .is_some_and(|ns| self.denied.contains(&format!("{verb} {resource} in {ns}")))
     }
 
     fn list(&self, namespace: Option<&str>, labels: &str, node: Option<&str>) -> Vec<Value> {
@@ -419,7 +422,7 @@ fn pods_response(s: &ApiServer, ns: Option<String>, q: ListQuery) -> Response {
         .as_deref()
         .and_then(|f| f.strip_prefix("spec.nodeName="))
         .map(str::to_string);
-    if s.world.lock().unwrap().denies(verb, "pods") {
+    if s.world.lock().unwrap().denies(verb, "pods", ns.as_deref()) {
         return status(
             403,
             "Forbidden",
@@ -543,7 +546,7 @@ async fn delete_pod(
     Query(q): Query<DeleteQuery>,
     body: String,
 ) -> Response {
-    if s.world.lock().unwrap().denies("delete", "pods") {
+    if s.world.lock().unwrap().denies("delete", "pods", Some(&ns)) {
         return status(403, "Forbidden", "pods is forbidden: cannot delete pods");
     }
     // kube sends delete options in the body.
@@ -567,7 +570,7 @@ async fn evict(
         .and_then(Value::as_u64);
     {
         let mut world = s.world.lock().unwrap();
-        if world.denies("create", "pods/eviction") {
+        if world.denies("create", "pods/eviction", Some(&ns)) {
             return status(403, "Forbidden", "pods/eviction is forbidden");
         }
         let Some(pod) = world.pods.get(&(ns.clone(), name.clone())).cloned() else {
@@ -625,7 +628,7 @@ async fn ephemeral(
 ) -> Response {
     let mut pod = {
         let mut world = s.world.lock().unwrap();
-        if world.denies("patch", "pods/ephemeralcontainers") {
+        if world.denies("patch", "pods/ephemeralcontainers", Some(&ns)) {
             return status(403, "Forbidden", "pods/ephemeralcontainers is forbidden");
         }
         let Some(pod) = world.pods.get(&(ns, name.clone())).cloned() else {
@@ -694,7 +697,7 @@ async fn ephemeral(
 
 async fn list_nodes(State(s): State<ApiServer>) -> Response {
     let world = s.world.lock().unwrap();
-    if world.denies("list", "nodes") {
+    if world.denies("list", "nodes", None) {
         return status(403, "Forbidden", "nodes is forbidden");
     }
     Json(json!({
@@ -719,7 +722,7 @@ async fn patch_node(
 ) -> Response {
     let (node, evict) = {
         let mut world = s.world.lock().unwrap();
-        if world.denies("patch", "nodes") {
+        if world.denies("patch", "nodes", None) {
             return status(403, "Forbidden", "nodes is forbidden: cannot patch");
         }
         let rv = world.bump();
@@ -783,7 +786,7 @@ async fn patch_node_status(
     Json(body): Json<Value>,
 ) -> Response {
     let mut world = s.world.lock().unwrap();
-    if world.denies("patch", "nodes/status") {
+    if world.denies("patch", "nodes/status", None) {
         return status(403, "Forbidden", "nodes/status is forbidden: cannot patch");
     }
     let rv = world.bump();
@@ -818,7 +821,11 @@ async fn review(State(s): State<ApiServer>, Json(mut body): Json<Value>) -> Resp
         _ => attrs["resource"].as_str().unwrap_or("").to_string(),
     };
     let verb = attrs["verb"].as_str().unwrap_or("");
-    let allowed = !s.world.lock().unwrap().denies(verb, &resource);
+    let allowed = !s
+        .world
+        .lock()
+        .unwrap()
+        .denies(verb, &resource, attrs["namespace"].as_str());
     body["status"] = json!({ "allowed": allowed });
     (StatusCode::CREATED, Json(body)).into_response()
 }
@@ -937,7 +944,7 @@ async fn exec(
     }
     {
         let mut world = s.world.lock().unwrap();
-        if world.denies("create", "pods/exec") {
+        if world.denies("create", "pods/exec", Some(&ns)) {
             return status(403, "Forbidden", "pods/exec is forbidden");
         }
         if !world.pods.contains_key(&(ns, name.clone())) {

@@ -913,7 +913,8 @@ pub fn status_text(body: &[u8]) -> String {
 /// repeats the whole `Status` in Rust's debug form). The full chain goes to
 /// the run's log.
 pub fn error_text(err: &anyhow::Error) -> String {
-    tracing::warn!("{err:?}");
+    // The run's log keeps the whole of it; stderr shows only warnings.
+    tracing::info!("{err:?}");
     let mut parts = Vec::new();
     for cause in err.chain() {
         if let Some(kube::Error::Api(status)) = cause.downcast_ref::<kube::Error>() {

@@ -51,13 +51,9 @@ impl KubeCluster {
     /// What stands between the playbook and this cluster, in words.
     pub async fn problems(&self, needs: &Requirements) -> anyhow::Result<Vec<String>> {
         let mut problems = Vec::new();
-        let missing = self.missing(&needs.permissions).await?;
-        if !missing.is_empty() {
-            problems.push(format!(
-                "missing permissions: {} (`shakedown rbac PLAYBOOK` prints what grants them)",
-                missing.join(", ")
-            ));
+        if let Some(missing) = self.missing_permissions(needs).await? {
             // Without them the rest cannot be read.
+            problems.push(missing);
             return Ok(problems);
         }
         if needs_chaos_mesh(&needs.permissions) && !self.chaos_mesh_installed().await? {
@@ -92,6 +88,17 @@ impl KubeCluster {
         Ok(problems)
     }
 
+    /// The permissions the API server says shakedown lacks, in words.
+    async fn missing_permissions(&self, needs: &Requirements) -> anyhow::Result<Option<String>> {
+        let missing = self.missing(&needs.permissions).await?;
+        Ok((!missing.is_empty()).then(|| {
+            format!(
+                "missing permissions: {} (`shakedown rbac PLAYBOOK` prints what grants them)",
+                missing.join(", ")
+            )
+        }))
+    }
+
     /// The permissions of `needed` the API server says shakedown lacks.
     async fn missing(&self, needed: &[Permission]) -> anyhow::Result<Vec<String>> {
         let mut missing = Vec::new();
@@ -110,6 +117,10 @@ impl KubeCluster {
         &self,
         needs: &Requirements,
     ) -> anyhow::Result<(String, Vec<String>)> {
+        // Without the permissions nothing can be read: say which first.
+        if let Some(missing) = self.missing_permissions(needs).await? {
+            return Ok((String::new(), vec![missing]));
+        }
         let mut out = String::new();
         for target in self.targets.values() {
             let pods = self.serving_pods(&target.role).await?;
@@ -139,15 +150,16 @@ impl KubeCluster {
                 },
             ));
         }
-        let gpu_nodes = self.gpu_nodes().await?;
+        // A playbook without node faults is granted no node access: then
+        // the GPU nodes are not shakedown's business, and not listed.
+        let gpu_nodes = match self.gpu_nodes().await {
+            Ok(nodes) if nodes.is_empty() => "none".to_string(),
+            Ok(nodes) => nodes.join(", "),
+            Err(err) => format!("not listed ({})", super::error_text(&err)),
+        };
         out.push_str(&format!(
-            "  GPU nodes (allocatable `{}`): {}\n",
+            "  GPU nodes (allocatable `{}`): {gpu_nodes}\n",
             self.gpu_resource,
-            if gpu_nodes.is_empty() {
-                "none".to_string()
-            } else {
-                gpu_nodes.join(", ")
-            }
         ));
         let problems = self.problems(needs).await?;
         if problems.is_empty() {

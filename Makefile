@@ -4,9 +4,9 @@ CARGO ?= cargo
 .PHONY: run test test-kube lint bench build clean
 
 ## make run: build shakedown and run the quick-start playbook on the local cluster.
+## Through cargo, so it finds the binary wherever CARGO_TARGET_DIR puts it.
 run:
-	$(CARGO) build --release
-	./target/release/shakedown run playbooks/quickstart.yaml
+	$(CARGO) run --release -- run playbooks/quickstart.yaml
 
 ## make test: formatting, lints, then every test (unit, integration, end to end).
 test: lint

@@ -306,12 +306,16 @@ async fn run_playbook(
     println!("{}", report::terminal(&result.summary));
     println!("run directory: {}", result.dir.display());
     println!("report:        {}", result.dir.join("report.md").display());
-    for err in &result.errors {
-        eprintln!("error: {err}");
-    }
     if with_gate {
         println!();
         return Ok(ExitCode::from(gate(&result.dir, None, None, None)));
+    }
+    if let Some(outcome) = result.summary.gate.as_ref().filter(|g| g.verdict != "pass") {
+        eprintln!(
+            "note: the playbook's gate says {}; `shakedown run --gate` (or `shakedown gate {}`) makes that the exit code",
+            outcome.verdict,
+            result.dir.display()
+        );
     }
     let degraded = result
         .summary

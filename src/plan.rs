@@ -23,14 +23,18 @@ fn describe_cluster(stack: &Stack) -> String {
         ClusterKind::Local => {
             let engine = c.engine.clone().unwrap_or_default();
             let router = c.router.clone().unwrap_or_default();
+            let n = |count: u64, what: &str| crate::report::plural(count as usize, what);
             format!(
-                "local: {} nodes × {} GPUs, {} engines, router {} with {} discovery, {} retries",
-                c.nodes.unwrap_or(1),
-                c.gpus_per_node.unwrap_or(1),
-                engine.replicas,
+                "local: {} × {}, {}, router {} with {} discovery, {}",
+                n(u64::from(c.nodes.unwrap_or(1)), "node"),
+                n(u64::from(c.gpus_per_node.unwrap_or(1)), "GPU"),
+                n(u64::from(engine.replicas), "engine"),
                 spelled(&router.policy),
                 spelled(&router.discovery),
-                router.retries
+                match router.retries {
+                    1 => "1 retry".to_string(),
+                    r => format!("{r} retries"),
+                }
             )
         }
         ClusterKind::Kubernetes => format!(

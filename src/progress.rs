@@ -2,7 +2,8 @@
 //! rate, success rate, in flight, the load's own send lag (so a starved
 //! generator shows as such while it happens), the fault in force. A bar on
 //! a terminal; a plain line every ten seconds otherwise (CI logs), nothing
-//! when quiet.
+//! when quiet. Every fault's injection, revert or failure gets its own line
+//! as it happens ([`Progress::note`]).
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
@@ -20,6 +21,9 @@ pub type CurrentFault = Arc<Mutex<Option<String>>>;
 pub struct Progress {
     task: JoinHandle<()>,
     bar: Option<ProgressBar>,
+    stack: String,
+    started: std::time::Instant,
+    quiet: bool,
 }
 
 impl Progress {
@@ -43,6 +47,7 @@ impl Progress {
             bar
         });
         let shown = bar.clone();
+        let name = stack.to_string();
         let stack = stack.to_string();
         let task = tokio::spawn(async move {
             let started = tokio::time::Instant::now();
@@ -91,7 +96,36 @@ impl Progress {
                 }
             }
         });
-        Self { task, bar }
+        Self {
+            task,
+            bar,
+            stack: name,
+            started: std::time::Instant::now(),
+            quiet,
+        }
+    }
+
+    /// A line for something that happened (a fault injected, reverted or
+    /// failed), above the bar on a terminal, as it happens in a log: an
+    /// instantaneous fault such as a pod kill would never be seen on the
+    /// once-a-second line.
+    pub fn note(&self, what: &str) {
+        if !self.quiet {
+            self.warn(what);
+        }
+    }
+
+    /// As [`Progress::note`], even when quiet: what went wrong is always said.
+    pub fn warn(&self, what: &str) {
+        let line = format!(
+            "{}: {:.1}s  {what}",
+            self.stack,
+            self.started.elapsed().as_secs_f64()
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
     }
 
     pub fn finish(self) {

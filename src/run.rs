@@ -64,7 +64,7 @@ pub struct RunResult {
     pub dir: PathBuf,
     pub status: RunStatus,
     pub summary: Summary,
-    /// What went wrong, stack by stack.
+    /// What went wrong, each already printed as it happened.
     pub errors: Vec<String>,
 }
 
@@ -190,9 +190,9 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     write_watch.abort();
     let write_failed = write_failed.lock().ok().and_then(|w| w.clone());
     if let Some(why) = &write_failed {
-        errors.push(format!(
-            "the run stopped because its records could not be written: {why}"
-        ));
+        let error = format!("the run stopped because its records could not be written: {why}");
+        eprintln!("shakedown: {error}");
+        errors.push(error);
     }
     let status = if write_failed.is_some() {
         RunStatus::Failed
@@ -223,6 +223,7 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     let status = match crate::report::write(&summary, &dir) {
         Ok(()) => status,
         Err(err) => {
+            eprintln!("shakedown: {err:#}");
             errors.push(format!("{err:#}"));
             RunStatus::Failed
         }
@@ -473,6 +474,20 @@ impl StackRun<'_> {
                                 requested_s: Some(due.as_secs_f64()),
                                 started_s: Some(started_s),
                             });
+                            progress.note(&format!(
+                                "⚡ {} ({}) injected{}{}",
+                                fault.name,
+                                fault.spec.action(),
+                                if done.targets.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {}", done.targets.join(", "))
+                                },
+                                done.detail
+                                    .as_ref()
+                                    .map(|d| format!(" ({d})"))
+                                    .unwrap_or_default()
+                            ));
                             let lasts = fault.spec.lasts();
                             timeline.injected(i, due, lasts);
                             if lasts != faults::Lasts::Instant {
@@ -485,19 +500,18 @@ impl StackRun<'_> {
                                 fault: fault.name.clone(),
                                 error: error_text(&err),
                             });
-                            eprintln!(
-                                "shakedown: stack `{}`: fault `{}` could not be injected: {}",
-                                self.stack.name,
+                            progress.warn(&format!(
+                                "✗ {} could not be injected: {}",
                                 fault.name,
                                 error_text(&err)
-                            );
+                            ));
                         }
                     }
                 }
                 Step::Revert(i) => {
                     timeline.reverted(i);
                     if let (Some(cluster), Some(state)) = (cluster, held.remove(&i)) {
-                        revert(cluster, log, faults[i], state).await;
+                        revert(cluster, log, &progress, faults[i], state, "").await;
                     }
                 }
             }
@@ -514,7 +528,15 @@ impl StackRun<'_> {
         for i in timeline.in_force().into_iter().rev() {
             timeline.reverted(i);
             if let (Some(cluster), Some(state)) = (cluster, held.remove(&i)) {
-                revert(cluster, log, faults[i], state).await;
+                revert(
+                    cluster,
+                    log,
+                    &progress,
+                    faults[i],
+                    state,
+                    " as the stack ended",
+                )
+                .await;
             }
         }
         show_active(&current_fault, &faults, &timeline);
@@ -578,7 +600,7 @@ impl StackRun<'_> {
             rate: pb.load.rate,
             ramp_from: pb.load.ramp_from,
             burstiness: pb.load.burstiness,
-            max_in_flight: pb.load.max_in_flight as usize,
+            max_in_flight: usize::try_from(pb.load.max_in_flight).unwrap_or(usize::MAX),
             duration: pb.duration.0,
             seed: pb.seed,
             sessions: pb.load.sessions.clone(),
@@ -604,15 +626,30 @@ async fn first_failure(failures: Vec<watch::Receiver<Option<String>>>) -> String
     futures_util::future::select_all(waits).await.0
 }
 
-async fn revert(cluster: &Cluster, log: &EventLog, fault: &Fault, held: Held) {
+/// Reverts a fault, records how that went, and says it on the progress.
+async fn revert(
+    cluster: &Cluster,
+    log: &EventLog,
+    progress: &Progress,
+    fault: &Fault,
+    held: Held,
+    why: &str,
+) {
     match fault.spec.revert(cluster, held).await {
-        Ok(()) => log.emit(EventKind::FaultReverted {
-            fault: fault.name.clone(),
-        }),
-        Err(err) => log.emit(EventKind::FaultFailed {
-            fault: fault.name.clone(),
-            error: format!("revert failed: {}", error_text(&err)),
-        }),
+        Ok(()) => {
+            log.emit(EventKind::FaultReverted {
+                fault: fault.name.clone(),
+            });
+            progress.note(&format!("↺ {} reverted{why}", fault.name));
+        }
+        Err(err) => {
+            let error = format!("revert failed: {}", error_text(&err));
+            progress.warn(&format!("✗ {}: {error}", fault.name));
+            log.emit(EventKind::FaultFailed {
+                fault: fault.name.clone(),
+                error,
+            });
+        }
     }
 }
 

@@ -205,9 +205,39 @@ fn several_runs_are_compared_as_if_one() {
     assert!(out.join("report.html").exists());
 }
 
+/// The quick start's own run (`make run`, copied from a real run into
+/// `tests/fixtures/quickstart-run`), with its engines' scraped metrics.
+fn quickstart() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("20261125T061620Z-quickstart");
+    std::fs::create_dir(&run).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quickstart-run");
+    for file in [
+        "playbook.yaml",
+        "events.jsonl",
+        "requests.jsonl",
+        "metrics.jsonl",
+    ] {
+        std::fs::copy(source.join(file), run.join(file)).unwrap();
+    }
+    (dir, run)
+}
+
+/// The `<figure>`s of a page, by their `data-metric`.
+fn figures(html: &str) -> Vec<(String, String)> {
+    html.split("<figure class=\"chart\" data-metric=\"")
+        .skip(1)
+        .map(|rest| {
+            let (metric, body) = rest.split_once('"').unwrap();
+            let body = body.split("</figure>").next().unwrap();
+            (metric.to_string(), body.to_string())
+        })
+        .collect()
+}
+
 #[test]
 fn the_html_report_is_self_contained_and_renders_its_charts_in_chromium() {
-    let (dir, run) = fixture();
+    let (dir, run) = quickstart();
     shakedown::report::rebuild(&run).unwrap();
     let html_path = run.join("report.html");
     let html = std::fs::read_to_string(&html_path).unwrap();
@@ -224,8 +254,7 @@ fn the_html_report_is_self_contained_and_renders_its_charts_in_chromium() {
             "report.html fetches something: {fetch}"
         );
     }
-    // One recovery chart, one timeline per stack.
-    assert_eq!(html.matches("<svg").count(), 3);
+    check_page(&html);
     let Some(chromium) = tool("chromium") else {
         return;
     };
@@ -256,14 +285,8 @@ fn the_html_report_is_self_contained_and_renders_its_charts_in_chromium() {
     );
     let dom = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    // The browser parsed the charts: each drew lines and shapes.
-    assert_eq!(
-        dom.matches("<svg").count(),
-        3,
-        "charts missing from the rendered page"
-    );
-    assert!(dom.matches("<polyline").count() >= 10, "no lines drawn");
-    assert!(dom.contains("Recovery time by fault"));
+    // What the browser parsed is the page as written: verdict, charts, labels.
+    check_page(&dom);
     let console_errors: Vec<&str> = stderr
         .lines()
         .filter(|l| {
@@ -276,5 +299,131 @@ fn the_html_report_is_self_contained_and_renders_its_charts_in_chromium() {
     assert!(
         console_errors.is_empty(),
         "console errors: {console_errors:#?}"
+    );
+}
+
+/// The quick start's page: the verdict first, one chart per metric with a
+/// line per stack, and a 0 s recovery drawn and labelled.
+fn check_page(page: &str) {
+    let verdict = page.find("<h2>Verdict</h2>").expect("no verdict");
+    assert!(
+        verdict < page.find("<h2>Stacks</h2>").unwrap(),
+        "the verdict comes first"
+    );
+    assert!(
+        page.contains("kill-engine: watch-retry lost 1 request and recovered at once; probe-no-retry lost 9 requests and took 2.49 s to recover. watch-retry did better"),
+        "verdict sentence missing"
+    );
+    assert!(
+        page.contains("Gate (the playbook"),
+        "gate missing from the verdict"
+    );
+    let figures = figures(page);
+    let metrics: Vec<&str> = figures.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(
+        metrics,
+        [
+            "recovery",
+            "success-rate",
+            "ttft-p99",
+            "in-flight",
+            "output-tokens",
+            "requests-sent",
+            "engine-running",
+            "kv-cache"
+        ],
+        "one chart per metric; none for the engines' waiting queue, flat at 0 in this run"
+    );
+    for (metric, svg) in &figures[1..] {
+        assert_eq!(svg.matches("<svg").count(), 1, "{metric}: one chart");
+        for stack in ["watch-retry", "probe-no-retry"] {
+            assert!(svg.contains(stack), "{metric}: no line for {stack}");
+        }
+        assert!(
+            svg.matches("<polyline").count() >= 2,
+            "{metric}: lines not drawn"
+        );
+    }
+    let recovery = &figures[0].1;
+    // Bars in order: watch-retry's kill-engine (0 s), kill-router; then
+    // probe-no-retry's. The 0 s one is drawn and labelled.
+    let labels: Vec<&str> = recovery
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| t.split_once('>'))
+        .map(|(_, rest)| rest.split("</text>").next().unwrap().trim())
+        .collect();
+    for label in ["0.00 s", "1.10 s", "2.49 s"] {
+        assert!(
+            labels.contains(&label),
+            "bar {label} not labelled: {labels:?}"
+        );
+    }
+    // Each stack: two bars (the 0 s one too) and its legend swatch.
+    for colour in ["#1F77B4", "#FF7F0E"] {
+        let drawn = recovery
+            .split("<rect")
+            .filter(|r| r.contains(&format!("fill=\"{colour}\"")))
+            .count();
+        assert_eq!(drawn, 3, "bars of colour {colour}");
+    }
+}
+
+/// A `vllm bench serve --save-result` file (made with `--goodput` and
+/// `--percentile-metrics ttft,tpot,itl,e2el`, the keys vLLM writes) and
+/// shakedown's export of each phase are read by the same script into the
+/// same keys, so a dashboard fed by one reads the other.
+#[test]
+fn each_phase_is_exported_as_a_vllm_bench_serve_result_the_same_script_reads() {
+    let (_dir, run) = quickstart();
+    shakedown::report::rebuild(&run).unwrap();
+    let exports = run.join("vllm-bench");
+    let mut names: Vec<String> = std::fs::read_dir(&exports)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert!(
+        names.contains(&"watch-retry.baseline.json".to_string())
+            && names.contains(&"probe-no-retry.during-kill-router.json".to_string()),
+        "{names:?}"
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/read_bench.py");
+    let read = |file: &Path| -> serde_json::Map<String, serde_json::Value> {
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let vllm = read(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vllm-bench-serve-result.json"),
+    );
+    let ours = read(&exports.join("watch-retry.baseline.json"));
+    let keys =
+        |m: &serde_json::Map<String, serde_json::Value>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&vllm), keys(&ours));
+    // The baseline's figures are the report's, in vLLM's units.
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let baseline = summary["stacks"][0]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "baseline")
+        .unwrap();
+    assert_eq!(ours["p99_ttft_ms"], baseline["ttft_ms"]["p99"]);
+    assert_eq!(ours["request_throughput"], baseline["request_throughput"]);
+    assert_eq!(ours["request_rate"], serde_json::json!(10.0));
+    assert!(
+        ours["request_goodput"].as_f64().unwrap() > 0.0,
+        "the quick start sets an SLO"
     );
 }

@@ -101,7 +101,10 @@ impl Progress {
     /// The effect so far; `cut` when the drain was reverted before it ended.
     fn effect(&self, cut: bool) -> Effect {
         let done = self.evicted.len();
-        let mut detail = format!("{done} of {} pods evicted", self.to_evict);
+        let mut detail = format!(
+            "{done} of {} evicted",
+            crate::report::plural(self.to_evict, "pod")
+        );
         if !self.refused.is_empty() {
             let mut why: Vec<&str> = self.refused.values().map(String::as_str).collect();
             why.dedup();

@@ -179,7 +179,11 @@ impl Action for PodFreeze {
                 target.effects.report(Effect::of(
                     frozen.len(),
                     pods.len(),
-                    format!("{} of {} pods stopped", frozen.len(), pods.len()),
+                    format!(
+                        "{} of {} stopped",
+                        frozen.len(),
+                        crate::report::plural(pods.len(), "pod")
+                    ),
                 ));
                 Ok((
                     Injected {

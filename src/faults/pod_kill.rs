@@ -160,7 +160,7 @@ fn report(
     if done == 0 {
         bail!("no pod could be killed: {}", failures.join("; "));
     }
-    let mut detail = format!("{done} of {picked} pods killed");
+    let mut detail = format!("{done} of {} killed", crate::report::plural(picked, "pod"));
     if !failures.is_empty() {
         detail.push_str(&format!("; {}", failures.join("; ")));
     }

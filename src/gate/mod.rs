@@ -131,6 +131,25 @@ impl Judge<'_> {
     }
 }
 
+/// The checks in a summary's words: the verdict, and each check that did
+/// not pass.
+pub fn outcome(checks: &[Check]) -> crate::measure::GateOutcome {
+    let line = |c: &Check| format!("{}: {} {} (limit {})", c.stack, c.name, c.value, c.limit);
+    let with = |verdict: Verdict| {
+        checks
+            .iter()
+            .filter(|c| c.verdict == verdict)
+            .map(line)
+            .collect()
+    };
+    crate::measure::GateOutcome {
+        verdict: overall(checks).as_str().to_string(),
+        checks: checks.len(),
+        failed: with(Verdict::Fail),
+        unknown: with(Verdict::Unknown),
+    }
+}
+
 /// Judges every stack of `run` against `policy`, and against the stack of
 /// the same name in `baseline` when one is given.
 pub fn judge(run: &Summary, policy: &Gate, baseline: Option<&Summary>) -> Vec<Check> {

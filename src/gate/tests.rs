@@ -68,7 +68,9 @@ fn run(stacks: Vec<StackSummary>) -> Summary {
         playbook_sha256: String::new(),
         status: RunStatus::Completed,
         tool_version: "0".into(),
+        started_utc: None,
         stacks,
+        gate: None,
     }
 }
 

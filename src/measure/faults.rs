@@ -275,10 +275,17 @@ fn summarize_one(
         .count() as u64;
 
     let window_end = recovered.unwrap_or(ctx.load_end).max(at + 1.0);
+    // Seconds are by sending time, and a stream cut by the fault was sent
+    // before it: the worst second starts from the earliest failure's.
+    let window_start = alive
+        .iter()
+        .filter(|s| s.failed())
+        .map(|s| s.at_s)
+        .fold(at, f64::min);
     let worst = ctx
         .series
         .iter()
-        .filter(|s| f64::from(s.t) + 1.0 > at && f64::from(s.t) < window_end)
+        .filter(|s| f64::from(s.t) + 1.0 > window_start && f64::from(s.t) < window_end)
         .filter_map(|s| s.success_rate)
         .fold(f64::INFINITY, f64::min);
     let mut ttft: Vec<f64> = between(samples, at, window_end)

@@ -140,7 +140,28 @@ pub struct Summary {
     pub playbook_sha256: String,
     pub status: RunStatus,
     pub tool_version: String,
+    /// The wall-clock time of the run's clock zero: every `*_s` time in
+    /// `requests.jsonl` and `events.jsonl` is seconds after it, so a record
+    /// joins Prometheus data at `started_utc + sent_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_utc: Option<chrono::DateTime<chrono::Utc>>,
     pub stacks: Vec<StackSummary>,
+    /// The playbook's own `gate:` judged on these figures, when it has one;
+    /// the report states it beside the verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateOutcome>,
+}
+
+/// What a playbook's `gate:` said of a run, in words a report can print.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GateOutcome {
+    /// `pass`, `FAIL` or `could not judge`.
+    pub verdict: String,
+    pub checks: usize,
+    /// One line per failed check: stack, check, value and limit.
+    pub failed: Vec<String>,
+    /// One line per check that could not be judged.
+    pub unknown: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -153,7 +174,7 @@ pub struct Latency {
     pub e2e_p99_ms: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Window {
     pub from_s: f64,
     pub to_s: f64,
@@ -286,7 +307,7 @@ pub struct Second {
     pub engines_up: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StackSummary {
     pub name: String,
     /// All requests, warmup included.
@@ -709,6 +730,28 @@ mod tests {
         assert_eq!(fault.failed, 20);
         assert_eq!(fault.worst_second_success_rate, Some(0.0));
         assert!(!fault.unrecovered);
+    }
+
+    #[test]
+    fn a_stream_sent_before_the_fault_and_cut_by_it_shows_in_the_worst_second() {
+        // Everything fine but one stream, sent at 9.5 s and cut at 10.3 s.
+        let samples: Vec<Sample> = (0..300)
+            .map(|i| {
+                let at = i as f64 * 0.1;
+                let mut s = sample(at, Outcome::Ok, 40.0);
+                if i == 95 {
+                    s.outcome = Outcome::Truncated;
+                    s.done_s = 10.3;
+                }
+                s
+            })
+            .collect();
+        let (_, events) = scenario();
+        let summary = summarize_stack("s", samples, &events, &settings());
+        let fault = &summary.faults[0];
+        assert_eq!(fault.failed, 1);
+        // Second 9 sent 10 requests, one of them the cut stream.
+        assert_eq!(fault.worst_second_success_rate, Some(0.9));
     }
 
     #[test]

@@ -411,6 +411,17 @@ faults:
     }
 
     #[test]
+    fn slo_takes_e2el_as_vllm_bench_serve_spells_it() {
+        let text = GOOD.replace(
+            "  rate: 5\n",
+            "  rate: 5\n  slo: { ttft: 500ms, e2el: 2s }\n",
+        );
+        let pb = crate::faults::parse_playbook(Path::new("p.yaml"), &text).unwrap();
+        let slo = pb.load.slo.unwrap();
+        assert_eq!(slo.e2e.map(|d| d.as_secs_f64()), Some(2.0));
+    }
+
+    #[test]
     fn unknown_field_is_located_and_lists_what_is_valid() {
         let e = err(&GOOD.replace("nodes: 2", "nodez: 2"));
         assert_eq!(e.line, Some(6));

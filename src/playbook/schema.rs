@@ -369,7 +369,7 @@ pub struct Load {
     #[serde(default)]
     pub ramp_from: Option<f64>,
     #[serde(default = "Load::default_max_in_flight")]
-    pub max_in_flight: u32,
+    pub max_in_flight: u64,
     pub request: RequestSpec,
     #[serde(default = "Load::default_timeout")]
     pub timeout: HumanDuration,
@@ -410,12 +410,13 @@ pub struct RequestSlo {
     pub ttft: Option<HumanDuration>,
     #[serde(default)]
     pub tpot: Option<HumanDuration>,
-    #[serde(default)]
+    /// End-to-end latency; `e2el` too, as `vllm bench serve` spells it.
+    #[serde(default, alias = "e2el")]
     pub e2e: Option<HumanDuration>,
 }
 
 impl Load {
-    fn default_max_in_flight() -> u32 {
+    fn default_max_in_flight() -> u64 {
         512
     }
     fn default_timeout() -> HumanDuration {

@@ -1,16 +1,15 @@
 //! SVG charts of a summary, drawn with plotters' SVG backend, for
-//! `report.html`: per stack, panels on a shared time axis with the fault
-//! windows shaded and recovery moments marked; and recovery time per fault
-//! per stack, side by side.
+//! `report.html`: one chart per metric with a line per stack, so stacks
+//! are compared at a glance, fault windows shaded and each stack's
+//! recovery marked in its colour; and recovery time per fault per stack,
+//! every bar labelled with its value.
 
 use plotters::prelude::*;
 
 use crate::measure::{Second, StackSummary, Summary};
 
 const FAULT_SHADE: RGBColor = RGBColor(230, 120, 0);
-const RECOVERED: RGBColor = RGBColor(20, 150, 60);
 const UNRECOVERED: RGBColor = RGBColor(200, 30, 30);
-const LINES: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(148, 103, 189)];
 /// Stack colours: none of them the red and green that mean unrecovered and recovered.
 const STACKS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -48,173 +47,223 @@ fn segments(series: &[Second], value: Value) -> Vec<Vec<(f64, f64)>> {
 /// What a line shows of each second.
 type Value = fn(&Second) -> Option<f64>;
 
-struct Panel {
+/// One metric, drawn as a line per stack.
+struct Metric {
+    /// For the page: `success-rate`, `ttft-p99`.
+    id: &'static str,
     title: &'static str,
     unit: &'static str,
-    lines: Vec<(&'static str, Value)>,
+    value: Value,
     /// A fixed top, such as 100 for percentages.
     top: Option<f64>,
 }
 
-/// What a timeline marks: fault windows (from, to) and recovery moments
-/// (when, whether it recovered or the run ended first).
+const METRICS: [Metric; 8] = [
+    Metric {
+        id: "success-rate",
+        title: "Success rate",
+        unit: "% of the requests sent that second",
+        value: |s| s.success_rate.map(|r| r * 100.0),
+        top: Some(100.0),
+    },
+    Metric {
+        id: "ttft-p99",
+        title: "Time to first token, p99",
+        unit: "ms",
+        value: |s| s.ttft_p99_ms,
+        top: None,
+    },
+    Metric {
+        id: "in-flight",
+        title: "Requests in flight",
+        unit: "requests",
+        value: |s| Some(s.in_flight as f64),
+        top: None,
+    },
+    Metric {
+        id: "output-tokens",
+        title: "Output tokens",
+        unit: "tokens/s",
+        value: |s| Some(s.output_tokens as f64),
+        top: None,
+    },
+    Metric {
+        id: "requests-sent",
+        title: "Requests sent",
+        unit: "req/s",
+        value: |s| Some(s.requests as f64),
+        top: None,
+    },
+    Metric {
+        id: "engine-waiting",
+        title: "Requests waiting in the engines, from /metrics",
+        unit: "requests",
+        value: |s| s.engine_waiting,
+        top: None,
+    },
+    Metric {
+        id: "engine-running",
+        title: "Requests running in the engines, from /metrics",
+        unit: "requests",
+        value: |s| s.engine_running,
+        top: None,
+    },
+    Metric {
+        id: "kv-cache",
+        title: "KV-cache usage, from /metrics",
+        unit: "%",
+        value: |s| s.kv_cache_usage.map(|u| u * 100.0),
+        top: Some(100.0),
+    },
+];
+
+/// A chart for the page, with what it shows.
+pub struct Chart {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub svg: String,
+}
+
+/// When each fault was in force, over all stacks (their windows may end at
+/// different times), and the moment each stack recovered.
 struct FaultMarks {
     shaded: Vec<(f64, f64)>,
-    moments: Vec<(f64, bool)>,
+    /// (when, stack index, recovered: false for the end of an unrecovered window)
+    moments: Vec<(f64, usize, bool)>,
 }
 
-/// The fault windows of a stack, and the moments it recovered.
-fn windows(stack: &StackSummary, end: f64) -> FaultMarks {
+fn fault_marks(summary: &Summary, end: f64) -> FaultMarks {
     let mut shaded = Vec::new();
-    let mut marks = Vec::new();
-    for f in &stack.faults {
-        let Some(at) = f.injected_at_s else { continue };
-        let until = [f.reverted_at_s, f.recovered_at_s]
-            .into_iter()
-            .flatten()
-            .fold(at + 0.5, f64::max);
-        shaded.push((at, if f.unrecovered { end } else { until.min(end) }));
-        match f.recovered_at_s {
-            Some(r) => marks.push((r, true)),
-            None if f.unrecovered => marks.push((end, false)),
-            None => {}
+    let mut moments = Vec::new();
+    for (k, stack) in summary.stacks.iter().enumerate() {
+        for f in &stack.faults {
+            let Some(at) = f.injected_at_s else { continue };
+            let until = [f.reverted_at_s, f.recovered_at_s]
+                .into_iter()
+                .flatten()
+                .fold(at + 0.5, f64::max);
+            shaded.push((at, if f.unrecovered { end } else { until.min(end) }));
+            match f.recovered_at_s {
+                Some(r) => moments.push((r, k, true)),
+                None if f.unrecovered => moments.push((end, k, false)),
+                None => {}
+            }
         }
     }
-    FaultMarks {
-        shaded,
-        moments: marks,
-    }
+    FaultMarks { shaded, moments }
 }
 
-/// Panels on one time axis: success, requests, tokens, TTFT, in flight,
-/// and the engines' queues and KV cache when they were scraped.
-pub fn stack_timeline(stack: &StackSummary) -> anyhow::Result<String> {
-    let end = (stack.series.len() as f64).max(1.0);
-    let mut panels = vec![
-        Panel {
-            title: "Success rate",
-            unit: "%",
-            lines: vec![("success", |s| s.success_rate.map(|r| r * 100.0))],
-            top: Some(100.0),
-        },
-        Panel {
-            title: "Requests sent",
-            unit: "req/s",
-            lines: vec![("requests", |s| Some(s.requests as f64))],
-            top: None,
-        },
-        Panel {
-            title: "Output tokens",
-            unit: "tokens/s",
-            lines: vec![("tokens", |s| Some(s.output_tokens as f64))],
-            top: None,
-        },
-        Panel {
-            title: "Time to first token",
-            unit: "ms",
-            lines: vec![("p50", |s| s.ttft_p50_ms), ("p99", |s| s.ttft_p99_ms)],
-            top: None,
-        },
-        Panel {
-            title: "In flight",
-            unit: "requests",
-            lines: vec![("in flight", |s| Some(s.in_flight as f64))],
-            top: None,
-        },
-    ];
-    // The engines' own view, when their `/metrics` were scraped.
-    if stack.series.iter().any(|s| s.engines_up.is_some()) {
-        panels.push(Panel {
-            title: "Engine queues, from /metrics",
-            unit: "requests",
-            lines: vec![
-                ("running", |s| s.engine_running),
-                ("waiting", |s| s.engine_waiting),
-            ],
-            top: None,
-        });
-        panels.push(Panel {
-            title: "KV-cache usage, from /metrics",
-            unit: "%",
-            lines: vec![("KV cache", |s| s.kv_cache_usage.map(|u| u * 100.0))],
-            top: Some(100.0),
+/// One chart per metric, a line per stack in the stack's colour, on one
+/// time axis, fault windows shaded and each stack's recovery marked in its
+/// colour. A metric no stack has anything but zeros for is left out.
+pub fn metric_charts(summary: &Summary) -> anyhow::Result<Vec<Chart>> {
+    let end = summary
+        .stacks
+        .iter()
+        .map(|s| s.series.len() as f64)
+        .fold(1.0, f64::max);
+    let marks = fault_marks(summary, end);
+    let mut charts = Vec::new();
+    for metric in &METRICS {
+        let highest = summary
+            .stacks
+            .iter()
+            .flat_map(|s| s.series.iter().filter_map(metric.value))
+            .filter(|v| v.is_finite())
+            .fold(None, |acc: Option<f64>, v| {
+                Some(acc.map_or(v, |a| a.max(v)))
+            });
+        // Nothing to say: no data, or flat at zero.
+        let Some(highest) = highest.filter(|&h| h > 0.0) else {
+            continue;
+        };
+        // A percentage that stays low is drawn to its own scale: a line
+        // flat along the floor of a 0-100 axis says nothing.
+        let top = metric
+            .top
+            .filter(|&full| highest * 1.15 > full * 0.2)
+            .unwrap_or(highest * 1.15);
+        charts.push(Chart {
+            id: metric.id,
+            title: metric.title,
+            svg: metric_chart(summary, metric, &marks, end, top)?,
         });
     }
-    let FaultMarks {
-        shaded,
-        moments: marks,
-    } = windows(stack, end);
+    Ok(charts)
+}
+
+fn metric_chart(
+    summary: &Summary,
+    metric: &Metric,
+    marks: &FaultMarks,
+    end: f64,
+    top: f64,
+) -> anyhow::Result<String> {
     let mut svg = String::new();
     {
-        let root =
-            SVGBackend::with_string(&mut svg, (960, 170 * panels.len() as u32)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (960, 240)).into_drawing_area();
         drawn(root.fill(&WHITE))?;
-        let last = panels.len() - 1;
-        for (i, (area, panel)) in root
-            .split_evenly((panels.len(), 1))
-            .iter()
-            .zip(&panels)
-            .enumerate()
-        {
-            let highest = panel
-                .lines
-                .iter()
-                .flat_map(|(_, value)| stack.series.iter().filter_map(value))
-                .filter(|v| v.is_finite())
-                .fold(0.0f64, f64::max);
-            let top = panel.top.unwrap_or((highest * 1.15).max(1.0));
-            let mut chart = drawn(
-                ChartBuilder::on(area)
-                    .caption(
-                        format!("{} ({})", panel.title, panel.unit),
-                        ("sans-serif", 14),
-                    )
-                    .margin(6)
-                    .x_label_area_size(if i == last { 36 } else { 20 })
-                    .y_label_area_size(52)
-                    .build_cartesian_2d(0f64..end, 0f64..top),
-            )?;
-            let mut mesh = chart.configure_mesh();
-            mesh.max_light_lines(1)
+        let mut chart = drawn(
+            ChartBuilder::on(&root)
+                .caption(
+                    format!("{} ({})", metric.title, metric.unit),
+                    ("sans-serif", 14),
+                )
+                .margin(6)
+                .x_label_area_size(36)
+                .y_label_area_size(52)
+                .build_cartesian_2d(0f64..end, 0f64..top),
+        )?;
+        drawn(
+            chart
+                .configure_mesh()
+                .max_light_lines(1)
                 .light_line_style(RGBColor(240, 240, 240))
                 .bold_line_style(RGBColor(225, 225, 225))
                 .x_labels(10)
                 .y_labels(5)
-                .label_style(("sans-serif", 11));
-            if i == last {
-                mesh.x_desc("seconds since the load started");
-            }
-            drawn(mesh.draw())?;
-            drawn(chart.draw_series(shaded.iter().map(|&(a, b)| {
-                Rectangle::new([(a, 0.0), (b, top)], FAULT_SHADE.mix(0.18).filled())
-            })))?;
-            drawn(chart.draw_series(marks.iter().map(|&(t, recovered)| {
-                let color = if recovered { RECOVERED } else { UNRECOVERED };
-                PathElement::new(vec![(t, 0.0), (t, top)], color.stroke_width(2))
-            })))?;
-            for ((label, value), color) in panel.lines.iter().zip(LINES) {
-                for (i, run) in segments(&stack.series, *value).into_iter().enumerate() {
-                    let series =
-                        drawn(chart.draw_series(LineSeries::new(run, color.stroke_width(2))))?;
-                    if i == 0 && panel.lines.len() > 1 {
-                        series.label(*label).legend(move |(x, y)| {
-                            PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
-                        });
-                    }
+                .label_style(("sans-serif", 11))
+                .x_desc("seconds since the stack's load started")
+                .draw(),
+        )?;
+        drawn(chart.draw_series(
+            marks.shaded.iter().map(|&(a, b)| {
+                Rectangle::new([(a, 0.0), (b, top)], FAULT_SHADE.mix(0.12).filled())
+            }),
+        ))?;
+        drawn(
+            chart.draw_series(marks.moments.iter().map(|&(t, k, recovered)| {
+                let color = if recovered {
+                    STACKS[k % STACKS.len()]
+                } else {
+                    UNRECOVERED
+                };
+                PathElement::new(vec![(t, 0.0), (t, top)], color.stroke_width(1))
+            })),
+        )?;
+        for (k, stack) in summary.stacks.iter().enumerate() {
+            let color = STACKS[k % STACKS.len()];
+            for (i, run) in segments(&stack.series, metric.value)
+                .into_iter()
+                .enumerate()
+            {
+                let series = drawn(chart.draw_series(LineSeries::new(run, color.stroke_width(2))))?;
+                if i == 0 {
+                    series.label(stack.name.clone()).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
+                    });
                 }
             }
-            if panel.lines.len() > 1 {
-                drawn(
-                    chart
-                        .configure_series_labels()
-                        .position(SeriesLabelPosition::UpperLeft)
-                        .background_style(WHITE.mix(0.85))
-                        .border_style(RGBColor(180, 180, 180))
-                        .label_font(("sans-serif", 11))
-                        .draw(),
-                )?;
-            }
         }
+        drawn(
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(180, 180, 180))
+                .label_font(("sans-serif", 11))
+                .draw(),
+        )?;
         drawn(root.present())?;
     }
     Ok(svg)
@@ -232,7 +281,7 @@ pub fn recovery_comparison(summary: &Summary) -> anyhow::Result<String> {
         .iter()
         .flat_map(|s| s.faults.iter().filter_map(|f| f.recovery_s))
         .fold(0.0f64, f64::max);
-    let top = (highest * 1.2).max(1.0);
+    let top = (highest * 1.3).max(1.0);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (960, 320)).into_drawing_area();
@@ -270,25 +319,47 @@ pub fn recovery_comparison(summary: &Summary) -> anyhow::Result<String> {
         let width = 0.8 / stacks as f64;
         for (k, stack) in summary.stacks.iter().enumerate() {
             let color = STACKS[k % STACKS.len()];
-            let bars: Vec<Rectangle<(f64, f64)>> = faults
-                .iter()
-                .enumerate()
-                .filter_map(|(i, (name, _))| {
-                    let fault = recovery(stack, name)?;
-                    fault.injected_at_s?;
-                    let x = i as f64 + 0.1 + width * k as f64;
-                    let (height, style) = match fault.recovery_s {
-                        Some(r) => (r.max(top * 0.005), color.filled()),
-                        None => (top, UNRECOVERED.mix(0.6).filled()),
-                    };
-                    Some(Rectangle::new([(x, 0.0), (x + width * 0.9, height)], style))
-                })
-                .collect();
+            let mut bars: Vec<Rectangle<(f64, f64)>> = Vec::new();
+            let mut labels: Vec<(f64, f64, String)> = Vec::new();
+            for (i, (name, _)) in faults.iter().enumerate() {
+                let Some(fault) = recovery(stack, name) else {
+                    continue;
+                };
+                let x = i as f64 + 0.1 + width * k as f64;
+                let middle = x + width * 0.45;
+                let text = super::tables::recovery_text(&fault);
+                // A fault that did not happen gets its words, no bar.
+                let (height, style) = match fault.recovery_s {
+                    _ if fault.injected_at_s.is_none() || text == "did not happen" => {
+                        labels.push((middle, 0.0, text));
+                        continue;
+                    }
+                    // A 0 s recovery is drawn: a sliver, and its value.
+                    Some(r) => (r.max(top * 0.015), color.filled()),
+                    None => (top * 0.92, UNRECOVERED.mix(0.6).filled()),
+                };
+                bars.push(Rectangle::new([(x, 0.0), (x + width * 0.9, height)], style));
+                labels.push((middle, height, text));
+            }
             drawn(chart.draw_series(bars))?
                 .label(stack.name.clone())
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
                 });
+            let font = ("sans-serif", 11)
+                .into_font()
+                .color(&RGBColor(40, 40, 40))
+                .pos(plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Bottom,
+                ));
+            drawn(
+                chart.draw_series(
+                    labels
+                        .into_iter()
+                        .map(|(x, y, text)| Text::new(text, (x, y + top * 0.01), font.clone())),
+                ),
+            )?;
         }
         drawn(
             chart

@@ -16,6 +16,19 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// `name` in backquotes, as markdown writes it, becomes `<code>name</code>`.
+fn inline_code(escaped: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in escaped.split('`').enumerate() {
+        if i % 2 == 1 {
+            out.push_str(&format!("<code>{part}</code>"));
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
 fn table(rows: Rows) -> String {
     let mut rows = rows.into_iter();
     let mut out = String::from("<table>\n<thead><tr>");
@@ -57,7 +70,9 @@ th, td { border: 1px solid var(--line); padding: 0.25rem 0.6rem; text-align: rig
 thead th, tbody th { text-align: left; }
 .bad { color: var(--bad); font-weight: 600; }
 .warning { border: 2px solid var(--bad); padding: 0.5rem 0.8rem; border-radius: 4px; }
+.chart { margin: 0.8rem 0; }
 .chart svg { width: 100%; height: auto; }
+.verdict li { margin: 0.3rem 0; font-size: 1.05em; }
 .legend span { display: inline-block; margin-right: 1rem; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; vertical-align: -0.1em; margin-right: 0.3em; }
 @media print {
@@ -89,7 +104,11 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
     for line in degraded_lines(summary) {
         out.push_str(&format!("<p class=\"bad warning\">{}</p>\n", escape(&line)));
     }
-    out.push_str("<h2>Stacks</h2>\n");
+    out.push_str("<h2>Verdict</h2>\n<ul class=\"verdict\">\n");
+    for line in super::verdict::verdict(summary) {
+        out.push_str(&format!("<li>{}</li>\n", inline_code(&escape(&line))));
+    }
+    out.push_str("</ul>\n<h2>Stacks</h2>\n");
     out.push_str(&table(stacks_rows(summary)));
     for s in summary.stacks.iter().filter(|s| s.error.is_some()) {
         out.push_str(&format!(
@@ -102,9 +121,25 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
 
     let faults = fault_names(summary);
     if !faults.is_empty() {
-        out.push_str("<h2>Recovery</h2>\n<div class=\"chart\">");
+        out.push_str("<h2>Recovery</h2>\n<figure class=\"chart\" data-metric=\"recovery\">");
         out.push_str(&charts::recovery_comparison(summary)?);
-        out.push_str("</div>\n<h2>Faults</h2>\n");
+        out.push_str("</figure>\n");
+    }
+    let charts = charts::metric_charts(summary)?;
+    if !charts.is_empty() {
+        out.push_str("<h2>Over time</h2>\n<p class=\"legend note\"><span><span class=\"swatch\" style=\"background:rgba(230,120,0,0.25)\"></span>a fault in force, or a stack not yet recovered from it</span><span>a thin line in a stack's colour: it recovered</span><span><span class=\"swatch\" style=\"background:rgb(200,30,30)\"></span>unrecovered when the load ended</span>. Stacks ran one after another; each line is on its own stack's clock.</p>\n");
+    }
+    for chart in charts {
+        out.push_str(&format!(
+            "<figure class=\"chart\" data-metric=\"{}\" aria-label=\"{}\">",
+            chart.id,
+            escape(chart.title)
+        ));
+        out.push_str(&chart.svg);
+        out.push_str("</figure>\n");
+    }
+    if !faults.is_empty() {
+        out.push_str("<h2>Faults</h2>\n");
         for (name, action) in &faults {
             out.push_str(&format!("<h3>{} ({})</h3>\n", escape(name), escape(action)));
             out.push_str(&table(fault_rows(summary, name)));
@@ -129,13 +164,6 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
     );
     out.push_str(&table(outcomes_rows(summary)));
 
-    for stack in &summary.stacks {
-        out.push_str(&format!("<h2>{} over time</h2>\n", escape(&stack.name)));
-        out.push_str("<p class=\"legend note\"><span><span class=\"swatch\" style=\"background:rgba(230,120,0,0.35)\"></span>fault in force or not yet recovered</span><span><span class=\"swatch\" style=\"background:rgb(20,150,60)\"></span>recovered</span><span><span class=\"swatch\" style=\"background:rgb(200,30,30)\"></span>unrecovered</span></p>\n");
-        out.push_str("<div class=\"chart\">");
-        out.push_str(&charts::stack_timeline(stack)?);
-        out.push_str("</div>\n");
-    }
     out.push_str("</body>\n</html>\n");
     Ok(out)
 }

@@ -2,7 +2,9 @@
 //!
 //! Start at [`rebuild`]: it reads `playbook.yaml`, `events.jsonl`,
 //! `requests.jsonl` and `metrics.jsonl` (when engines were scraped),
-//! summarises every stack with [`crate::measure`], and writes `summary.json`, `report.md` and `report.html`. It works on a
+//! summarises every stack with [`crate::measure`], and writes `summary.json`,
+//! `report.md`, `report.html` and `vllm-bench/` (each phase as a `vllm
+//! bench serve` result, [`vllm_bench`]). It works on a
 //! finished run, an interrupted one, and one that was killed (its last line
 //! cut short). [`markdown`], [`html`] and [`terminal`] are pure renderings
 //! of a [`Summary`]; [`combine`] puts several runs side by side.
@@ -10,6 +12,8 @@
 mod charts;
 mod html;
 mod tables;
+mod verdict;
+pub mod vllm_bench;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,6 +30,7 @@ use crate::record::{Gaps, Outcome, Record};
 
 pub use html::html;
 pub use tables::{markdown, terminal};
+pub use verdict::verdict;
 
 /// "1 stack", "2 stacks".
 pub fn plural(n: usize, what: &str) -> String {
@@ -103,9 +108,17 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
         .unwrap_or_default();
     // A run killed before it could say how it ended was interrupted.
     let mut status = RunStatus::Interrupted;
+    let mut started_utc = None;
     for event in events {
         match &event.kind {
-            EventKind::RunStarted { run_id: id, .. } => run_id = id.clone(),
+            EventKind::RunStarted { run_id: id, .. } => {
+                run_id = id.clone();
+                started_utc = chrono::Duration::from_std(
+                    std::time::Duration::try_from_secs_f64(event.t_s).unwrap_or_default(),
+                )
+                .ok()
+                .and_then(|since| event.utc.checked_sub_signed(since));
+            }
             EventKind::RunFinished { status: s } => status = *s,
             _ => {}
         }
@@ -168,14 +181,22 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     if requests.exists() {
         itl_by_phase(&requests, &starts, &mut stacks)?;
     }
-    Ok(Summary {
+    let mut summary = Summary {
         run_id,
         playbook: pb.name,
         playbook_sha256,
         status,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        started_utc,
         stacks,
-    })
+        gate: None,
+    };
+    if let Some(policy) = &pb.gate {
+        summary.gate = Some(crate::gate::outcome(&crate::gate::judge(
+            &summary, policy, None,
+        )));
+    }
+    Ok(summary)
 }
 
 /// The parts of a record that ITL percentiles need; the rest is skipped.
@@ -232,6 +253,17 @@ pub fn write(summary: &Summary, dir: &Path) -> anyhow::Result<()> {
     std::fs::write(dir.join("summary.json"), json).context("cannot write summary.json")?;
     std::fs::write(dir.join("report.md"), markdown(summary)).context("cannot write report.md")?;
     std::fs::write(dir.join("report.html"), html(summary)?).context("cannot write report.html")?;
+    // A run's own directory: its phases as `vllm bench serve` results too.
+    if let Ok(pb) = faults::read_playbook(&dir.join("playbook.yaml")) {
+        let out = dir.join("vllm-bench");
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        for (name, value) in vllm_bench::export(summary, &pb) {
+            let path = out.join(name);
+            std::fs::write(&path, serde_json::to_vec_pretty(&value)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
     Ok(())
 }
 
@@ -269,7 +301,10 @@ pub fn combine(runs: Vec<Summary>) -> Summary {
             .find(|s| *s != RunStatus::Completed)
             .unwrap_or(RunStatus::Completed),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        started_utc: runs.iter().filter_map(|r| r.started_utc).min(),
         stacks: Vec::new(),
+        // Each run was gated on its own; side by side there is no one policy.
+        gate: None,
     };
     for run in runs {
         for mut stack in run.stacks {

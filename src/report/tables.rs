@@ -114,6 +114,18 @@ pub fn phase_rows(stack: &StackSummary) -> Rows {
     ])];
     let fixed = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into());
     for p in &stack.phases {
+        // A fault recovered from at once has an empty phase: no data is
+        // not bad data, so it says what happened instead.
+        if p.to_s - p.from_s < 0.001 && p.name.starts_with("during ") {
+            let mut row = vec![
+                p.name.clone(),
+                format!("{:.1} s", p.from_s),
+                "recovered at once".to_string(),
+            ];
+            row.resize(rows[0].len(), String::new());
+            rows.push(row);
+            continue;
+        }
         rows.push(vec![
             p.name.clone(),
             format!("{:.1}–{:.1} s", p.from_s, p.to_s),
@@ -401,7 +413,11 @@ pub fn markdown(summary: &Summary) -> String {
     {
         out.push('\n');
     }
-    out.push_str("## Stacks\n\n");
+    out.push_str("## Verdict\n\n");
+    for line in super::verdict::verdict(summary) {
+        out.push_str(&format!("- {line}\n"));
+    }
+    out.push_str("\n## Stacks\n\n");
     out.push_str(&as_markdown(stacks_rows(summary)));
     for s in summary.stacks.iter().filter(|s| s.error.is_some()) {
         out.push_str(&format!(
@@ -491,6 +507,21 @@ pub fn degraded_lines(summary: &Summary) -> Vec<String> {
 /// The tables printed at the end of `shakedown run` and by `shakedown report`.
 pub fn terminal(summary: &Summary) -> String {
     let mut out = String::new();
+    // A run that ended before any load (a failed preflight) has no figure
+    // to show: its reason was printed when it happened, once is enough.
+    if !summary.stacks.is_empty()
+        && summary
+            .stacks
+            .iter()
+            .all(|s| s.validity.verdict == Validity::NotMeasured)
+    {
+        out.push_str(&format!(
+            "nothing was measured: {} ended before {} load began (the reason is above, and in events.jsonl)\n",
+            super::plural(summary.stacks.len(), "stack"),
+            if summary.stacks.len() == 1 { "its" } else { "their" }
+        ));
+        return out;
+    }
     for line in degraded_lines(summary) {
         out.push_str(&format!("WARNING: {line}\n"));
     }
@@ -504,6 +535,9 @@ pub fn terminal(summary: &Summary) -> String {
         out.push_str("\n\nwhile several faults overlapped (counted once, here)\n");
         out.push_str(&as_boxes(overlaps));
     }
-    out.push('\n');
+    out.push_str("\n\nverdict\n");
+    for line in super::verdict::verdict(summary) {
+        out.push_str(&format!("  - {line}\n"));
+    }
     out
 }

@@ -28,6 +28,9 @@ pub enum EventKind {
     RunStarted {
         run_id: String,
         playbook: String,
+        /// What was run, as `--label` named it (a release, `v0.3.1`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        label: Option<String>,
     },
     RunFinished {
         status: RunStatus,

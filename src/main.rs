@@ -40,6 +40,9 @@ enum Command {
         /// Gate the run at its end with the playbook's `gate:` policy; the exit code is the gate's.
         #[arg(long)]
         gate: bool,
+        /// What is being tested, such as a release (`v0.3.1`): `shakedown report` over several runs names them by it and shows the trend.
+        #[arg(long)]
+        label: Option<String>,
     },
     /// Pass or fail a run against its policy and, optionally, a baseline run. Exit 0 pass, 1 fail, 2 could not judge.
     Gate {
@@ -201,7 +204,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             reports,
             quiet,
             gate,
-        } => run_playbook(&playbook, &overrides.overrides(), reports, quiet, gate).await,
+            label,
+        } => {
+            let options = run::RunOptions {
+                reports_dir: reports,
+                quiet,
+                exe: std::env::current_exe()
+                    .context("cannot find the shakedown binary to start engines and routers")?,
+                label,
+            };
+            run_playbook(&playbook, &overrides.overrides(), options, gate).await
+        }
         Command::Plan {
             playbook,
             overrides,
@@ -284,8 +297,7 @@ fn validate(playbooks: &[PathBuf]) -> ExitCode {
 async fn run_playbook(
     path: &Path,
     overrides: &playbook::Overrides,
-    reports: PathBuf,
-    quiet: bool,
+    options: run::RunOptions,
     with_gate: bool,
 ) -> anyhow::Result<ExitCode> {
     let loaded = match faults::load_playbook_with(path, overrides) {
@@ -294,13 +306,6 @@ async fn run_playbook(
             print_playbook_error(&err);
             return Ok(ExitCode::from(2));
         }
-    };
-    let exe = std::env::current_exe()
-        .context("cannot find the shakedown binary to start engines and routers")?;
-    let options = run::RunOptions {
-        reports_dir: reports,
-        quiet,
-        exe,
     };
     let result = run::run(&loaded, &options).await?;
     println!("{}", report::terminal(&result.summary));

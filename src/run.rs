@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// The shakedown binary that local clusters start as engines and routers.
     pub exe: PathBuf,
+    /// What is being run (a release), kept in the run for trend reports.
+    pub label: Option<String>,
 }
 
 pub struct RunResult {
@@ -103,6 +105,7 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     run_log.emit(EventKind::RunStarted {
         run_id: run_id.clone(),
         playbook: pb.name.clone(),
+        label: options.label.clone(),
     });
 
     let (stop_tx, stop) = watch::channel(false);

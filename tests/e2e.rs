@@ -38,7 +38,9 @@ faults:
 
 #[test]
 fn a_router_kill_is_measured_as_the_cluster_saw_it() {
-    let mut run = start(ROUTER_KILL);
+    let mut run = start_with(ROUTER_KILL, |command| {
+        command.args(["--label", "v0.3.1"]);
+    });
     let (status, stderr) = run.wait(Duration::from_secs(60));
     assert!(status.success(), "{stderr}");
     let dir = run.run_dir();
@@ -71,6 +73,11 @@ fn a_router_kill_is_measured_as_the_cluster_saw_it() {
 
     // The measured recovery is the cluster's ground truth, within 0.5 s.
     let summary = summary(&dir);
+    assert_eq!(
+        summary.label.as_deref(),
+        Some("v0.3.1"),
+        "--label kept in the run"
+    );
     let fault = &summary.stacks[0].faults[0];
     let measured = fault.recovery_s.expect("recovered");
     let truth = ready - injected;

@@ -205,6 +205,61 @@ fn several_runs_are_compared_as_if_one() {
     assert!(out.join("report.html").exists());
 }
 
+/// Runs labelled by release (`run --label`) are named by their labels and
+/// get a trend per stack and fault, oldest first, with the changes.
+#[test]
+fn runs_of_several_releases_show_a_trend_named_by_their_labels() {
+    let (dir, run) = fixture();
+    let mut runs = Vec::new();
+    for (day, label) in [("20261124", "v0.3.0"), ("20261125", "v0.3.1")] {
+        let labelled = dir.path().join(format!("{day}T000000Z-golden-{label}"));
+        std::fs::create_dir(&labelled).unwrap();
+        for file in ["playbook.yaml", "requests.jsonl"] {
+            std::fs::copy(run.join(file), labelled.join(file)).unwrap();
+        }
+        let events = std::fs::read_to_string(run.join("events.jsonl"))
+            .unwrap()
+            .replace("20261124T000000Z", &format!("{day}T000000Z"))
+            .replacen(
+                "\"event\": \"run_started\"",
+                &format!("\"event\": \"run_started\", \"label\": \"{label}\""),
+                1,
+            );
+        std::fs::write(labelled.join("events.jsonl"), events).unwrap();
+        runs.push(labelled);
+    }
+    let out = dir.path().join("trend");
+    let output = Command::new(BIN)
+        .arg("report")
+        .args(&runs)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Across runs"), "{md}");
+    assert!(
+        md.contains("| alpha @ v0.3.0 "),
+        "stacks named by label: {md}"
+    );
+    let trend: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| alpha | kill-engine"))
+        .collect();
+    assert_eq!(trend.len(), 2, "{md}");
+    assert!(trend[0].contains("v0.3.0") && trend[1].contains("v0.3.1"));
+    // The same figures twice: no change.
+    assert!(trend[1].contains("| same "), "{}", trend[1]);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["trend"][0]["points"][1]["run"], "v0.3.1");
+}
+
 /// The quick start's own run (`make run`, copied from a real run into
 /// `tests/fixtures/quickstart-run`), with its engines' scraped metrics.
 fn quickstart() -> (tempfile::TempDir, PathBuf) {

@@ -64,6 +64,7 @@ fn stack(availability: f64, truncated: u64, faults: Vec<FaultSummary>) -> StackS
 fn run(stacks: Vec<StackSummary>) -> Summary {
     Summary {
         run_id: "r".into(),
+        label: None,
         playbook: "p".into(),
         playbook_sha256: String::new(),
         status: RunStatus::Completed,
@@ -71,6 +72,7 @@ fn run(stacks: Vec<StackSummary>) -> Summary {
         started_utc: None,
         stacks,
         gate: None,
+        trend: Vec::new(),
     }
 }
 

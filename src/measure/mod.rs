@@ -134,6 +134,9 @@ pub struct MeasureSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub run_id: String,
+    /// The run's `--label` (a release), when it was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     pub playbook: String,
     /// sha256 of `playbook.yaml` as run: which playbook made these numbers.
     #[serde(default)]
@@ -150,6 +153,31 @@ pub struct Summary {
     /// the report states it beside the verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateOutcome>,
+    /// Over several runs (`shakedown report` on runs of several releases):
+    /// each stack's faults run by run, filled by the report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trend: Vec<Trend>,
+}
+
+/// One stack's fault in one run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrendPoint {
+    /// The run's label, or its id.
+    pub run: String,
+    /// `None` when it did not recover, or the fault did not happen.
+    pub recovery_s: Option<f64>,
+    /// As the fault table says it: "2.49 s", "unrecovered", "not injected".
+    pub recovery: String,
+    pub failed: u64,
+    pub ttft_p99_ratio: Option<f64>,
+}
+
+/// A stack's fault over the runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Trend {
+    pub stack: String,
+    pub fault: String,
+    pub points: Vec<TrendPoint>,
 }
 
 /// What a playbook's `gate:` said of a run, in words a report can print.

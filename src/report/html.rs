@@ -108,7 +108,12 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
     for line in super::verdict::verdict(summary) {
         out.push_str(&format!("<li>{}</li>\n", inline_code(&escape(&line))));
     }
-    out.push_str("</ul>\n<h2>Stacks</h2>\n");
+    out.push_str("</ul>\n");
+    if !summary.trend.is_empty() {
+        out.push_str("<h2>Across runs</h2>\n<p class=\"note\">Each stack's faults run by run, in the order the runs were given, with the change from the run before.</p>\n");
+        out.push_str(&table(super::trend::trend_rows(&summary.trend)));
+    }
+    out.push_str("<h2>Stacks</h2>\n");
     out.push_str(&table(stacks_rows(summary)));
     for s in summary.stacks.iter().filter(|s| s.error.is_some()) {
         out.push_str(&format!(

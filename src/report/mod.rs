@@ -12,6 +12,7 @@
 mod charts;
 mod html;
 mod tables;
+mod trend;
 mod verdict;
 pub mod vllm_bench;
 
@@ -109,10 +110,16 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     // A run killed before it could say how it ended was interrupted.
     let mut status = RunStatus::Interrupted;
     let mut started_utc = None;
+    let mut label = None;
     for event in events {
         match &event.kind {
-            EventKind::RunStarted { run_id: id, .. } => {
+            EventKind::RunStarted {
+                run_id: id,
+                label: given,
+                ..
+            } => {
                 run_id = id.clone();
+                label = given.clone();
                 started_utc = chrono::Duration::from_std(
                     std::time::Duration::try_from_secs_f64(event.t_s).unwrap_or_default(),
                 )
@@ -183,6 +190,7 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     }
     let mut summary = Summary {
         run_id,
+        label,
         playbook: pb.name,
         playbook_sha256,
         status,
@@ -190,6 +198,7 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
         started_utc,
         stacks,
         gate: None,
+        trend: Vec::new(),
     };
     if let Some(policy) = &pb.gate {
         summary.gate = Some(crate::gate::outcome(&crate::gate::judge(
@@ -268,7 +277,8 @@ pub fn write(summary: &Summary, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Several runs as if one: their stacks side by side, each named after its
-/// run when names would clash, and faults compared by name.
+/// run (its `--label`, else its id) when names would clash, faults compared
+/// by name, and the trend of each stack's faults across the runs.
 pub fn combine(runs: Vec<Summary>) -> Summary {
     if runs.len() == 1 {
         return runs.into_iter().next().unwrap_or_else(|| unreachable!());
@@ -279,7 +289,10 @@ pub fn combine(runs: Vec<Summary>) -> Summary {
             *names.entry(stack.name.clone()).or_default() += 1;
         }
     }
+    let trend = trend::trends(&runs);
     let mut combined = Summary {
+        label: None,
+        trend,
         run_id: runs
             .iter()
             .map(|r| r.run_id.as_str())
@@ -307,9 +320,10 @@ pub fn combine(runs: Vec<Summary>) -> Summary {
         gate: None,
     };
     for run in runs {
+        let run_name = trend::run_name(&run).to_string();
         for mut stack in run.stacks {
             if names.get(&stack.name).copied().unwrap_or(0) > 1 {
-                stack.name = format!("{} @ {}", stack.name, run.run_id);
+                stack.name = format!("{} @ {run_name}", stack.name);
             }
             // The same run given twice: number the copies apart.
             let base = stack.name.clone();

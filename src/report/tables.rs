@@ -417,6 +417,11 @@ pub fn markdown(summary: &Summary) -> String {
     for line in super::verdict::verdict(summary) {
         out.push_str(&format!("- {line}\n"));
     }
+    if !summary.trend.is_empty() {
+        out.push_str("\n## Across runs\n\nEach stack's faults run by run, in the order the runs were given, with the change from the run before.\n\n");
+        out.push_str(&as_markdown(super::trend::trend_rows(&summary.trend)));
+        out.push('\n');
+    }
     out.push_str("\n## Stacks\n\n");
     out.push_str(&as_markdown(stacks_rows(summary)));
     for s in summary.stacks.iter().filter(|s| s.error.is_some()) {
@@ -534,6 +539,10 @@ pub fn terminal(summary: &Summary) -> String {
     if overlaps.len() > 1 {
         out.push_str("\n\nwhile several faults overlapped (counted once, here)\n");
         out.push_str(&as_boxes(overlaps));
+    }
+    if !summary.trend.is_empty() {
+        out.push_str("\n\nacross runs (oldest first)\n");
+        out.push_str(&as_boxes(super::trend::trend_rows(&summary.trend)));
     }
     out.push_str("\n\nverdict\n");
     for line in super::verdict::verdict(summary) {

@@ -293,6 +293,7 @@ mod tests {
     fn summary(stacks: Vec<StackSummary>) -> Summary {
         Summary {
             run_id: "r".into(),
+            label: None,
             playbook: "p".into(),
             playbook_sha256: String::new(),
             status: crate::events::RunStatus::Completed,
@@ -300,6 +301,7 @@ mod tests {
             started_utc: None,
             stacks,
             gate: None,
+            trend: Vec::new(),
         }
     }
 

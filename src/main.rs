@@ -62,6 +62,12 @@ enum Command {
         #[arg(required = true)]
         playbooks: Vec<PathBuf>,
     },
+    /// Print the playbook's JSON Schema, for editors (`# yaml-language-server: $schema=...`).
+    Schema {
+        /// The same as a reference page in markdown (docs/playbook.md).
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Show what a playbook would do: per stack, the fault timeline and blast radius. Injects nothing.
     Plan {
         playbook: PathBuf,
@@ -152,7 +158,10 @@ fn main() -> ExitCode {
     // cleanup must not: it has faults to revert.
     if matches!(
         cli.command,
-        Command::Validate { .. } | Command::Plan { .. } | Command::Rbac { .. }
+        Command::Validate { .. }
+            | Command::Plan { .. }
+            | Command::Rbac { .. }
+            | Command::Schema { .. }
     ) {
         // SAFETY: restoring a signal's default action before any thread
         // starts has no handler to race with.
@@ -187,6 +196,17 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { playbooks } => Ok(validate(&playbooks)),
+        Command::Schema { markdown: true } => {
+            print!("{}", faults::playbook_reference());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema { markdown: false } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&faults::playbook_schema())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Gate {
             run,
             baseline,

@@ -119,3 +119,73 @@ fn empty_missing_and_binary_files_are_errors_not_panics() {
         assert_eq!(run.status.code(), Some(2), "run {}", file.display());
     }
 }
+
+/// The committed JSON Schema is what `shakedown schema` prints, every
+/// shipped playbook points editors at it, validates against it, and a
+/// sample of the bad corpus (what a schema can see: unknown fields, types,
+/// units, names, ranges) is refused by it.
+#[test]
+fn the_json_schema_is_in_sync_and_checks_playbooks_as_an_editor_would() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(BIN).arg("schema").output().unwrap();
+    assert!(output.status.success());
+    let committed = std::fs::read_to_string(root.join("playbook.schema.json")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        committed,
+        "playbook.schema.json is stale: run `shakedown schema > playbook.schema.json`"
+    );
+    let output = Command::new(BIN)
+        .args(["schema", "--markdown"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        std::fs::read_to_string(root.join("docs/playbook.md")).unwrap(),
+        "docs/playbook.md is stale: run `shakedown schema --markdown > docs/playbook.md`"
+    );
+    let shipped = yaml_files("playbooks");
+    for file in &shipped {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(
+            text.starts_with("# yaml-language-server: $schema=../playbook.schema.json\n"),
+            "{}: no schema line for editors",
+            file.display()
+        );
+    }
+    let bad = [
+        "01-api-version",
+        "05-seed-text",
+        "06-duration-no-unit",
+        "12-stacks-not-a-list",
+        "19-nodes-typo",
+        "24-engine-field-typo",
+        "35-arrival-unknown",
+        "38-rate-absurd",
+        "43-api-unknown",
+        "47-max-in-flight-zero",
+        "94-max-in-flight-huge",
+    ];
+    let mut args: Vec<String> = shipped
+        .iter()
+        .map(|f| format!("+{}", f.display()))
+        .collect();
+    args.extend(bad.iter().map(|name| {
+        format!(
+            "-{}",
+            root.join(format!("tests/playbooks/invalid/{name}.yaml"))
+                .display()
+        )
+    }));
+    let output = Command::new("python3")
+        .arg(root.join("tests/scripts/check_schema.py"))
+        .arg(root.join("playbook.schema.json"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -29,7 +29,7 @@ use crate::cluster::local::{Phase, RoleKind};
 use crate::events::Effect;
 use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuFailure {
     /// The node; by default a seeded pick among the GPU nodes hosting the role.

@@ -216,6 +216,9 @@ pub trait Action: Sized + serde::de::DeserializeOwned + Send + Sync {
 }
 
 mod ephemeral;
+mod schema;
+
+pub use schema::{playbook_reference, playbook_schema};
 
 /// The closed list of actions, and the dispatch from the enum to each.
 macro_rules! registry {
@@ -282,6 +285,20 @@ macro_rules! registry {
                     #[allow(unreachable_patterns)]
                     (spec, _) => anyhow::bail!("internal: a `{}` fault was given another fault's state to revert", spec.action()),
                 }
+            }
+
+            /// The JSON Schema of a fault: one of the actions, each with
+            /// the common fields and its own.
+            fn fault_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                let variants = vec![$(
+                    schema::action_schema::<$module::$spec>(generator, <$module::$spec as Action>::NAME),
+                )*];
+                schemars::json_schema!({
+                    "description": "A fault: `name`, `at`, `action`, `target` (and `stacks`), and the action's own fields.",
+                    "type": "object",
+                    "required": ["name", "at", "action", "target"],
+                    "oneOf": variants
+                })
             }
 
             /// One example of each action, as the docs show them.

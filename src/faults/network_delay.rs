@@ -26,7 +26,7 @@ use crate::cluster::kubernetes::{PodRef, chaos_mesh};
 use crate::cluster::local::proxy::Shaping;
 use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkDelay {
     /// How long each chunk is held.
@@ -55,7 +55,7 @@ pub struct NetworkDelay {
 }
 
 /// How a delay is applied on Kubernetes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum DelayMechanism {
     /// `tc netem` in an ephemeral container that removes it itself.
@@ -65,7 +65,7 @@ pub enum DelayMechanism {
     ChaosMesh,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     #[default]

@@ -41,7 +41,7 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// How long refused evictions are retried when the playbook gives no `timeout`.
 const DEFAULT_EVICTION_TIMEOUT: Duration = Duration::from_secs(300);
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeDrain {
     /// The node to drain; by default a seeded pick among the GPU nodes

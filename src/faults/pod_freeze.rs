@@ -35,7 +35,7 @@ use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 /// A small image with `sh`, `readlink` and `kill`, unless the fault names another.
 pub const DEFAULT_IMAGE: &str = "busybox:1.36";
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PodFreeze {
     /// How many of the role's pods; 1 when neither this nor `percent`.

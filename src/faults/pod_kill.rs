@@ -22,7 +22,7 @@ use crate::cluster::kubernetes::rbac::Permission;
 use crate::cluster::local::Phase;
 use crate::playbook::{ClusterKind, HumanDuration, Problem, Stack};
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PodKill {
     /// How many of the role's pods; 1 when neither this nor `percent`.

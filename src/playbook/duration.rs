@@ -123,6 +123,22 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// In the playbook's JSON Schema: a string, a number with a unit.
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^\\s*([0-9]+(\\.[0-9]+)?(ms|s|m|h))+\\s*$",
+            "description": "A duration with a unit: `200ms`, `8s`, `1.5s`, `5m`, `1h30m`.",
+            "examples": ["500ms", "10s", "5m"]
+        })
+    }
+}
+
 impl Serialize for HumanDuration {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)

@@ -17,14 +17,14 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// The longest prompt or output shakedown will ask for.
 pub const MAX_TOKENS: u32 = 1_000_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum TokenCount {
     Fixed(u32),
     Spread(Spread),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DistKind {
     Uniform,
@@ -32,7 +32,7 @@ pub enum DistKind {
     Lognormal,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Spread {
     pub dist: DistKind,

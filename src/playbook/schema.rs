@@ -22,26 +22,42 @@ use serde::{Deserialize, Serialize};
 use super::duration::HumanDuration;
 pub use super::lengths::TokenCount;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[serde(bound(deserialize = "Fault<S>: Deserialize<'de>"))]
+#[schemars(bound = "Fault<S>: schemars::JsonSchema", rename = "Playbook")]
 pub struct Playbook<S> {
+    /// The schema's version: `shakedown/v1`.
     #[serde(rename = "apiVersion")]
+    #[schemars(extend("const" = "shakedown/v1"))]
     pub api_version: String,
+    /// Names the run's directory: letters, digits, `-`, `_`, `.`.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]+$"), length(min = 1, max = 63))]
     pub name: String,
+    /// In words, for the report.
     #[serde(default)]
     pub description: String,
+    /// Seeds arrivals, prompts and which pods a fault picks: the same seed
+    /// makes the same run.
     #[serde(default)]
     pub seed: u64,
+    /// How long each stack is under load.
     pub duration: HumanDuration,
+    /// Stacks one after another (`sequential`), or all at once.
     #[serde(default)]
     pub schedule: Schedule,
+    /// The stacks to compare, each under the same load and faults.
+    #[schemars(length(min = 1))]
     pub stacks: Vec<Stack>,
+    /// The load every stack gets: open-loop arrivals at `rate`.
     pub load: Load,
+    /// What normal is, and when a stack counts as recovered.
     #[serde(default)]
     pub steady_state: SteadyState,
-    #[serde(default = "Vec::new")]
+    /// What breaks, and when.
+    #[serde(default)]
     pub faults: Vec<Fault<S>>,
+    /// Stop a stack early when its success rate stays below a threshold.
     #[serde(default)]
     pub abort: Option<Abort>,
     /// The pass/fail policy of `shakedown gate` (and `run --gate`).
@@ -54,7 +70,7 @@ pub struct Playbook<S> {
 
 /// Past these limits a stack's results are `degraded`: the load generator
 /// fell behind its schedule, or a fault went in late.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValidityLimits {
     /// Send lag (sent − scheduled) p99 over the stack's requests.
@@ -83,7 +99,9 @@ impl Default for ValidityLimits {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     #[default]
@@ -91,7 +109,7 @@ pub enum Schedule {
     Parallel,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Stack {
     pub name: String,
@@ -133,7 +151,7 @@ impl Stack {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Scrape {
     #[serde(default = "Scrape::default_interval")]
@@ -152,7 +170,7 @@ impl Scrape {
 /// A named group of pods a fault may target. On Kubernetes, pods chosen by
 /// a label `selector` (in `namespace`, or the stack's); on a local cluster,
 /// processes started from `command:` beside the engines and the router.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Role {
     // kind: kubernetes
@@ -175,7 +193,9 @@ pub struct Role {
     pub health: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ClusterKind {
     Local,
@@ -185,14 +205,16 @@ pub enum ClusterKind {
     Endpoint,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     pub kind: ClusterKind,
     // kind: local
     #[serde(default)]
+    #[schemars(range(min = 1, max = 64))]
     pub nodes: Option<u32>,
     #[serde(default)]
+    #[schemars(range(min = 1, max = 16))]
     pub gpus_per_node: Option<u32>,
     #[serde(default)]
     pub engine: Option<LocalEngine>,
@@ -213,10 +235,11 @@ pub struct ClusterSpec {
     pub gpu_resource: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocalEngine {
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub replicas: u32,
     /// Model load time: `/health` answers 200 only after it.
     #[serde(default = "LocalEngine::default_startup")]
@@ -268,7 +291,18 @@ impl Default for LocalEngine {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Deserialize,
+    Serialize,
+    clap::ValueEnum,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum RoutingPolicy {
     #[default]
@@ -278,7 +312,18 @@ pub enum RoutingPolicy {
     PrefixHash,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Deserialize,
+    Serialize,
+    clap::ValueEnum,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Discovery {
     #[default]
@@ -286,7 +331,7 @@ pub enum Discovery {
     HealthCheck,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocalRouter {
     #[serde(default)]
@@ -295,6 +340,7 @@ pub struct LocalRouter {
     pub discovery: Discovery,
     /// Retries on a connection failure before the first byte.
     #[serde(default)]
+    #[schemars(range(max = 10))]
     pub retries: u32,
     /// How late the router learns of readiness changes (discovery: watch).
     #[serde(default = "LocalRouter::default_watch_lag")]
@@ -345,7 +391,9 @@ impl Default for LocalRouter {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Arrival {
     Constant,
@@ -354,21 +402,26 @@ pub enum Arrival {
     Gamma,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Load {
+    /// How requests are spaced: `poisson`, `gamma` (with `burstiness`) or
+    /// `constant`; always open loop, so a stalled stack cannot slow it.
     #[serde(default)]
     pub arrival: Arrival,
     /// Shape of gamma arrivals: 1 is Poisson, below 1 burstier.
     #[serde(default)]
     pub burstiness: Option<f64>,
     /// Requests per second, per stack (the rate reached, with `ramp_from`).
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 100000))]
     pub rate: f64,
     /// Start at this rate and rise linearly to `rate` over the run, as
     /// `vllm bench serve --ramp-up-strategy linear` does.
     #[serde(default)]
     pub ramp_from: Option<f64>,
     #[serde(default = "Load::default_max_in_flight")]
+    /// Requests outstanding at most; one more is recorded `dropped`, not delayed.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub max_in_flight: u64,
     pub request: RequestSpec,
     #[serde(default = "Load::default_timeout")]
@@ -383,7 +436,7 @@ pub struct Load {
 
 /// Users who each hold a conversation of `rounds` questions, every round
 /// sending the whole history so far, then start a new one.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Sessions {
     pub users: u32,
@@ -403,7 +456,7 @@ impl Sessions {
 }
 
 /// As `vllm bench serve --goodput ttft:… tpot:… e2el:…`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestSlo {
     #[serde(default)]
@@ -424,7 +477,9 @@ impl Load {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Api {
     #[default]
@@ -432,7 +487,7 @@ pub enum Api {
     Completions,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestSpec {
     #[serde(default)]
@@ -449,14 +504,16 @@ pub struct RequestSpec {
     pub prompts: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SteadyState {
+    /// Left out of availability: the stack warming up under load.
     #[serde(default)]
     pub warmup: HumanDuration,
     /// Length of the window before the first fault that sets the baseline.
     #[serde(default = "SteadyState::default_baseline")]
     pub baseline: HumanDuration,
+    /// When a stack counts as recovered after a fault.
     #[serde(default)]
     pub recovered_when: RecoveredWhen,
 }
@@ -477,14 +534,17 @@ impl Default for SteadyState {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecoveredWhen {
+    /// The share of requests that must end well, over `hold`.
     #[serde(default = "RecoveredWhen::default_success_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub success_rate: f64,
     /// TTFT p99 may be at most this multiple of the baseline's.
     #[serde(default)]
     pub ttft_p99_ratio: Option<f64>,
+    /// How long the stack must stay recovered to count.
     #[serde(default = "RecoveredWhen::default_hold")]
     pub hold: HumanDuration,
 }
@@ -624,7 +684,7 @@ impl<'de> Deserialize<'de> for Fault<Params> {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Abort {
     pub success_rate_below: f64,
@@ -632,10 +692,11 @@ pub struct Abort {
     pub for_: HumanDuration,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Gate {
     #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub availability: Option<f64>,
     #[serde(default)]
     pub max_recovery: Option<HumanDuration>,
@@ -656,7 +717,9 @@ pub struct Gate {
 }
 
 /// What the gate makes of a drain its disruption budgets held.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum PdbBlock {
     #[default]
@@ -666,7 +729,7 @@ pub enum PdbBlock {
 
 /// Tolerances against a baseline run: a figure fails when it is worse than
 /// the baseline's by more than both its relative and its absolute allowance.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Regression {
     /// Relative allowance on recovery times and truncated streams.

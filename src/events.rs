@@ -281,6 +281,8 @@ pub struct EventLog {
     sink: JsonlSink<Event>,
     stack: Option<Arc<str>>,
     origin: Instant,
+    /// Live readers of the events (Grafana annotations, metrics).
+    tap: Option<tokio::sync::broadcast::Sender<Event>>,
 }
 
 impl EventLog {
@@ -289,7 +291,14 @@ impl EventLog {
             sink,
             stack: stack.map(Arc::from),
             origin,
+            tap: None,
         }
+    }
+
+    /// The same log, also sending a copy of each event to `tap`.
+    pub fn with_tap(mut self, tap: Option<tokio::sync::broadcast::Sender<Event>>) -> Self {
+        self.tap = tap;
+        self
     }
 
     pub fn origin(&self) -> Instant {
@@ -308,11 +317,16 @@ impl EventLog {
     }
 
     pub fn emit(&self, kind: EventKind) {
-        self.sink.send(Event {
+        let event = Event {
             t_s: self.now_s(),
             utc: Utc::now(),
             stack: self.stack.as_deref().map(str::to_string),
             kind,
-        });
+        };
+        if let Some(tap) = &self.tap {
+            // No reader is no error: the live outputs are optional.
+            let _ = tap.send(event.clone());
+        }
+        self.sink.send(event);
     }
 }

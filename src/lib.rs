@@ -32,6 +32,7 @@ pub mod report;
 pub mod router;
 pub mod run;
 pub mod state;
+pub mod telemetry;
 pub mod timeline;
 pub mod tokens;
 

@@ -43,6 +43,12 @@ enum Command {
         /// What is being tested, such as a release (`v0.3.1`): `shakedown report` over several runs names them by it and shows the trend.
         #[arg(long)]
         label: Option<String>,
+        /// Post each fault's window to this Grafana as an annotation (token in GRAFANA_TOKEN), e.g. http://grafana:3000.
+        #[arg(long, value_name = "URL")]
+        grafana: Option<String>,
+        /// Serve the run's live figures in Prometheus text format at http://ADDR/metrics, e.g. 0.0.0.0:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Pass or fail a run against its policy and, optionally, a baseline run. Exit 0 pass, 1 fail, 2 could not judge.
     Gate {
@@ -225,6 +231,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             quiet,
             gate,
             label,
+            grafana,
+            metrics_listen,
         } => {
             let options = run::RunOptions {
                 reports_dir: reports,
@@ -232,6 +240,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 exe: std::env::current_exe()
                     .context("cannot find the shakedown binary to start engines and routers")?,
                 label,
+                grafana: grafana.map(|url| shakedown::telemetry::grafana::Grafana {
+                    url,
+                    token: std::env::var("GRAFANA_TOKEN")
+                        .ok()
+                        .filter(|t| !t.is_empty()),
+                }),
+                metrics_listen,
             };
             run_playbook(&playbook, &overrides.overrides(), options, gate).await
         }

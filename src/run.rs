@@ -60,6 +60,10 @@ pub struct RunOptions {
     pub exe: PathBuf,
     /// What is being run (a release), kept in the run for trend reports.
     pub label: Option<String>,
+    /// Post fault windows to this Grafana as annotations.
+    pub grafana: Option<crate::telemetry::grafana::Grafana>,
+    /// Serve the live figures in Prometheus text format here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub struct RunResult {
@@ -85,6 +89,15 @@ enum StackEnd {
 /// directory itself could not be made or read back.
 pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Result<RunResult> {
     let pb = &loaded.playbook;
+    // A port that cannot be had is found before anything starts.
+    let metrics_listener = match options.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for --metrics-listen"))?,
+        ),
+        None => None,
+    };
     let run_id = format!("{}-{}", Utc::now().format("%Y%m%dT%H%M%SZ"), pb.name);
     let dir = options.reports_dir.join(&run_id);
     std::fs::create_dir_all(&dir)
@@ -101,7 +114,28 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     } else {
         (None, None)
     };
-    let run_log = EventLog::new(events.clone(), None, Instant::now());
+    let telemetry = (options.grafana.is_some() || metrics_listener.is_some())
+        .then(crate::telemetry::Telemetry::new);
+    let tap = telemetry.as_ref().map(|t| t.tap());
+    // Subscribed before the first event, so no fault goes unannotated.
+    let annotations = match (&options.grafana, &telemetry) {
+        (Some(grafana), Some(telemetry)) => Some(tokio::spawn(
+            grafana.clone().annotate(telemetry.subscribe()),
+        )),
+        _ => None,
+    };
+    let follow = telemetry.clone().map(|t| tokio::spawn(t.follow()));
+    let (metrics_stop_tx, metrics_stop) = watch::channel(false);
+    let metrics_server = metrics_listener
+        .zip(telemetry.clone())
+        .map(|(listener, t)| {
+            tokio::spawn(crate::telemetry::prometheus::serve(
+                t,
+                listener,
+                metrics_stop,
+            ))
+        });
+    let run_log = EventLog::new(events.clone(), None, Instant::now()).with_tap(tap.clone());
     run_log.emit(EventKind::RunStarted {
         run_id: run_id.clone(),
         playbook: pb.name.clone(),
@@ -157,6 +191,7 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
             stop: stop.clone(),
             options: options.clone(),
             state: state.clone(),
+            telemetry: telemetry.clone(),
         };
         async move {
             let name = ctx.stack.name.clone();
@@ -211,6 +246,28 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         RunStatus::Completed
     };
     run_log.emit(EventKind::RunFinished { status });
+    if let Some(annotations) = annotations {
+        // RunFinished ends it; a Grafana that hangs gets 10 s, no more.
+        match tokio::time::timeout(Duration::from_secs(10), annotations).await {
+            Ok(Ok(posted)) if posted.failures.is_empty() => {
+                eprintln!("grafana: {} annotations posted", posted.annotations);
+            }
+            Ok(Ok(posted)) => eprintln!(
+                "grafana: {} annotations posted, {} failed (first: {}); the run's figures are unaffected",
+                posted.annotations,
+                posted.failures.len(),
+                posted.failures.first().map_or("", String::as_str)
+            ),
+            _ => eprintln!("grafana: the annotations did not finish within 10 s"),
+        }
+    }
+    metrics_stop_tx.send_replace(true);
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
+    if let Some(follow) = follow {
+        follow.abort();
+    }
     drop((run_log, events, records, metrics));
     // A writer that failed has said so already (the run stopped for it).
     let mut finished = vec![events_writer.finish(), records_writer.finish()];
@@ -252,9 +309,17 @@ struct StackRun<'a> {
     stop: watch::Receiver<bool>,
     options: RunOptions,
     state: Arc<RunState>,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 impl StackRun<'_> {
+    /// Where the faults in force are shown live, besides the progress line.
+    fn live_faults(&self) -> Option<(&crate::telemetry::Telemetry, &str)> {
+        self.telemetry
+            .as_deref()
+            .map(|t| (t, self.stack.name.as_str()))
+    }
+
     /// The playbook's faults that apply to this stack.
     fn faults(&self) -> Vec<&Fault> {
         self.pb.faults_for(&self.stack.name)
@@ -268,7 +333,8 @@ impl StackRun<'_> {
     }
 
     async fn run(self) -> anyhow::Result<StackEnd> {
-        let log = EventLog::new(self.events.clone(), Some(&self.stack.name), Instant::now());
+        let log = EventLog::new(self.events.clone(), Some(&self.stack.name), Instant::now())
+            .with_tap(self.telemetry.as_ref().map(|t| t.tap()));
         log.emit(EventKind::StackStarting);
         let cluster = match self.stack.cluster.kind {
             ClusterKind::Local => {
@@ -365,6 +431,9 @@ impl StackRun<'_> {
             plan.template.model = model;
         }
         let live = Arc::new(LiveStats::default());
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.register(&self.stack.name, live.clone());
+        }
         let current_fault: CurrentFault = Default::default();
         let progress = Progress::start(
             &self.stack.name,
@@ -518,7 +587,7 @@ impl StackRun<'_> {
                     }
                 }
             }
-            show_active(&current_fault, &faults, &timeline);
+            show_active(&current_fault, &faults, &timeline, self.live_faults());
         }
         // Faults without an end stay in force until the load ends or stops.
         if load_result.is_none() {
@@ -542,7 +611,7 @@ impl StackRun<'_> {
                 .await;
             }
         }
-        show_active(&current_fault, &faults, &timeline);
+        show_active(&current_fault, &faults, &timeline, self.live_faults());
         let sent = match load_result {
             Some(result) => result,
             None => load.await,
@@ -656,13 +725,23 @@ async fn revert(
     }
 }
 
-fn show_active(current: &CurrentFault, faults: &[&Fault], timeline: &Timeline) {
+/// The faults in force, on the progress line and in the live metrics.
+fn show_active(
+    current: &CurrentFault,
+    faults: &[&Fault],
+    timeline: &Timeline,
+    live: Option<(&crate::telemetry::Telemetry, &str)>,
+) {
+    let names: Vec<&str> = timeline
+        .in_force()
+        .into_iter()
+        .map(|i| faults[i].name.as_str())
+        .collect();
+    if let Some((telemetry, stack)) = live {
+        let all: Vec<&str> = faults.iter().map(|f| f.name.as_str()).collect();
+        telemetry.in_force(stack, &all, &names);
+    }
     if let Ok(mut shown) = current.lock() {
-        let names: Vec<&str> = timeline
-            .in_force()
-            .into_iter()
-            .map(|i| faults[i].name.as_str())
-            .collect();
         *shown = (!names.is_empty()).then(|| names.join(", "));
     }
 }

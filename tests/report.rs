@@ -482,3 +482,33 @@ fn each_phase_is_exported_as_a_vllm_bench_serve_result_the_same_script_reads() {
         "the quick start sets an SLO"
     );
 }
+
+/// The README's `gate:` example, pasted into a file as it is, is a policy
+/// `--policy` accepts.
+#[test]
+fn the_readme_s_gate_example_works_as_a_policy_file() {
+    let (dir, run) = fixture();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let example = readme
+        .split("```yaml\ngate:")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .map(|body| format!("gate:{body}"))
+        .expect("no `gate:` example in the README");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, example).unwrap();
+    let output = Command::new(BIN)
+        .arg("gate")
+        .arg(&run)
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("error"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("availability"),
+        "the policy's checks were not run"
+    );
+}

@@ -185,11 +185,22 @@ pub fn load_with<S: FaultSpecs>(
 
 /// Reads a gate policy file: the fields of a playbook's `gate:` section.
 pub fn load_gate_policy(path: &Path) -> Result<Gate, PlaybookError> {
+    /// A policy file may also be the section as a playbook has it, under
+    /// `gate:`, pasted as it is.
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Section {
+        gate: Gate,
+    }
     let text = read_text(path)?;
     check_syntax(path, &text)?;
-    let gate: Gate = deserialize_located(path, &text)?;
-    validate::validate_gate(&gate, FieldPath::default())
-        .map_err(|problem| located(path, &text, vec![problem]))?;
+    let (gate, at) = if text.lines().any(|l| l.starts_with("gate:")) {
+        let section: Section = deserialize_located(path, &text)?;
+        (section.gate, FieldPath::default().key("gate"))
+    } else {
+        (deserialize_located(path, &text)?, FieldPath::default())
+    };
+    validate::validate_gate(&gate, at).map_err(|problem| located(path, &text, vec![problem]))?;
     Ok(gate)
 }
 

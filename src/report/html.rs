@@ -132,7 +132,7 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
     }
     let charts = charts::metric_charts(summary)?;
     if !charts.is_empty() {
-        out.push_str("<h2>Over time</h2>\n<p class=\"legend note\"><span><span class=\"swatch\" style=\"background:rgba(230,120,0,0.25)\"></span>a fault in force, or a stack not yet recovered from it</span><span>a thin line in a stack's colour: it recovered</span><span><span class=\"swatch\" style=\"background:rgb(200,30,30)\"></span>unrecovered when the load ended</span>. Stacks ran one after another; each line is on its own stack's clock.</p>\n");
+        out.push_str("<h2>Over time</h2>\n<p class=\"legend note\"><span><span class=\"swatch\" style=\"background:rgba(230,120,0,0.25)\"></span>a fault in force, or a stack not yet recovered from it</span><span>a thin line in a stack's colour: it recovered</span><span><span class=\"swatch\" style=\"background:rgb(200,30,30)\"></span>unrecovered when the load ended</span></p>\n<p class=\"note\">Each line is on its own stack's clock, from the start of its load: stacks that ran one after another are laid over each other.</p>\n");
     }
     for chart in charts {
         out.push_str(&format!(

@@ -110,6 +110,19 @@ pub fn read_each<T: serde::de::DeserializeOwned>(
     path: &Path,
     mut each: impl FnMut(T),
 ) -> anyhow::Result<ReadStats> {
+    read_lines(path, |text| {
+        each(serde_json::from_str::<T>(text)?);
+        Ok(())
+    })
+}
+
+/// As [`read_each`], handing `parse` each line's text, so that it can
+/// deserialize values that borrow from the line (no copy of a stack's
+/// name per record in a million).
+pub fn read_lines(
+    path: &Path,
+    mut parse: impl FnMut(&str) -> Result<(), serde_json::Error>,
+) -> anyhow::Result<ReadStats> {
     use std::io::BufRead;
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
@@ -129,11 +142,8 @@ pub fn read_each<T: serde::de::DeserializeOwned>(
         if text.is_empty() {
             continue;
         }
-        match serde_json::from_str::<T>(text) {
-            Ok(value) => {
-                each(value);
-                stats.lines += 1;
-            }
+        match parse(text) {
+            Ok(()) => stats.lines += 1,
             Err(err) if !line.ends_with('\n') => {
                 // The last line of a killed run, cut mid-way.
                 stats.cut_last_line = true;
@@ -148,6 +158,108 @@ pub fn read_each<T: serde::de::DeserializeOwned>(
     Ok(stats)
 }
 
+/// As [`read_lines`], on every core: the file is split into `parts` byte
+/// ranges at line starts, each read by its own thread into its own state
+/// (made by `init`), and the states come back in file order, for the
+/// caller to merge. A million records is tens of millions of numbers to
+/// parse; one core was the summary's limit.
+pub fn read_lines_split<S: Send>(
+    path: &Path,
+    init: impl Fn() -> S + Sync,
+    parse: impl Fn(&mut S, &str) -> Result<(), serde_json::Error> + Sync,
+) -> anyhow::Result<(Vec<S>, ReadStats)> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .len();
+    // Small files are not worth a thread.
+    let parts = if len < (1 << 20) {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8)
+    } as u64;
+    let bounds: Vec<u64> = (0..=parts).map(|k| len * k / parts).collect();
+    let results: Vec<anyhow::Result<(S, ReadStats)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bounds
+            .windows(2)
+            .map(|w| {
+                let (from, to) = (w[0], w[1]);
+                let (init, parse) = (&init, &parse);
+                scope.spawn(move || {
+                    let mut state = init();
+                    let stats = read_range(path, from, to, |text| parse(&mut state, text))?;
+                    Ok((state, stats))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader thread panicked")))
+            })
+            .collect()
+    });
+    let mut states = Vec::new();
+    let mut total = ReadStats::default();
+    for result in results {
+        let (state, stats) = result?;
+        total.lines += stats.lines;
+        total.cut_last_line |= stats.cut_last_line;
+        states.push(state);
+    }
+    Ok((states, total))
+}
+
+/// The lines that start in `[from, to)` of a file.
+fn read_range(
+    path: &Path,
+    from: u64,
+    to: u64,
+    mut parse: impl FnMut(&str) -> Result<(), serde_json::Error>,
+) -> anyhow::Result<ReadStats> {
+    use std::io::{BufRead, Seek, SeekFrom};
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut at = from;
+    let mut line = String::new();
+    if from > 0 {
+        // The line under way at `from - 1` belongs to the range before.
+        reader.seek(SeekFrom::Start(from - 1))?;
+        let mut skipped = Vec::new();
+        at = from - 1 + reader.read_until(b'\n', &mut skipped)? as u64;
+    }
+    let mut stats = ReadStats::default();
+    while at < to {
+        line.clear();
+        let read = reader
+            .read_line(&mut line)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        let start = at;
+        at += read as u64;
+        let text = line.trim_end();
+        if text.is_empty() {
+            continue;
+        }
+        match parse(text) {
+            Ok(()) => stats.lines += 1,
+            Err(err) if !line.ends_with('\n') => {
+                stats.cut_last_line = true;
+                tracing::warn!("{}: skipping a last line cut short: {err}", path.display());
+            }
+            Err(err) => anyhow::bail!(
+                "{}: the line at byte {start} is not valid: {err}",
+                path.display()
+            ),
+        }
+    }
+    Ok(stats)
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReadStats {
     pub lines: u64,
@@ -157,6 +269,40 @@ pub struct ReadStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_read_sees_every_line_once_in_order_and_skips_a_cut_last_one() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.jsonl");
+        let mut file = std::io::BufWriter::new(File::create(&path).unwrap());
+        // Lines of varying length, over 1 MiB so that it is split.
+        let n = 40_000u64;
+        for i in 0..n {
+            writeln!(
+                file,
+                "{{\"i\":{i},\"pad\":\"{}\"}}",
+                "x".repeat((i % 50) as usize)
+            )
+            .unwrap();
+        }
+        write!(file, "{{\"i\":{n},\"pa").unwrap();
+        file.flush().unwrap();
+        drop(file);
+        let (parts, stats) = read_lines_split(&path, Vec::new, |seen: &mut Vec<u64>, text| {
+            let value: serde_json::Value = serde_json::from_str(text)?;
+            seen.push(value["i"].as_u64().unwrap_or(u64::MAX));
+            Ok(())
+        })
+        .unwrap();
+        assert!(
+            parts.len() > 1 || std::thread::available_parallelism().map_or(1, |n| n.get()) == 1
+        );
+        let all: Vec<u64> = parts.into_iter().flatten().collect();
+        assert_eq!(all, (0..n).collect::<Vec<_>>());
+        assert_eq!(stats.lines, n);
+        assert!(stats.cut_last_line);
+    }
 
     #[test]
     fn a_failed_write_is_said_at_once() {

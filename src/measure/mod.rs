@@ -55,6 +55,35 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// From the fields the summary reads of a record's line.
+    pub fn from_view(view: &crate::record::RecordView<'_>, load_start_s: f64) -> Self {
+        let itl = view.itl.as_ref();
+        Self {
+            at_s: view.sent_s.unwrap_or(view.scheduled_s) - load_start_s,
+            done_s: view.done_s - load_start_s,
+            outcome: view.outcome,
+            ttft_ms: view.ttft_ms.unwrap_or(f64::NAN),
+            latency_ms: view.latency_ms.unwrap_or(f64::NAN),
+            tpot_ms: match (view.latency_ms, view.ttft_ms) {
+                (Some(latency), Some(ttft)) if view.output_tokens > 1 => {
+                    (latency - ttft) / f64::from(view.output_tokens - 1)
+                }
+                _ => f64::NAN,
+            },
+            output_tokens: view.output_tokens,
+            itl_sum_ms: itl.map_or(0.0, |g| g.mean_ms * f64::from(g.count)),
+            itl_count: itl.map_or(0, |g| g.count),
+            lag_ms: view
+                .sent_s
+                .map_or(f64::NAN, |sent| (sent - view.scheduled_s) * 1000.0),
+            gap_max_ms: match (view.ttft_ms, itl) {
+                (Some(ttft), Some(itl)) => ttft.max(itl.max_ms),
+                (Some(ttft), None) => ttft,
+                (None, _) => f64::NAN,
+            },
+        }
+    }
+
     pub fn from_record(record: &Record, load_start_s: f64) -> Self {
         Self {
             at_s: record.at_s() - load_start_s,

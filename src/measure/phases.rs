@@ -148,6 +148,7 @@ pub fn phase(name: &str, samples: &[Sample], from: f64, to: f64, slo: &Slo) -> P
 /// the phase, as `vllm bench serve` computes them. Fed one record at a
 /// time (each gap is in its record's log buckets), so no gap is held in
 /// memory: one HDR histogram per phase.
+#[derive(Clone)]
 pub struct ItlByPhase {
     windows: Vec<(f64, f64)>,
     histograms: Vec<Option<Histogram<u64>>>,
@@ -166,6 +167,23 @@ impl ItlByPhase {
         }
     }
 
+    /// Adds what another accumulator over the same phases counted (another
+    /// part of the records, read by another thread).
+    pub fn merge(&mut self, other: ItlByPhase) {
+        for ((mine, theirs), (sum, their_sum)) in self
+            .histograms
+            .iter_mut()
+            .zip(other.histograms)
+            .zip(self.sums.iter_mut().zip(other.sums))
+        {
+            if let (Some(mine), Some(theirs)) = (mine, theirs) {
+                let _ = mine.add(theirs);
+            }
+            sum.0 += their_sum.0;
+            sum.1 += their_sum.1;
+        }
+    }
+
     /// The gaps of an ok request sent at `at_s` on the load's clock.
     pub fn add(&mut self, at_s: f64, gaps: &crate::record::Gaps) {
         for (i, &(from, to)) in self.windows.iter().enumerate() {
@@ -176,8 +194,8 @@ impl ItlByPhase {
             self.sums[i].1 += u64::from(gaps.count);
             if let Some(histogram) = &mut self.histograms[i] {
                 for &(bucket, count) in &gaps.buckets {
-                    let us = (crate::record::gaps::value(bucket) * 1000.0).round() as u64;
-                    let _ = histogram.record_n(us.max(1), u64::from(count));
+                    let us = crate::record::gaps::micros(bucket);
+                    let _ = histogram.record_n(us, u64::from(count));
                 }
             }
         }

@@ -28,6 +28,19 @@ pub fn value(bucket: u16) -> f64 {
     FLOOR_MS * BASE.powf(f64::from(bucket) + 0.5)
 }
 
+/// [`value`] in whole microseconds (at least 1), from a table: summarising
+/// a million records reads tens of millions of buckets, and `powf` each
+/// time was a tenth of the work.
+pub fn micros(bucket: u16) -> u64 {
+    static TABLE: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| ((value(b) * 1000.0).round() as u64).max(1))
+            .collect()
+    });
+    table.get(usize::from(bucket)).copied().unwrap_or(1)
+}
+
 /// Counts one gap into `buckets` (bucket, count), kept in bucket order.
 pub fn add(buckets: &mut Vec<(u16, u32)>, ms: f64) {
     let b = bucket(ms);

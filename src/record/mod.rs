@@ -112,6 +112,36 @@ pub struct Record {
     pub turn: Option<Turn>,
 }
 
+/// The fields of a [`Record`] the summary reads, borrowing the line's text:
+/// what `report` parses a million times, without building the rest (the
+/// ITL buckets, an error's text, a copy of the stack's name).
+#[derive(Debug, Deserialize)]
+pub struct RecordView<'a> {
+    #[serde(borrow)]
+    pub stack: std::borrow::Cow<'a, str>,
+    pub scheduled_s: f64,
+    #[serde(default)]
+    pub sent_s: Option<f64>,
+    pub done_s: f64,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub ttft_ms: Option<f64>,
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    #[serde(default)]
+    pub itl: Option<GapsView>,
+    #[serde(default)]
+    pub output_tokens: u32,
+}
+
+/// [`Gaps`] without its buckets.
+#[derive(Debug, Deserialize)]
+pub struct GapsView {
+    pub count: u32,
+    pub mean_ms: f64,
+    pub max_ms: f64,
+}
+
 /// A round of a multi-round session: users count from 0, rounds from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Turn {

@@ -27,7 +27,7 @@ use crate::jsonl;
 use crate::measure::engine_metrics::{self, MetricSample};
 use crate::measure::phases::ItlByPhase;
 use crate::measure::{MeasureSettings, Sample, StackSummary, Summary, summarize_stack};
-use crate::record::{Gaps, Outcome, Record};
+use crate::record::{Gaps, Outcome, RecordView};
 
 pub use html::html;
 pub use tables::{markdown, terminal};
@@ -150,13 +150,28 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     let mut samples: HashMap<String, Vec<Sample>> = HashMap::new();
     let requests = dir.join("requests.jsonl");
     if requests.exists() {
-        jsonl::read_each(&requests, |r: Record| {
-            let start = starts.get(&r.stack).copied().unwrap_or(0.0);
-            samples
-                .entry(r.stack.clone())
-                .or_default()
-                .push(Sample::from_record(&r, start));
-        })?;
+        let (parts, _) = jsonl::read_lines_split(
+            &requests,
+            HashMap::<String, Vec<Sample>>::new,
+            |samples, line| {
+                let r: RecordView = serde_json::from_str(line)?;
+                let start = starts.get(r.stack.as_ref()).copied().unwrap_or(0.0);
+                let sample = Sample::from_view(&r, start);
+                match samples.get_mut(r.stack.as_ref()) {
+                    Some(stack) => stack.push(sample),
+                    None => {
+                        samples.insert(r.stack.into_owned(), vec![sample]);
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        // In file order, as one reader would have them.
+        for part in parts {
+            for (stack, mut part_samples) in part {
+                samples.entry(stack).or_default().append(&mut part_samples);
+            }
+        }
     }
     let mut scraped: HashMap<String, Vec<MetricSample>> = HashMap::new();
     let metrics = dir.join("metrics.jsonl");
@@ -210,8 +225,9 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
 
 /// The parts of a record that ITL percentiles need; the rest is skipped.
 #[derive(serde::Deserialize)]
-struct GapsLine {
-    stack: String,
+struct GapsLine<'a> {
+    #[serde(borrow)]
+    stack: std::borrow::Cow<'a, str>,
     outcome: Outcome,
     scheduled_s: f64,
     #[serde(default)]
@@ -227,19 +243,33 @@ fn itl_by_phase(
     starts: &HashMap<String, f64>,
     stacks: &mut [StackSummary],
 ) -> anyhow::Result<()> {
-    let mut by_stack: HashMap<String, ItlByPhase> = stacks
+    let empty: HashMap<String, ItlByPhase> = stacks
         .iter()
         .map(|s| (s.name.clone(), ItlByPhase::new(&s.phases)))
         .collect();
-    jsonl::read_each(requests, |line: GapsLine| {
-        let (Some(gaps), Some(acc)) = (&line.itl, by_stack.get_mut(&line.stack)) else {
-            return;
-        };
-        if line.outcome == Outcome::Ok {
-            let start = starts.get(&line.stack).copied().unwrap_or(0.0);
-            acc.add(line.sent_s.unwrap_or(line.scheduled_s) - start, gaps);
+    let (parts, _) = jsonl::read_lines_split(
+        requests,
+        || empty.clone(),
+        |by_stack, text| {
+            let line: GapsLine = serde_json::from_str(text)?;
+            let (Some(gaps), Some(acc)) = (&line.itl, by_stack.get_mut(line.stack.as_ref())) else {
+                return Ok(());
+            };
+            if line.outcome == Outcome::Ok {
+                let start = starts.get(line.stack.as_ref()).copied().unwrap_or(0.0);
+                acc.add(line.sent_s.unwrap_or(line.scheduled_s) - start, gaps);
+            }
+            Ok(())
+        },
+    )?;
+    let mut by_stack = empty;
+    for part in parts {
+        for (stack, acc) in part {
+            if let Some(total) = by_stack.get_mut(&stack) {
+                total.merge(acc);
+            }
         }
-    })?;
+    }
     for stack in stacks {
         if let Some(acc) = by_stack.remove(&stack.name) {
             acc.finish(&mut stack.phases);

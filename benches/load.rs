@@ -190,8 +190,9 @@ fn step(
 
 /// Writes a run directory of `n` records shaped like a real run's: the
 /// quick start's own records (`tests/fixtures/quickstart-run`, written by
-/// the real recorder: two faults, ITL buckets, ok, refused, truncated and
-/// cancelled requests), replayed at up to 5,000/s with their ids and times moved,
+/// the real recorder: two stacks compared, two faults, ITL buckets, ok,
+/// refused, truncated and cancelled requests), replayed at up to 5,000/s
+/// in all with their ids and times moved,
 /// and written back through `Record`'s serializer as the recorder writes.
 fn realistic_run(n: usize) -> tempfile::TempDir {
     use std::io::Write;
@@ -203,7 +204,6 @@ fn realistic_run(n: usize) -> tempfile::TempDir {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &Record| r.stack == "watch-retry")
         .collect();
     // At 5,000/s, but never shorter than the quick start's 40 s, its faults'.
     let seconds = (n / 5000).max(40);

@@ -180,26 +180,45 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
             scraped.entry(m.stack.clone()).or_default().push(m);
         })?;
     }
-    let mut stacks: Vec<StackSummary> = pb
+    // Each stack on its own thread: a comparison is several stacks, and
+    // summarising one is independent of the others.
+    let inputs: Vec<_> = pb
         .stacks
         .iter()
         .map(|stack| {
             let events = by_stack.remove(&stack.name).unwrap_or_default();
             let samples = samples.remove(&stack.name).unwrap_or_default();
-            let mut summary = summarize_stack(
-                &stack.name,
-                samples,
-                &events,
-                &settings_for(&pb, &stack.name),
-            );
-            if let Some(scraped) = scraped.get(&stack.name) {
-                let start = starts.get(&stack.name).copied().unwrap_or(0.0);
-                let engine = engine_metrics::per_second(scraped, start, pb.duration.as_secs_f64());
-                engine_metrics::merge_into(&mut summary.series, &engine);
-            }
-            summary
+            (stack, events, samples)
         })
         .collect();
+    let mut stacks: Vec<StackSummary> = std::thread::scope(|scope| {
+        let handles: Vec<_> = inputs
+            .into_iter()
+            .map(|(stack, events, samples)| {
+                let (pb, starts, scraped) = (&pb, &starts, &scraped);
+                scope.spawn(move || {
+                    let mut summary = summarize_stack(
+                        &stack.name,
+                        samples,
+                        &events,
+                        &settings_for(pb, &stack.name),
+                    );
+                    if let Some(scraped) = scraped.get(&stack.name) {
+                        let start = starts.get(&stack.name).copied().unwrap_or(0.0);
+                        let engine =
+                            engine_metrics::per_second(scraped, start, pb.duration.as_secs_f64());
+                        engine_metrics::merge_into(&mut summary.series, &engine);
+                    }
+                    summary
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join())
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(|_| anyhow::anyhow!("summarising a stack failed (a thread panicked)"))?;
     if requests.exists() {
         itl_by_phase(&requests, &starts, &mut stacks)?;
     }

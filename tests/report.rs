@@ -151,21 +151,25 @@ fn an_unreadable_run_cannot_be_judged() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read the run"));
 }
 
+/// A copy of `run` beside it, named `name`, its events rewritten.
+fn another_run(run: &Path, name: &str, events: impl Fn(String) -> String) -> PathBuf {
+    let copy = run.parent().unwrap().join(name);
+    std::fs::create_dir(&copy).unwrap();
+    for file in ["playbook.yaml", "requests.jsonl"] {
+        std::fs::copy(run.join(file), copy.join(file)).unwrap();
+    }
+    let text = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    std::fs::write(copy.join("events.jsonl"), events(text)).unwrap();
+    copy
+}
+
 #[test]
 fn several_runs_are_compared_as_if_one() {
     let (dir, run) = fixture();
     // A second run of the same playbook, a day later.
-    let later = dir.path().join("20261125T000000Z-golden");
-    std::fs::create_dir(&later).unwrap();
-    for file in ["playbook.yaml", "requests.jsonl"] {
-        std::fs::copy(run.join(file), later.join(file)).unwrap();
-    }
-    let events = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
-    std::fs::write(
-        later.join("events.jsonl"),
-        events.replace("20261124T000000Z", "20261125T000000Z"),
-    )
-    .unwrap();
+    let later = another_run(&run, "20261125T000000Z-golden", |events| {
+        events.replace("20261124T000000Z", "20261125T000000Z")
+    });
 
     let out = dir.path().join("compare");
     let output = Command::new(BIN)
@@ -212,21 +216,19 @@ fn runs_of_several_releases_show_a_trend_named_by_their_labels() {
     let (dir, run) = fixture();
     let mut runs = Vec::new();
     for (day, label) in [("20261124", "v0.3.0"), ("20261125", "v0.3.1")] {
-        let labelled = dir.path().join(format!("{day}T000000Z-golden-{label}"));
-        std::fs::create_dir(&labelled).unwrap();
-        for file in ["playbook.yaml", "requests.jsonl"] {
-            std::fs::copy(run.join(file), labelled.join(file)).unwrap();
-        }
-        let events = std::fs::read_to_string(run.join("events.jsonl"))
-            .unwrap()
-            .replace("20261124T000000Z", &format!("{day}T000000Z"))
-            .replacen(
-                "\"event\": \"run_started\"",
-                &format!("\"event\": \"run_started\", \"label\": \"{label}\""),
-                1,
-            );
-        std::fs::write(labelled.join("events.jsonl"), events).unwrap();
-        runs.push(labelled);
+        runs.push(another_run(
+            &run,
+            &format!("{day}T000000Z-golden-{label}"),
+            |events| {
+                events
+                    .replace("20261124T000000Z", &format!("{day}T000000Z"))
+                    .replacen(
+                        "\"event\": \"run_started\"",
+                        &format!("\"event\": \"run_started\", \"label\": \"{label}\""),
+                        1,
+                    )
+            },
+        ));
     }
     let out = dir.path().join("trend");
     let output = Command::new(BIN)

@@ -20,80 +20,88 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One metric family: its help and type lines, then a sample per labels.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
 /// Every stack's counters and faults.
 pub fn render(
     stacks: &[(String, Arc<LiveStats>)],
     faults: &BTreeMap<(String, String), FaultState>,
 ) -> String {
+    let per_stack = |value: fn(&LiveStats) -> u64| -> Vec<(String, u64)> {
+        stacks
+            .iter()
+            .map(|(stack, live)| (format!("stack=\"{}\"", label(stack)), value(live)))
+            .collect()
+    };
+    let per_fault = |value: fn(&FaultState) -> u64| -> Vec<(String, u64)> {
+        faults
+            .iter()
+            .map(|((stack, fault), state)| {
+                (
+                    format!("stack=\"{}\",fault=\"{}\"", label(stack), label(fault)),
+                    value(state),
+                )
+            })
+            .collect()
+    };
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP shakedown_requests_total Requests shakedown sent and saw end, by how they ended.\n# TYPE shakedown_requests_total counter"
+    let by_outcome = stacks
+        .iter()
+        .flat_map(|(stack, live)| {
+            [
+                ("ok", &live.ok),
+                ("failed", &live.failed),
+                ("dropped", &live.dropped),
+            ]
+            .map(|(outcome, counter)| {
+                (
+                    format!("stack=\"{}\",outcome=\"{outcome}\"", label(stack)),
+                    counter.load(Ordering::Relaxed),
+                )
+            })
+        })
+        .collect();
+    family(
+        &mut out,
+        "shakedown_requests_total",
+        "counter",
+        "Requests shakedown sent and saw end, by how they ended.",
+        by_outcome,
     );
-    for (stack, live) in stacks {
-        for (outcome, counter) in [
-            ("ok", &live.ok),
-            ("failed", &live.failed),
-            ("dropped", &live.dropped),
-        ] {
-            let _ = writeln!(
-                out,
-                "shakedown_requests_total{{stack=\"{}\",outcome=\"{outcome}\"}} {}",
-                label(stack),
-                counter.load(Ordering::Relaxed)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP shakedown_requests_sent_total Requests shakedown sent.\n# TYPE shakedown_requests_sent_total counter"
+    family(
+        &mut out,
+        "shakedown_requests_sent_total",
+        "counter",
+        "Requests shakedown sent.",
+        per_stack(|live| live.sent.load(Ordering::Relaxed)),
     );
-    for (stack, live) in stacks {
-        let _ = writeln!(
-            out,
-            "shakedown_requests_sent_total{{stack=\"{}\"}} {}",
-            label(stack),
-            live.sent.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP shakedown_requests_in_flight Requests sent and not yet ended.\n# TYPE shakedown_requests_in_flight gauge"
+    family(
+        &mut out,
+        "shakedown_requests_in_flight",
+        "gauge",
+        "Requests sent and not yet ended.",
+        per_stack(|live| live.in_flight.load(Ordering::Relaxed)),
     );
-    for (stack, live) in stacks {
-        let _ = writeln!(
-            out,
-            "shakedown_requests_in_flight{{stack=\"{}\"}} {}",
-            label(stack),
-            live.in_flight.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP shakedown_fault_in_force 1 while the fault is in force (a pod kill never is: it is instantaneous).\n# TYPE shakedown_fault_in_force gauge"
+    family(
+        &mut out,
+        "shakedown_fault_in_force",
+        "gauge",
+        "1 while the fault is in force (a pod kill never is: it is instantaneous).",
+        per_fault(|state| u64::from(state.in_force)),
     );
-    for ((stack, fault), state) in faults {
-        let _ = writeln!(
-            out,
-            "shakedown_fault_in_force{{stack=\"{}\",fault=\"{}\"}} {}",
-            label(stack),
-            label(fault),
-            u8::from(state.in_force)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP shakedown_fault_injections_total Times the fault was injected.\n# TYPE shakedown_fault_injections_total counter"
+    family(
+        &mut out,
+        "shakedown_fault_injections_total",
+        "counter",
+        "Times the fault was injected.",
+        per_fault(|state| state.injections),
     );
-    for ((stack, fault), state) in faults {
-        let _ = writeln!(
-            out,
-            "shakedown_fault_injections_total{{stack=\"{}\",fault=\"{}\"}} {}",
-            label(stack),
-            label(fault),
-            state.injections
-        );
-    }
     out
 }
 

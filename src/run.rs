@@ -264,7 +264,10 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
     metrics_stop_tx.send_replace(true);
     if let Some(server) = metrics_server {
         // A scraper holding its connection open must not hold the run.
-        if tokio::time::timeout(Duration::from_secs(5), server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .is_err()
+        {
             tracing::info!("the metrics endpoint did not close within 5 s; leaving it");
         }
     }

@@ -121,41 +121,9 @@ pub fn read_each<T: serde::de::DeserializeOwned>(
 /// name per record in a million).
 pub fn read_lines(
     path: &Path,
-    mut parse: impl FnMut(&str) -> Result<(), serde_json::Error>,
+    parse: impl FnMut(&str) -> Result<(), serde_json::Error>,
 ) -> anyhow::Result<ReadStats> {
-    use std::io::BufRead;
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
-    let mut line = String::new();
-    let mut stats = ReadStats::default();
-    let mut number = 0usize;
-    loop {
-        line.clear();
-        let read = reader
-            .read_line(&mut line)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if read == 0 {
-            break;
-        }
-        number += 1;
-        let text = line.trim_end();
-        if text.is_empty() {
-            continue;
-        }
-        match parse(text) {
-            Ok(()) => stats.lines += 1,
-            Err(err) if !line.ends_with('\n') => {
-                // The last line of a killed run, cut mid-way.
-                stats.cut_last_line = true;
-                tracing::warn!(
-                    "{}:{number}: skipping a last line cut short: {err}",
-                    path.display()
-                );
-            }
-            Err(err) => anyhow::bail!("{}:{number}: not a valid line: {err}", path.display()),
-        }
-    }
-    Ok(stats)
+    read_range(path, 0, u64::MAX, parse)
 }
 
 /// As [`read_lines`], on every core: the file is split into `parts` byte
@@ -212,7 +180,8 @@ pub fn read_lines_split<S: Send>(
     Ok((states, total))
 }
 
-/// The lines that start in `[from, to)` of a file.
+/// The lines that start in `[from, to)` of a file. A bad line is named by
+/// its number when the range is the whole file, else by its byte offset.
 fn read_range(
     path: &Path,
     from: u64,
@@ -231,6 +200,7 @@ fn read_range(
         at = from - 1 + reader.read_until(b'\n', &mut skipped)? as u64;
     }
     let mut stats = ReadStats::default();
+    let mut number = 0usize;
     while at < to {
         line.clear();
         let read = reader
@@ -241,6 +211,7 @@ fn read_range(
         }
         let start = at;
         at += read as u64;
+        number += 1;
         let text = line.trim_end();
         if text.is_empty() {
             continue;
@@ -248,8 +219,12 @@ fn read_range(
         match parse(text) {
             Ok(()) => stats.lines += 1,
             Err(err) if !line.ends_with('\n') => {
+                // The last line of a killed run, cut mid-way.
                 stats.cut_last_line = true;
                 tracing::warn!("{}: skipping a last line cut short: {err}", path.display());
+            }
+            Err(err) if from == 0 => {
+                anyhow::bail!("{}:{number}: not a valid line: {err}", path.display())
             }
             Err(err) => anyhow::bail!(
                 "{}: the line at byte {start} is not valid: {err}",

@@ -64,12 +64,8 @@ impl Sample {
             outcome: view.outcome,
             ttft_ms: view.ttft_ms.unwrap_or(f64::NAN),
             latency_ms: view.latency_ms.unwrap_or(f64::NAN),
-            tpot_ms: match (view.latency_ms, view.ttft_ms) {
-                (Some(latency), Some(ttft)) if view.output_tokens > 1 => {
-                    (latency - ttft) / f64::from(view.output_tokens - 1)
-                }
-                _ => f64::NAN,
-            },
+            tpot_ms: crate::record::tpot_ms(view.latency_ms, view.ttft_ms, view.output_tokens)
+                .unwrap_or(f64::NAN),
             output_tokens: view.output_tokens,
             itl_sum_ms: itl.map_or(0.0, |g| g.mean_ms * f64::from(g.count)),
             itl_count: itl.map_or(0, |g| g.count),
@@ -85,28 +81,7 @@ impl Sample {
     }
 
     pub fn from_record(record: &Record, load_start_s: f64) -> Self {
-        Self {
-            at_s: record.at_s() - load_start_s,
-            done_s: record.done_s - load_start_s,
-            outcome: record.outcome,
-            ttft_ms: record.ttft_ms.unwrap_or(f64::NAN),
-            latency_ms: record.latency_ms.unwrap_or(f64::NAN),
-            tpot_ms: record.tpot_ms().unwrap_or(f64::NAN),
-            output_tokens: record.output_tokens,
-            itl_sum_ms: record
-                .itl
-                .as_ref()
-                .map_or(0.0, |g| g.mean_ms * f64::from(g.count)),
-            itl_count: record.itl.as_ref().map_or(0, |g| g.count),
-            lag_ms: record
-                .sent_s
-                .map_or(f64::NAN, |sent| (sent - record.scheduled_s) * 1000.0),
-            gap_max_ms: match (record.ttft_ms, &record.itl) {
-                (Some(ttft), Some(itl)) => ttft.max(itl.max_ms),
-                (Some(ttft), None) => ttft,
-                (None, _) => f64::NAN,
-            },
-        }
+        Self::from_view(&record.view(), load_start_s)
     }
 
     /// A stream that waited more than [`STALL_MS`] for a token, or got

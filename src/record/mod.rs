@@ -112,6 +112,16 @@ pub struct Record {
     pub turn: Option<Turn>,
 }
 
+/// Time per output token after the first: (latency − TTFT) / (tokens − 1).
+pub fn tpot_ms(latency_ms: Option<f64>, ttft_ms: Option<f64>, output_tokens: u32) -> Option<f64> {
+    match (latency_ms, ttft_ms) {
+        (Some(latency), Some(ttft)) if output_tokens > 1 => {
+            Some((latency - ttft) / f64::from(output_tokens - 1))
+        }
+        _ => None,
+    }
+}
+
 /// The fields of a [`Record`] the summary reads, borrowing the line's text:
 /// what `report` parses a million times, without building the rest (the
 /// ITL buckets, an error's text, a copy of the stack's name).
@@ -150,18 +160,27 @@ pub struct Turn {
 }
 
 impl Record {
-    /// The time the measurement files it under: when it was sent, or meant to be.
-    pub fn at_s(&self) -> f64 {
-        self.sent_s.unwrap_or(self.scheduled_s)
-    }
-
     /// Time per output token after the first, as `vllm bench serve` defines it.
     pub fn tpot_ms(&self) -> Option<f64> {
-        match (self.latency_ms, self.ttft_ms) {
-            (Some(latency), Some(ttft)) if self.output_tokens > 1 => {
-                Some((latency - ttft) / f64::from(self.output_tokens - 1))
-            }
-            _ => None,
+        tpot_ms(self.latency_ms, self.ttft_ms, self.output_tokens)
+    }
+
+    /// The fields the summary reads, as a line of `requests.jsonl` gives them.
+    pub fn view(&self) -> RecordView<'_> {
+        RecordView {
+            stack: std::borrow::Cow::Borrowed(&self.stack),
+            scheduled_s: self.scheduled_s,
+            sent_s: self.sent_s,
+            done_s: self.done_s,
+            outcome: self.outcome,
+            ttft_ms: self.ttft_ms,
+            latency_ms: self.latency_ms,
+            itl: self.itl.as_ref().map(|g| GapsView {
+                count: g.count,
+                mean_ms: g.mean_ms,
+                max_ms: g.max_ms,
+            }),
+            output_tokens: self.output_tokens,
         }
     }
 }

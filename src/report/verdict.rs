@@ -37,8 +37,7 @@ pub fn verdict(summary: &Summary) -> Vec<String> {
 fn requests(n: u64) -> String {
     match n {
         0 => "no request".into(),
-        1 => "1 request".into(),
-        n => format!("{n} requests"),
+        n => super::plural(usize::try_from(n).unwrap_or(usize::MAX), "request"),
     }
 }
 

@@ -136,6 +136,7 @@ fn step(
         duration: Duration::from_secs_f64(seconds),
         seed: 7,
         sessions: None,
+        shard: None,
     };
     let cpu_before = cpu_seconds();
     let started = Instant::now();

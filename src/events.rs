@@ -171,6 +171,26 @@ pub enum EventKind {
     Aborted {
         reason: String,
     },
+    /// A load agent checked the endpoint and is ready for the start.
+    AgentStarted {
+        agent: u32,
+        /// Where it runs: "pid 123", "pod x on node y".
+        place: String,
+    },
+    /// How far a load agent's clock may be behind the coordinator's (ahead
+    /// when negative), bounded from the stamps of its lines: its records'
+    /// times are off from the faults' by at most about this much.
+    AgentClock {
+        agent: u32,
+        offset_ms: f64,
+    },
+    /// A load agent ended without giving every record it owed: each of
+    /// those `requests` has a `lost` record.
+    AgentLost {
+        agent: u32,
+        reason: String,
+        requests: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

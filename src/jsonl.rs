@@ -38,6 +38,13 @@ impl<T> JsonlSink<T> {
     }
 }
 
+/// A sink whose values the caller receives itself, for a writer of its own
+/// (a load agent writes its records to its stdout).
+pub fn channel<T>() -> (JsonlSink<T>, mpsc::Receiver<T>) {
+    let (tx, rx) = mpsc::channel();
+    (JsonlSink(tx), rx)
+}
+
 /// The thread that writes; [`JsonlWriter::finish`] waits for it.
 pub struct JsonlWriter {
     thread: JoinHandle<anyhow::Result<u64>>,

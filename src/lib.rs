@@ -13,6 +13,7 @@
 //! - [`engine`] and [`router`] are the emulated vLLM engine and router that
 //!   the local cluster runs.
 
+pub mod agents;
 pub mod cluster;
 pub mod engine;
 pub mod events;

@@ -119,6 +119,13 @@ enum Command {
     Router(router::RouterArgs),
     /// Run the emulated KV-cache server that engines share (as LMCache's).
     KvCache(kv_cache::KvCacheArgs),
+    /// One load agent, as `shakedown run` starts them for `load.agents`.
+    #[command(hide = true)]
+    Agent {
+        /// Which agent this is; default: the Indexed Job's JOB_COMPLETION_INDEX.
+        #[arg(long)]
+        index: Option<u32>,
+    },
 }
 
 /// Changes to the playbook, so a shipped one runs unedited anywhere.
@@ -180,6 +187,8 @@ fn main() -> ExitCode {
     }
     shakedown::logging::init(match cli.command {
         Command::Engine(_) | Command::Router(_) | Command::KvCache(_) => "info",
+        // Its stdout is the coordinator's; its words go to stderr, few.
+        Command::Agent { .. } => "shakedown=warn",
         _ => "shakedown=warn",
     });
 
@@ -285,6 +294,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 listener.local_addr()?
             ));
             serve_until_signalled(router::serve(listener, args, first_signal())).await
+        }
+        Command::Agent { index } => {
+            let index = shakedown::agents::agent::index_from(index)?;
+            let spec = shakedown::agents::agent::spec_from_env()?;
+            shakedown::agents::agent::run(index, spec).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::KvCache(args) => {
             let listener = bind(&args.host, args.port).await?;
@@ -424,6 +439,10 @@ fn rbac(
             &targets,
             &pb.faults_for(&stack.name),
         ));
+        needs.extend(shakedown::agents::permission_reasons(
+            pb.load.agents.as_ref(),
+            stack,
+        ));
     }
     print!(
         "{}",
@@ -456,7 +475,6 @@ async fn plan(path: &Path, overrides: &playbook::Overrides) -> anyhow::Result<Ex
         .filter(|s| s.cluster.kind == playbook::ClusterKind::Kubernetes)
     {
         println!("\nstack {} on the cluster now:", stack.name);
-        let stack_faults = pb.faults_for(&stack.name);
         let described = async {
             let client =
                 shakedown::cluster::kubernetes::client(stack.cluster.context.as_deref()).await?;
@@ -468,7 +486,7 @@ async fn plan(path: &Path, overrides: &playbook::Overrides) -> anyhow::Result<Ex
             let kube = shakedown::cluster::kubernetes::KubeCluster::from_client(
                 client, stack, "plan", log,
             );
-            let needs = faults::requirements(kube.targets(), &stack_faults);
+            let needs = faults::stack_requirements(pb, stack, kube.targets());
             kube.describe_targets(&needs).await
         };
         match described.await {
@@ -676,6 +694,7 @@ fn print_kubernetes_cleanup(label: &str, cleaned: &shakedown::cluster::kubernete
     if cleaned.uncordoned.is_empty()
         && cleaned.untainted.is_empty()
         && cleaned.chaos.is_empty()
+        && cleaned.jobs.is_empty()
         && cleaned.left_alone.is_empty()
     {
         println!("{label}: nothing carries shakedown's annotation");
@@ -694,5 +713,11 @@ fn print_kubernetes_cleanup(label: &str, cleaned: &shakedown::cluster::kubernete
     }
     if !cleaned.chaos.is_empty() {
         println!("{label}: deleted NetworkChaos {}", cleaned.chaos.join(", "));
+    }
+    if !cleaned.jobs.is_empty() {
+        println!(
+            "{label}: deleted the load agents' Jobs {}",
+            cleaned.jobs.join(", ")
+        );
     }
 }

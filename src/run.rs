@@ -24,6 +24,7 @@ use chrono::Utc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::agents;
 use crate::cluster::Cluster;
 use crate::cluster::kubernetes::KubeCluster;
 use crate::cluster::local::{AuxRole, LocalCluster, LocalClusterSpec};
@@ -34,7 +35,7 @@ use crate::load::client::RequestTemplate;
 use crate::load::{self, LiveStats, LoadPlan};
 use crate::measure::Summary;
 use crate::measure::engine_metrics::MetricSample;
-use crate::playbook::{Abort, Api, ClusterKind, Schedule, Stack};
+use crate::playbook::{Abort, AgentPlace, Api, ClusterKind, Schedule, Stack};
 use crate::progress::{CurrentFault, Progress};
 use crate::record::Record;
 use crate::state::RunState;
@@ -183,6 +184,10 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
         let ctx = StackRun {
             pb,
             prompts: loaded.prompts.clone(),
+            prompts_file: pb.load.request.prompts.as_ref().map(|file| {
+                let dir = loaded.path.parent().unwrap_or(std::path::Path::new("."));
+                std::path::absolute(dir.join(file)).unwrap_or_else(|_| dir.join(file))
+            }),
             stack: stack.clone(),
             dir: dir.clone(),
             events: events.clone(),
@@ -305,6 +310,8 @@ pub async fn run(loaded: &LoadedPlaybook, options: &RunOptions) -> anyhow::Resul
 struct StackRun<'a> {
     pb: &'a Playbook,
     prompts: Option<Arc<Vec<String>>>,
+    /// Where those questions are, for local load agents to read.
+    prompts_file: Option<PathBuf>,
     stack: Stack,
     dir: PathBuf,
     events: JsonlSink<Event>,
@@ -388,8 +395,12 @@ impl StackRun<'_> {
                 self.state
                     .uses_kubernetes(self.stack.cluster.context.as_deref());
                 // Permissions and targets, before anything is changed.
-                kube.preflight(&faults::requirements(kube.targets(), &self.faults()))
-                    .await?;
+                kube.preflight(&faults::stack_requirements(
+                    self.pb,
+                    &self.stack,
+                    kube.targets(),
+                ))
+                .await?;
                 kube.start_observing();
                 Some(Cluster::Kubernetes(Box::new(kube)))
             }
@@ -424,7 +435,14 @@ impl StackRun<'_> {
             Some(cluster) => cluster.endpoint().to_string(),
             None => self.stack.endpoint.clone().unwrap_or_default(),
         };
-        let served_model = preflight(&endpoint).await?;
+        let in_cluster = pb_agents(self.pb).is_some_and(|a| a.place == AgentPlace::InCluster);
+        // In-cluster agents reach what this machine may not: they check
+        // the endpoint themselves, before the load begins.
+        let served_model = if in_cluster {
+            None
+        } else {
+            preflight(&endpoint).await?
+        };
         log.emit(EventKind::StackReady {
             endpoint: endpoint.clone(),
         });
@@ -436,6 +454,13 @@ impl StackRun<'_> {
         {
             plan.template.model = model;
         }
+        let launched = match pb_agents(pb) {
+            Some(agents) => match self.launch_agents(agents, &plan, cluster, log).await? {
+                Some(launched) => Some(launched),
+                None => return Ok(StackEnd::Interrupted),
+            },
+            None => None,
+        };
         let live = Arc::new(LiveStats::default());
         if let Some(telemetry) = &self.telemetry {
             telemetry.register(&self.stack.name, live.clone());
@@ -470,19 +495,47 @@ impl StackRun<'_> {
             ))
         });
 
-        let load_start = Instant::now();
-        log.emit(EventKind::LoadStarted {
-            duration_s: pb.duration.as_secs_f64(),
-        });
-        let mut load = tokio::spawn(load::run_load(
-            plan,
-            client,
-            log.origin(),
-            load_start,
-            self.records.clone(),
-            live,
-            stack_stop.clone(),
-        ));
+        let (load_start, mut load) = match launched {
+            None => {
+                let load_start = Instant::now();
+                log.emit(EventKind::LoadStarted {
+                    duration_s: pb.duration.as_secs_f64(),
+                });
+                let load = tokio::spawn(load::run_load(
+                    plan,
+                    client,
+                    log.origin(),
+                    load_start,
+                    self.records.clone(),
+                    live,
+                    stack_stop.clone(),
+                ));
+                (load_start, load)
+            }
+            Some((launched, load_start)) => {
+                // Every agent is ready; the load begins at the agreed instant.
+                let mut early_stop = stack_stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(load_start) => {}
+                    _ = crate::stopped(&mut early_stop) => {}
+                }
+                log.emit(EventKind::LoadStarted {
+                    duration_s: pb.duration.as_secs_f64(),
+                });
+                let (origin, sink, log, stop) = (
+                    log.origin(),
+                    self.records.clone(),
+                    log.clone(),
+                    stack_stop.clone(),
+                );
+                let load = tokio::spawn(async move {
+                    let (fleet, ended) = launched.follow(origin, sink, live, log, stop).await;
+                    fleet.shut_down().await;
+                    ended
+                });
+                (load_start, load)
+            }
+        };
 
         let (scrape_stop_tx, scrape_stop) = watch::channel(false);
         let scraper = self
@@ -649,6 +702,85 @@ impl StackRun<'_> {
         })
     }
 
+    /// Starts the load agents and waits until each is ready, at most for
+    /// `load.agents.startup`; returns them with the agreed start, or
+    /// `None` when the run was stopped meanwhile.
+    async fn launch_agents(
+        &self,
+        agents: &crate::playbook::Agents,
+        plan: &LoadPlan,
+        cluster: Option<&Cluster>,
+        log: &EventLog,
+    ) -> anyhow::Result<Option<(agents::Launched, Instant)>> {
+        let startup = agents.startup();
+        let (start_utc_ns, load_start) = agents::start_in(startup);
+        let spec = agents::AgentSpec {
+            plan: plan.clone(),
+            count: agents.count,
+            start_utc_ns,
+            origin_offset_s: load_start.duration_since(log.origin()).as_secs_f64(),
+            discover_model: self.stack.model.is_none(),
+            prompts_file: self.prompts_file.clone(),
+        };
+        let (fleet, lines) = match agents.place {
+            AgentPlace::Local => {
+                let (fleet, lines) = agents::local::start(
+                    &self.options.exe,
+                    &spec,
+                    &self.stack.name,
+                    self.state.clone(),
+                )?;
+                (agents::Fleet::Local(fleet), lines)
+            }
+            AgentPlace::InCluster => {
+                let Some(Cluster::Kubernetes(kube)) = cluster else {
+                    bail!("in-cluster load agents need a Kubernetes stack");
+                };
+                let run_id = self
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                // Past its deadline the Job ends itself, whatever became of shakedown.
+                let deadline = startup + self.pb.duration.0 + Duration::from_secs(120);
+                let (fleet, lines) = agents::in_cluster::start(
+                    kube.client().clone(),
+                    &agents::namespace(agents, &self.stack),
+                    &run_id,
+                    &self.stack.name,
+                    agents,
+                    &spec,
+                    deadline,
+                )
+                .await?;
+                (agents::Fleet::InCluster(fleet), lines)
+            }
+        };
+        if !self.options.quiet {
+            eprintln!(
+                "{}: waiting for {} load agents ({}) to be ready, at most {}s",
+                self.stack.name,
+                agents.count,
+                match agents.place {
+                    AgentPlace::Local => "local processes",
+                    AgentPlace::InCluster => "pods of an Indexed Job",
+                },
+                startup.as_secs()
+            );
+        }
+        let launched = agents::wait_ready(
+            fleet,
+            lines,
+            spec,
+            load_start,
+            startup,
+            log,
+            self.stop.clone(),
+        )
+        .await?;
+        Ok(launched.map(|l| (l, load_start)))
+    }
+
     fn load_plan(&self, endpoint: &str) -> LoadPlan {
         let pb = self.pb;
         let path = match pb.load.request.api {
@@ -682,8 +814,14 @@ impl StackRun<'_> {
             duration: pb.duration.0,
             seed: pb.seed,
             sessions: pb.load.sessions.clone(),
+            shard: None,
         }
     }
+}
+
+/// The playbook's load agents, if it has them.
+fn pb_agents(pb: &Playbook) -> Option<&crate::playbook::Agents> {
+    pb.load.agents.as_ref()
 }
 
 /// The first of several writers' failures, once one fails.
@@ -796,7 +934,7 @@ async fn watch_abort(
 
 /// The endpoint must serve `/v1/models` before any fault is injected.
 /// Returns the first model it serves, for stacks that name none.
-async fn preflight(endpoint: &str) -> anyhow::Result<Option<String>> {
+pub async fn preflight(endpoint: &str) -> anyhow::Result<Option<String>> {
     let url = format!("{}/v1/models", endpoint.trim_end_matches('/'));
     let client = crate::http::client_builder()
         .timeout(Duration::from_secs(5))

@@ -121,6 +121,7 @@ fn plan(url: &str, rate: f64, seconds: f64) -> LoadPlan {
         duration: Duration::from_secs_f64(seconds),
         seed: 3,
         sessions: None,
+        shard: None,
     }
 }
 
@@ -395,6 +396,7 @@ fn a_starved_generator_is_measured_as_such() {
         &[],
         &[],
         None,
+        Vec::new(),
         &shakedown::measure::ValidityLimits::default(),
     );
     assert_eq!(

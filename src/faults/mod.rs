@@ -472,6 +472,23 @@ pub fn requirements(
     }
 }
 
+/// [`requirements`] of one stack of a playbook, its load agents' included.
+pub fn stack_requirements(
+    pb: &Playbook,
+    stack: &crate::playbook::Stack,
+    targets: &std::collections::BTreeMap<String, crate::cluster::kubernetes::Target>,
+) -> crate::cluster::kubernetes::preflight::Requirements {
+    let mut needs = requirements(targets, &pb.faults_for(&stack.name));
+    needs.permissions.extend(
+        crate::agents::permission_reasons(pb.load.agents.as_ref(), stack)
+            .into_iter()
+            .map(|(permission, _)| permission),
+    );
+    needs.permissions.sort();
+    needs.permissions.dedup();
+    needs
+}
+
 /// Each fault's random choices depend on the playbook's seed and its name
 /// only, so every stack sees the same choices.
 pub fn fault_seed(seed: u64, name: &str) -> u64 {

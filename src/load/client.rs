@@ -15,7 +15,7 @@ use crate::playbook::lengths::TokenCount;
 use crate::record::{Outcome, Record, Turn};
 
 /// What every request of a stack's load shares.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RequestTemplate {
     pub stack: String,
     /// `http://host:port/v1/chat/completions` or `/v1/completions`.
@@ -29,6 +29,8 @@ pub struct RequestTemplate {
     pub seed: u64,
     pub headers: Vec<(String, String)>,
     /// Questions read from a ShareGPT-format file, instead of synthesised.
+    /// Not sent to load agents: they read the file themselves.
+    #[serde(skip)]
     pub prompts: Option<std::sync::Arc<Vec<String>>>,
 }
 

@@ -11,6 +11,7 @@ pub mod arrival;
 pub mod client;
 pub mod scrape;
 pub mod sessions;
+pub mod shard;
 pub mod sse;
 
 use std::sync::Arc;
@@ -26,8 +27,8 @@ use crate::record::{Outcome, Record};
 use arrival::Arrivals;
 use client::RequestTemplate;
 
-/// One stack's load for one run.
-#[derive(Debug, Clone)]
+/// One stack's load for one run; what a load agent is given, as JSON.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LoadPlan {
     pub template: RequestTemplate,
     pub arrival: Arrival,
@@ -40,6 +41,8 @@ pub struct LoadPlan {
     pub seed: u64,
     /// Multi-round chat instead of independent requests.
     pub sessions: Option<crate::playbook::Sessions>,
+    /// Send only this agent's part of the schedule ([`shard`]).
+    pub shard: Option<shard::Shard>,
 }
 
 /// Counters the progress display and the runner read while the load runs.
@@ -55,7 +58,8 @@ pub struct LiveStats {
 }
 
 impl LiveStats {
-    fn count(&self, record: &Record) {
+    /// Counts a request that ended.
+    pub fn count(&self, record: &Record) {
         let counter = match record.outcome {
             Outcome::Ok => &self.ok,
             Outcome::Dropped => &self.dropped,
@@ -180,18 +184,21 @@ pub async fn run_load(
     if let Some(from) = plan.ramp_from {
         arrivals = arrivals.ramp(from, plan.duration.as_secs_f64())?;
     }
-    let slots = Arc::new(Semaphore::new(plan.max_in_flight.max(1)));
+    let max_in_flight = match plan.shard {
+        Some(shard) => shard.max_in_flight(plan.max_in_flight),
+        None => plan.max_in_flight,
+    };
+    let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let max_in_flight = plan.max_in_flight;
     let sessions = match &plan.sessions {
-        Some(spec) => Some(Arc::new(sessions::Sessions::new(spec)?)),
+        Some(spec) => Some(Arc::new(sessions::Sessions::new(spec, plan.shard)?)),
         None => None,
     };
     let schedule = Schedule {
         sessions,
-        arrivals,
+        shard: plan.shard,
+        offsets: Some(shard::Offsets::new(arrivals, plan.duration.as_secs_f64())),
         template: Arc::new(plan.template),
-        end: plan.duration.as_secs_f64(),
         origin: origin.into_std(),
         start: start.into_std(),
         runtime: tokio::runtime::Handle::current(),
@@ -263,9 +270,10 @@ const CANCEL_BOUND: Duration = Duration::from_secs(10);
 /// records it `dropped` when `max_in_flight` requests are outstanding.
 struct Schedule {
     sessions: Option<Arc<sessions::Sessions>>,
-    arrivals: Arrivals,
+    /// Only this agent's requests are sent; the others are another's.
+    shard: Option<shard::Shard>,
+    offsets: Option<shard::Offsets>,
     template: Arc<RequestTemplate>,
-    end: f64,
     origin: std::time::Instant,
     start: std::time::Instant,
     runtime: tokio::runtime::Handle,
@@ -285,17 +293,18 @@ impl Schedule {
     /// Returns how many requests it scheduled, and when it saw the stop
     /// if it was stopped before its end.
     fn run(mut self) -> (u64, Option<std::time::Instant>) {
-        let mut offset = 0.0f64;
-        let mut id = 0u64;
-        loop {
-            offset += self.arrivals.next_gap(offset);
-            if offset >= self.end {
-                return (id, None);
+        let mut scheduled = 0u64;
+        let Some(offsets) = self.offsets.take() else {
+            return (0, None);
+        };
+        for (id, offset) in offsets {
+            if self.shard.is_some_and(|shard| !shard.owns_request(id)) {
+                continue;
             }
             let due = self.start + Duration::from_secs_f64(offset);
             loop {
                 if *self.stop.borrow() {
-                    return (id, Some(std::time::Instant::now()));
+                    return (scheduled, Some(std::time::Instant::now()));
                 }
                 let now = std::time::Instant::now();
                 if now >= due {
@@ -304,9 +313,10 @@ impl Schedule {
                 std::thread::sleep((due - now).min(STOP_CHECK));
             }
             let scheduled_s = due.saturating_duration_since(self.origin).as_secs_f64();
-            id += 1;
+            scheduled += 1;
             self.send(id, scheduled_s);
         }
+        (scheduled, None)
     }
 
     fn send(&self, id: u64, scheduled_s: f64) {

@@ -25,6 +25,10 @@ pub struct Sessions {
     think_s: f64,
     header: HeaderName,
     users: Mutex<Vec<User>>,
+    /// The users played here are `first`, `first + step`, …: all of them,
+    /// or one load agent's ([`super::shard`]).
+    first: u32,
+    step: u32,
 }
 
 #[derive(Debug, Default)]
@@ -45,14 +49,30 @@ pub struct Ticket {
 }
 
 impl Sessions {
-    pub fn new(spec: &crate::playbook::Sessions) -> anyhow::Result<Self> {
+    /// Every user of `spec`, or one agent's share of them.
+    pub fn new(
+        spec: &crate::playbook::Sessions,
+        shard: Option<super::shard::Shard>,
+    ) -> anyhow::Result<Self> {
         let header = HeaderName::from_bytes(spec.user_header.as_bytes())
             .map_err(|_| anyhow::anyhow!("`{}` is not an HTTP header name", spec.user_header))?;
+        let (first, step) = shard.map_or((0, 1), |s| (s.index, s.count.max(1)));
+        let users = match shard {
+            Some(shard) => shard.users(spec.users.max(1)).count(),
+            None => spec.users.max(1) as usize,
+        };
+        anyhow::ensure!(
+            users > 0,
+            "{} session users cannot be shared by {step} agents: give at least one user per agent",
+            spec.users
+        );
         Ok(Self {
             rounds: spec.rounds.max(1),
             think_s: spec.think_time.0.as_secs_f64(),
             header,
-            users: Mutex::new((0..spec.users.max(1)).map(|_| User::default()).collect()),
+            users: Mutex::new((0..users).map(|_| User::default()).collect()),
+            first,
+            step,
         })
     }
 
@@ -81,7 +101,7 @@ impl Sessions {
         user.busy = true;
         Some(Ticket {
             turn: Turn {
-                user: index as u32,
+                user: self.first + index as u32 * self.step,
                 round: user.round + 1,
             },
             history: user.history.clone(),
@@ -92,7 +112,10 @@ impl Sessions {
     /// adds nothing), and after the last round a new conversation starts.
     pub fn give_back(&self, turn: Turn, question: String, answer: Option<String>, now_s: f64) {
         let mut users = self.lock();
-        let Some(user) = users.get_mut(turn.user as usize) else {
+        let Some(local) = turn.user.checked_sub(self.first).map(|u| u / self.step) else {
+            return;
+        };
+        let Some(user) = users.get_mut(local as usize) else {
             return;
         };
         if let Some(answer) = answer {
@@ -121,12 +144,15 @@ mod tests {
     use crate::playbook::HumanDuration;
 
     fn sessions(users: u32, rounds: u32, think: f64) -> Sessions {
-        Sessions::new(&crate::playbook::Sessions {
-            users,
-            rounds,
-            think_time: HumanDuration::from_secs_f64(think),
-            user_header: "x-user-id".into(),
-        })
+        Sessions::new(
+            &crate::playbook::Sessions {
+                users,
+                rounds,
+                think_time: HumanDuration::from_secs_f64(think),
+                user_header: "x-user-id".into(),
+            },
+            None,
+        )
         .unwrap()
     }
 
@@ -164,5 +190,30 @@ mod tests {
             s.take(9.0).unwrap().history.is_empty(),
             "a failed round adds nothing"
         );
+    }
+
+    #[test]
+    fn an_agent_plays_its_own_users_by_their_global_numbers() {
+        let spec = crate::playbook::Sessions {
+            users: 5,
+            rounds: 2,
+            think_time: HumanDuration::from_secs_f64(0.0),
+            user_header: "x-user-id".into(),
+        };
+        let s = Sessions::new(
+            &spec,
+            Some(super::super::shard::Shard { index: 1, count: 2 }),
+        )
+        .unwrap();
+        let (a, b) = (s.take(0.0).unwrap(), s.take(0.0).unwrap());
+        assert_eq!((a.turn.user, b.turn.user), (1, 3));
+        assert_eq!(s.take(0.0), None);
+        s.give_back(b.turn, "q".into(), Some("a".into()), 0.0);
+        assert_eq!(s.take(0.1).unwrap().turn, Turn { user: 3, round: 2 });
+        let lonely = Sessions::new(
+            &spec,
+            Some(super::super::shard::Shard { index: 5, count: 6 }),
+        );
+        assert!(lonely.is_err(), "an agent without a user says so");
     }
 }

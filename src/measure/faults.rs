@@ -266,7 +266,7 @@ fn summarize_one(
         .min(next_fault);
     let alive: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.outcome != Outcome::Cancelled && s.done_s >= at && s.at_s < rate_end)
+        .filter(|s| !s.outcome.is_shakedowns() && s.done_s >= at && s.at_s < rate_end)
         .collect();
     let failed_during = alive.iter().filter(|s| s.failed()).count() as u64;
     let stalled = samples

@@ -99,9 +99,9 @@ impl Sample {
     }
 
     /// A failure of the stack's: not ok, and not cut short by shakedown
-    /// itself when the run stopped.
+    /// itself when the run stopped, nor lost with a load agent.
     pub fn failed(&self) -> bool {
-        !self.ok() && self.outcome != Outcome::Cancelled
+        !self.ok() && !self.outcome.is_shakedowns()
     }
 
     /// When users began to suffer a failure: a request that timed out
@@ -553,6 +553,7 @@ pub fn summarize_stack(
         &faults,
         &overlaps,
         early.clone(),
+        validity::agents_of(events),
         &settings.validity,
     );
 

@@ -79,6 +79,11 @@ pub struct ValidityLimits {
     /// How much later than its `at` a fault may begin.
     #[serde(default = "ValidityLimits::default_fault_lateness")]
     pub max_fault_lateness: HumanDuration,
+    /// How far a load agent's clock may be off from shakedown's (as
+    /// bounded from its lines' stamps) before its records' timing against
+    /// the faults cannot be vouched for.
+    #[serde(default = "ValidityLimits::default_clock_offset")]
+    pub max_clock_offset: HumanDuration,
 }
 
 impl ValidityLimits {
@@ -88,6 +93,9 @@ impl ValidityLimits {
     fn default_fault_lateness() -> HumanDuration {
         HumanDuration::from_secs_f64(0.250)
     }
+    fn default_clock_offset() -> HumanDuration {
+        HumanDuration::from_secs_f64(0.050)
+    }
 }
 
 impl Default for ValidityLimits {
@@ -95,6 +103,7 @@ impl Default for ValidityLimits {
         Self {
             max_send_lag_p99: Self::default_send_lag(),
             max_fault_lateness: Self::default_fault_lateness(),
+            max_clock_offset: Self::default_clock_offset(),
         }
     }
 }
@@ -432,6 +441,74 @@ pub struct Load {
     /// Multi-round chat, as production-stack's multi-round QA benchmark.
     #[serde(default)]
     pub sessions: Option<Sessions>,
+    /// Send the load from several agents instead of from shakedown
+    /// itself: child processes (`where: local`) or the pods of a
+    /// Kubernetes Indexed Job (`where: in-cluster`), each sending its
+    /// shard of the one schedule.
+    #[serde(default)]
+    pub agents: Option<Agents>,
+}
+
+/// Load agents: the schedule is split between them by request id (and
+/// sessions by user), and their records merged into one `requests.jsonl`.
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Agents {
+    /// How many agents share the load.
+    #[schemars(range(min = 1, max = 64))]
+    pub count: u32,
+    /// `local`: child processes of shakedown; `in-cluster`: an Indexed
+    /// Job in the stack's cluster, so the load comes from where its users
+    /// are, with no port-forward or ingress in the path.
+    #[serde(rename = "where", default)]
+    pub place: AgentPlace,
+    /// The agents' image (in-cluster): `shakedown` on its PATH, as the
+    /// repository's Dockerfile builds it.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The Job's namespace (in-cluster); default: the stack's namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Each agent pod's CPU and memory, requested and limited alike.
+    #[serde(default)]
+    pub resources: Option<AgentResources>,
+    /// How long the agents get to start before the load begins, for all of
+    /// them at once: default 2s locally, 60s in a cluster (scheduling, image pull).
+    #[serde(default)]
+    pub startup: Option<HumanDuration>,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentPlace {
+    #[default]
+    Local,
+    InCluster,
+}
+
+/// Kubernetes quantities, such as `cpu: "2"`, `memory: 512Mi`.
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentResources {
+    #[serde(default)]
+    pub cpu: Option<String>,
+    #[serde(default)]
+    pub memory: Option<String>,
+}
+
+impl Agents {
+    /// How long the agents get to start.
+    pub fn startup(&self) -> std::time::Duration {
+        self.startup.map_or(
+            match self.place {
+                AgentPlace::Local => std::time::Duration::from_secs(2),
+                AgentPlace::InCluster => std::time::Duration::from_secs(60),
+            },
+            |d| d.0,
+        )
+    }
 }
 
 /// Users who each hold a conversation of `rounds` questions, every round

@@ -79,6 +79,7 @@ pub fn validate<S: FaultSpecs>(pb: &Playbook<S>) -> Vec<Problem> {
         problems.push(problem);
     }
     problems.extend(validate_load(&pb.load).err());
+    problems.extend(validate_agents(pb).err());
     let steady = validate_steady_state(pb);
     let steady_is_sound = steady.is_ok();
     problems.extend(steady.err());
@@ -704,6 +705,69 @@ fn validate_load(load: &Load) -> Result<(), Problem> {
     ] {
         if let Some(problem) = count.problem() {
             return at(rpath.clone().key(field), problem);
+        }
+    }
+    Ok(())
+}
+
+fn validate_agents<S>(pb: &Playbook<S>) -> Result<(), Problem> {
+    let Some(agents) = &pb.load.agents else {
+        return Ok(());
+    };
+    let path = root().key("load").key("agents");
+    if !(1..=64).contains(&agents.count) {
+        return at(path.key("count"), "count is from 1 to 64 agents");
+    }
+    if agents.startup.is_some_and(|s| s.is_zero()) {
+        return at(
+            path.key("startup"),
+            "the agents need time to start: above zero, such as `60s`",
+        );
+    }
+    match agents.place {
+        AgentPlace::Local => {
+            for (field, given) in [
+                ("image", agents.image.is_some()),
+                ("namespace", agents.namespace.is_some()),
+                ("resources", agents.resources.is_some()),
+            ] {
+                if given {
+                    return at(
+                        path.key(field),
+                        format!(
+                            "`{field}` is for `where: in-cluster` agents; local agents are child processes"
+                        ),
+                    );
+                }
+            }
+        }
+        AgentPlace::InCluster => {
+            if agents.image.as_deref().is_none_or(str::is_empty) {
+                return at(
+                    path.key("image"),
+                    "in-cluster agents need an image with `shakedown` on its PATH: build it with the repository's Dockerfile and push it where the cluster pulls from",
+                );
+            }
+            if let Some((i, stack)) = pb
+                .stacks
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.cluster.kind != ClusterKind::Kubernetes)
+            {
+                return at(
+                    root().key("stacks").index(i).key("cluster").key("kind"),
+                    format!(
+                        "stack `{}` is not on Kubernetes, so its load cannot come from inside the cluster: use `where: local` agents, or run the stacks apart with --stack",
+                        stack.name
+                    ),
+                );
+            }
+            if pb.load.request.prompts.is_some() {
+                return at(
+                    root().key("load").key("request").key("prompts"),
+                    "in-cluster agents cannot read a prompts file of this machine (not supported yet): use synthetic prompts or `where: local` agents",
+                );
+            }
         }
     }
     Ok(())

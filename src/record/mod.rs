@@ -33,10 +33,15 @@ pub enum Outcome {
     /// failed write): cut short by shakedown, not by the stack. Counted as
     /// not ok, and shown apart from the stack's own failures.
     Cancelled,
+    /// Its load agent was lost (killed, evicted, its output unreadable)
+    /// before it gave the request's record: what the stack did with it is
+    /// unknown. Counted as not ok, shown apart from the stack's failures,
+    /// and the measurement is degraded.
+    Lost,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::Http,
         Outcome::Connect,
@@ -47,6 +52,7 @@ impl Outcome {
         Outcome::Malformed,
         Outcome::Dropped,
         Outcome::Cancelled,
+        Outcome::Lost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,7 +67,14 @@ impl Outcome {
             Outcome::Malformed => "malformed",
             Outcome::Dropped => "dropped",
             Outcome::Cancelled => "cancelled",
+            Outcome::Lost => "lost",
         }
+    }
+
+    /// Ended by shakedown itself (the run stopped, an agent was lost),
+    /// not by the stack: never one of the stack's failures.
+    pub fn is_shakedowns(self) -> bool {
+        matches!(self, Outcome::Cancelled | Outcome::Lost)
     }
 
     pub fn index(self) -> usize {

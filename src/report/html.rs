@@ -158,6 +158,10 @@ pub fn html(summary: &Summary) -> anyhow::Result<String> {
     }
     out.push_str("<h2>Validity</h2>\n<p class=\"note\">What the run measured of itself: send lag (sent − scheduled), how late each fault went in, requests shakedown cut short when the run stopped (<code>cancelled</code>) or could not send (<code>dropped</code>). Every scheduled request has one record.</p>\n");
     out.push_str(&table(validity_rows(summary)));
+    if let Some(agents) = super::tables::agent_rows(summary) {
+        out.push_str("<h3>Load agents</h3>\n<p class=\"note\">The load came from several agents, their records merged. A clock offset is bounded from how long each agent's stamped lines took to arrive; a lost agent's requests are recorded <code>lost</code>.</p>\n");
+        out.push_str(&table(agents));
+    }
 
     out.push_str("<h2>Latency by phase</h2>\n<p class=\"note\">As <code>vllm bench serve</code> reports them, over the ok requests sent in each phase; goodput counts those that met <code>load.slo</code>.</p>\n");
     for stack in &summary.stacks {

@@ -64,6 +64,7 @@ pub fn settings_for(pb: &Playbook, stack: &str) -> MeasureSettings {
         validity: crate::measure::ValidityLimits {
             max_send_lag_p99_ms: pb.validity.max_send_lag_p99.as_secs_f64() * 1000.0,
             max_fault_lateness_ms: pb.validity.max_fault_lateness.as_secs_f64() * 1000.0,
+            max_clock_offset_ms: pb.validity.max_clock_offset.as_secs_f64() * 1000.0,
         },
         faults: pb
             .faults_for(stack)

@@ -226,6 +226,40 @@ pub fn validity_rows(summary: &Summary) -> Rows {
     rows
 }
 
+/// The load agents of each stack that had them (`load.agents`); `None`
+/// when the load came from shakedown itself.
+pub fn agent_rows(summary: &Summary) -> Option<Rows> {
+    if summary.stacks.iter().all(|s| s.validity.agents.is_empty()) {
+        return None;
+    }
+    let mut rows = vec![strings([
+        "stack",
+        "agent",
+        "where",
+        "clock offset, at most",
+        "requests lost",
+        "lost because",
+    ])];
+    for s in &summary.stacks {
+        for a in &s.validity.agents {
+            rows.push(vec![
+                s.name.clone(),
+                a.agent.to_string(),
+                if a.place.is_empty() {
+                    "never started".into()
+                } else {
+                    a.place.clone()
+                },
+                a.clock_offset_ms
+                    .map_or_else(|| "–".into(), |o| format!("{o:.2} ms")),
+                a.lost_requests.to_string(),
+                a.lost.clone().unwrap_or_else(|| "–".into()),
+            ]);
+        }
+    }
+    Some(rows)
+}
+
 /// Failures shared by overlapping faults, counted once per stack.
 pub fn overlap_rows(summary: &Summary) -> Rows {
     let mut rows = vec![strings([
@@ -435,6 +469,11 @@ pub fn markdown(summary: &Summary) -> String {
     out.push_str("## Validity\n\nWhat the run measured of itself: how late requests were sent (send lag = sent − scheduled) and faults injected, requests shakedown cut short when the run stopped (`cancelled`) or could not send (`dropped`). Every scheduled request has one record.\n\n");
     out.push_str(&as_markdown(validity_rows(summary)));
     out.push_str("\n\n");
+    if let Some(agents) = agent_rows(summary) {
+        out.push_str("### Load agents\n\nThe load came from several agents, their records merged. A clock offset is bounded from how long each agent's stamped lines took to arrive; a lost agent's requests are recorded `lost`.\n\n");
+        out.push_str(&as_markdown(agents));
+        out.push_str("\n\n");
+    }
     out.push_str("## Outcomes\n\nEvery request of the run, warmup included.\n\n");
     out.push_str(&as_markdown(outcomes_rows(summary)));
     out.push_str("\n\n");

@@ -100,7 +100,7 @@ fn owner_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
 
 /// Whether cleanup may undo a change: its run is provably dead, or
 /// `force`; else why not.
-fn may_clean(
+pub(crate) fn may_clean(
     metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     force: bool,
 ) -> Result<(), String> {
@@ -192,8 +192,8 @@ pub fn client_from_config(mut config: kube::Config) -> anyhow::Result<kube::Clie
 
 /// After a run that died: uncordons the nodes that carry shakedown's
 /// annotation with `run_id` (any run's when `None`), removes its
-/// gpu-failure taints, and deletes the Chaos Mesh NetworkChaos objects it
-/// made. A change whose run is alive, or cannot be shown dead, is left
+/// gpu-failure taints, and deletes the Chaos Mesh NetworkChaos objects and
+/// the load agents' Jobs it made. A change whose run is alive, or cannot be shown dead, is left
 /// alone (and said) unless `force`. Returns what it undid.
 pub async fn cleanup(
     context: Option<&str>,
@@ -236,6 +236,9 @@ pub async fn cleanup(
     let (chaos, left_alone) = chaos_mesh::cleanup(&client, run_id, force).await?;
     cleaned.chaos = chaos;
     cleaned.left_alone.extend(left_alone);
+    let (jobs, left_alone) = crate::agents::in_cluster::cleanup(&client, run_id, force).await?;
+    cleaned.jobs = jobs;
+    cleaned.left_alone.extend(left_alone);
     Ok(cleaned)
 }
 
@@ -247,6 +250,8 @@ pub struct Cleaned {
     pub untainted: Vec<String>,
     /// NetworkChaos objects deleted, as `namespace/name`.
     pub chaos: Vec<String>,
+    /// The load agents' Jobs deleted, as `namespace/name`.
+    pub jobs: Vec<String>,
     /// Changes of runs that are alive (or cannot be shown dead), and why.
     pub left_alone: Vec<String>,
 }

@@ -1048,3 +1048,252 @@ async fn an_early_revert_takes_the_delay_off_through_exec_and_an_on_time_one_doe
     assert_eq!(server.world.lock().unwrap().execs.len(), 1);
     harness.events().await;
 }
+
+/// In-cluster load agents against the fixture, whose Job pods run as real
+/// child processes: the Job is created with its spec, the pods' logs are
+/// followed (one stream breaks off and is resumed without a record lost
+/// or doubled), the records merged, and the Job deleted at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_agents_are_an_indexed_job_whose_logs_become_the_records() {
+    let server = cluster_of_four(quick()).await;
+    server.run_jobs_with(std::path::Path::new(env!("CARGO_BIN_EXE_shakedown")));
+    server.cut_logs_after(4000);
+    let endpoint = engine_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(dir.path());
+    let reports = dir.path().join("reports");
+    let path = dir.path().join("agents.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"apiVersion: shakedown/v1
+name: agents
+seed: 3
+duration: 5s
+stacks:
+  - name: prod
+    endpoint: {endpoint}
+    cluster: {{ kind: kubernetes, context: fixture, namespace: llm }}
+    roles:
+      engine: {{ selector: "app=vllm" }}
+load:
+  arrival: constant
+  rate: 20
+  request: {{ prompt_tokens: 8, max_tokens: 4 }}
+  timeout: 5s
+  agents: {{ count: 2, where: in-cluster, image: "registry.example/shakedown:test", startup: 15s, resources: {{ cpu: "1", memory: 128Mi }} }}
+steady_state: {{ warmup: 1s, baseline: 1s }}
+faults:
+  - {{ name: kill, at: 2s, action: pod-kill, target: engine, grace_period: 0s }}
+"#
+        ),
+    )
+    .unwrap();
+    let out = shakedown(
+        &kubeconfig,
+        &[
+            "run",
+            path.to_str().unwrap(),
+            "--reports",
+            reports.to_str().unwrap(),
+            "-q",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let run_dir = std::fs::read_dir(&reports)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+
+    // The Job, as it was created: indexed, labelled with the run, bounded.
+    let created = server.world.lock().unwrap().jobs.created.clone();
+    assert_eq!(created.len(), 1);
+    let job = &created[0];
+    assert_eq!(job["spec"]["completionMode"], "Indexed");
+    assert_eq!(job["spec"]["completions"], 2);
+    assert_eq!(job["spec"]["backoffLimit"], 0);
+    assert!(job["spec"]["activeDeadlineSeconds"].as_i64().unwrap() >= 20);
+    assert!(job["spec"]["ttlSecondsAfterFinished"].is_number());
+    let run_id = run_dir.file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(
+        job["metadata"]["annotations"]["shakedown.dev/run"],
+        run_id.as_str()
+    );
+    assert_eq!(
+        job["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "shakedown"
+    );
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "registry.example/shakedown:test");
+    assert_eq!(container["resources"]["limits"]["memory"], "128Mi");
+
+    // Every request once, from both agents, one stream resumed.
+    let mut records = Vec::new();
+    shakedown::jsonl::read_each(
+        &run_dir.join("requests.jsonl"),
+        |r: shakedown::record::Record| records.push(r),
+    )
+    .unwrap();
+    let mut ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    assert!(ids.len() >= 95, "{} records", ids.len());
+    assert!(
+        records
+            .iter()
+            .all(|r| r.outcome != shakedown::record::Outcome::Lost)
+    );
+    let streams = server.world.lock().unwrap().jobs.streams.clone();
+    assert!(
+        streams.values().any(|&n| n >= 2),
+        "a broken log was opened again: {streams:?}"
+    );
+    let events = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap();
+    assert!(
+        events.contains("\"place\":\"pod shakedown-agents-"),
+        "{events}"
+    );
+    assert!(events.contains("\"event\":\"fault_injected\""));
+
+    // Deleted at the end, and no process left.
+    assert!(server.job_objects().is_empty(), "the Job was left behind");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(server.job_pids().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_agents_without_pods_log_are_refused_before_anything_is_made() {
+    let server = cluster_of_four(quick()).await;
+    server
+        .world
+        .lock()
+        .unwrap()
+        .denied
+        .insert("get pods/log in llm".into());
+    let endpoint = engine_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(dir.path());
+    let path = dir.path().join("agents.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"apiVersion: shakedown/v1
+name: agents
+duration: 5s
+stacks:
+  - name: prod
+    endpoint: {endpoint}
+    cluster: {{ kind: kubernetes, context: fixture, namespace: llm }}
+    roles:
+      engine: {{ selector: "app=vllm" }}
+load:
+  rate: 5
+  request: {{ prompt_tokens: 8, max_tokens: 4 }}
+  agents: {{ count: 2, where: in-cluster, image: "registry.example/shakedown:test" }}
+steady_state: {{ warmup: 1s, baseline: 1s }}
+faults:
+  - {{ name: kill, at: 2s, action: pod-kill, target: engine }}
+"#
+        ),
+    )
+    .unwrap();
+    let reports = dir.path().join("reports");
+    let out = shakedown(
+        &kubeconfig,
+        &[
+            "run",
+            path.to_str().unwrap(),
+            "--reports",
+            reports.to_str().unwrap(),
+            "-q",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`get` on pods/log in namespace llm"),
+        "{stderr}"
+    );
+    assert!(server.world.lock().unwrap().jobs.created.is_empty());
+    assert!(server.world.lock().unwrap().deletions.is_empty());
+    // And `shakedown rbac` grants exactly what is needed for the agents.
+    let out = shakedown(&kubeconfig, &["rbac", path.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let manifests = String::from_utf8_lossy(&out.stdout);
+    assert!(manifests.contains("load agents"), "{manifests}");
+    assert!(manifests.contains("jobs"), "{manifests}");
+    assert!(manifests.contains("pods/log"), "{manifests}");
+}
+
+#[tokio::test]
+async fn cleanup_deletes_the_agents_job_a_killed_run_left() {
+    let server = cluster_of_four(quick()).await;
+    let agents = shakedown::playbook::Agents {
+        count: 2,
+        place: shakedown::playbook::AgentPlace::InCluster,
+        image: Some("registry.example/shakedown:test".into()),
+        namespace: None,
+        resources: None,
+        startup: None,
+    };
+    let name = shakedown::agents::in_cluster::job_name("run-9", "prod");
+    let mut job = shakedown::agents::in_cluster::job(
+        &name,
+        "llm",
+        "run-9",
+        "prod",
+        &agents,
+        "{}",
+        Duration::from_secs(60),
+    );
+    // Its run: a process of this host that is gone.
+    job.metadata.annotations.as_mut().unwrap().insert(
+        "shakedown.dev/owner".into(),
+        format!(
+            "{}:999999999:1",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap()
+                .trim()
+        ),
+    );
+    let jobs: kube::Api<k8s_openapi::api::batch::v1::Job> =
+        kube::Api::namespaced(server.client().await, "llm");
+    jobs.create(&Default::default(), &job).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(dir.path());
+    let out = shakedown(
+        &kubeconfig,
+        &[
+            "cleanup",
+            "--context",
+            "fixture",
+            "--reports",
+            dir.path().to_str().unwrap(),
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("deleted the load agents' Jobs llm/{name}")),
+        "{stdout}"
+    );
+    assert!(server.job_objects().is_empty());
+}

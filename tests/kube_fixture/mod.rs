@@ -12,7 +12,9 @@
 //! - pods/eviction with PodDisruptionBudget arithmetic (`minAvailable`);
 //! - pods/ephemeralcontainers and pods/exec (recorded; an exec answers
 //!   success on the websocket's status channel, as the kubelet does);
-//! - selfsubjectaccessreviews, with a list of denied permissions.
+//! - selfsubjectaccessreviews, with a list of denied permissions;
+//! - batch/v1 Jobs run as an Indexed Job's pods, their containers as
+//!   child processes whose output is the pods' logs ([`jobs`]).
 //!
 //! It lives with the tests, never in the product.
 
@@ -28,6 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+
+pub mod jobs;
 
 #[derive(Clone)]
 pub struct Behaviour {
@@ -67,6 +71,7 @@ pub struct World {
     history: Vec<(u64, String, Value)>,
     version: u64,
     replacements: u64,
+    pub jobs: jobs::Jobs,
 }
 
 #[derive(Clone)]
@@ -200,6 +205,19 @@ impl ApiServer {
             .route(
                 "/api/v1/namespaces/{ns}/pods/{name}/exec",
                 get(exec).post(exec),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/log",
+                get(jobs::pod_log),
+            )
+            .route("/apis/batch/v1/jobs", get(jobs::list_jobs))
+            .route(
+                "/apis/batch/v1/namespaces/{ns}/jobs",
+                post(jobs::create_job),
+            )
+            .route(
+                "/apis/batch/v1/namespaces/{ns}/jobs/{name}",
+                get(jobs::get_job).delete(jobs::delete_job),
             )
             .route("/apis/chaos-mesh.org/v1alpha1", get(chaos_resources))
             .route(

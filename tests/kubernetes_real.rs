@@ -978,3 +978,186 @@ fn playbook_path(playbook: &str) -> String {
         .display()
         .to_string()
 }
+
+/// The production-stack playbook with two in-cluster load agents.
+fn with_agents(playbook: &str, startup: &str) -> String {
+    playbook.replace(
+        "  timeout: 5s\n",
+        &format!(
+            "  timeout: 5s\n  agents: {{ count: 2, where: in-cluster, image: \"registry.example/shakedown:test\", startup: {startup}, resources: {{ cpu: 100m, memory: 64Mi }} }}\n"
+        ),
+    )
+}
+
+/// The agents' Jobs in `default`, as kubectl lists them.
+fn agent_jobs(plane: &ControlPlane) -> Vec<Value> {
+    plane.json(&[
+        "get",
+        "jobs",
+        "-n",
+        "default",
+        "-l",
+        "app.kubernetes.io/managed-by=shakedown",
+    ])["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Hollow nodes run no container, so no agent ever says hello: the Job is
+/// created with its spec and labels, the job controller makes its pods
+/// and the scheduler places them; the run then fails before any fault,
+/// naming the pods, and deletes the Job. A run killed with its Job in
+/// place leaves it to `cleanup`. Without `pods/log` preflight names it.
+#[test]
+#[ignore = "needs a real control plane: make test-kube"]
+fn in_cluster_agents_are_an_indexed_job_that_is_scheduled_checked_and_removed() {
+    let plane = ControlPlane::start();
+    plane.install("production-stack.yaml");
+    let engine = Engine::start();
+    let playbook = with_agents(
+        &production_stack(
+            &engine.url,
+            "20s",
+            "  - { name: kill, at: 5s, action: pod-kill, target: engine }",
+        ),
+        "10s",
+    );
+    let mut run = plane.run(&playbook);
+    let mut jobs = Vec::new();
+    wait_for("the agents' Job", Duration::from_secs(30), || {
+        jobs = agent_jobs(&plane);
+        !jobs.is_empty()
+    });
+    let job = &jobs[0];
+    let name = job["metadata"]["name"].as_str().unwrap().to_string();
+    assert_eq!(job["spec"]["completionMode"], "Indexed");
+    assert_eq!(job["spec"]["completions"], 2);
+    assert_eq!(job["spec"]["parallelism"], 2);
+    assert_eq!(job["spec"]["backoffLimit"], 0);
+    assert!(job["spec"]["ttlSecondsAfterFinished"].is_number());
+    assert!(job["spec"]["activeDeadlineSeconds"].is_number());
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"],
+        "64Mi"
+    );
+    let run_label = job["metadata"]["labels"]["shakedown.dev/run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(run_label.ends_with("-real"), "{run_label}");
+    // The job controller made one pod per index, the scheduler placed them.
+    wait_for("both agent pods scheduled", Duration::from_secs(30), || {
+        let pods = plane.json(&[
+            "get",
+            "pods",
+            "-n",
+            "default",
+            "-l",
+            &format!("job-name={name}"),
+        ]);
+        let pods = pods["items"].as_array().unwrap();
+        pods.len() == 2
+            && pods.iter().all(|p| p["spec"]["nodeName"].is_string())
+            && pods.iter().all(|p| {
+                p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"].is_string()
+            })
+    });
+    let (code, dir, stderr) = wait_run(&mut run);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("did not start within 10s"), "{stderr}");
+    assert!(stderr.contains(&format!("pod {name}-")), "{stderr}");
+    assert!(stderr.contains("nothing was injected"), "{stderr}");
+    assert!(
+        !events(&dir.join("events.jsonl"))
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::FaultInjected { .. })),
+        "a fault went in though the load never began"
+    );
+    wait_for("the Job deleted", Duration::from_secs(10), || {
+        agent_jobs(&plane).is_empty()
+    });
+
+    // Killed with its Job in place: cleanup finds the dead run's Job.
+    let mut run = plane.run(&with_agents(
+        &production_stack(
+            &engine.url,
+            "20s",
+            "  - { name: kill, at: 5s, action: pod-kill, target: engine }",
+        ),
+        "60s",
+    ));
+    wait_for("the second Job", Duration::from_secs(30), || {
+        !agent_jobs(&plane).is_empty()
+    });
+    run.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = run.child.wait();
+    let reports = run.reports.to_str().unwrap().to_string();
+    let out = plane.shakedown(&["cleanup", "--context", "local", "--reports", &reports]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("deleted the load agents' Jobs default/shakedown-agents-"),
+        "{stdout}"
+    );
+    wait_for(
+        "the killed run's Job deleted",
+        Duration::from_secs(10),
+        || agent_jobs(&plane).is_empty(),
+    );
+
+    // A ServiceAccount with the generated roles but for `pods/log`:
+    // preflight names it, with its namespace, and makes nothing.
+    let playbook_file = run.dir.path().join("agents.yaml");
+    std::fs::write(
+        &playbook_file,
+        with_agents(
+            &production_stack(
+                &engine.url,
+                "20s",
+                "  - { name: kill, at: 5s, action: pod-kill, target: engine }",
+            ),
+            "10s",
+        ),
+    )
+    .unwrap();
+    let out = plane.shakedown(&["rbac", playbook_file.to_str().unwrap()]);
+    let manifests = String::from_utf8_lossy(&out.stdout).into_owned();
+    let without_log = manifests.replace(
+        "  - apiGroups: [\"\"]\n    resources: [\"pods/log\"]\n    verbs: [\"get\"]\n",
+        "",
+    );
+    assert_ne!(without_log, manifests, "{manifests}");
+    let rbac = run.dir.path().join("rbac.yaml");
+    std::fs::write(&rbac, without_log).unwrap();
+    plane.ok(&["apply", "-f", rbac.to_str().unwrap()]);
+    let kubeconfig = service_account_kubeconfig(&plane, "shakedown", "shakedown");
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "-q",
+            "--reports",
+            &reports,
+            playbook_file.to_str().unwrap(),
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`get` on pods/log in namespace default"),
+        "{stderr}"
+    );
+    assert!(
+        agent_jobs(&plane).is_empty(),
+        "a Job was made without the grant"
+    );
+}

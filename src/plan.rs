@@ -75,6 +75,21 @@ pub fn render(pb: &Playbook) -> String {
             s.users, s.rounds, s.think_time, s.user_header
         ));
     }
+    if let Some(a) = &load.agents {
+        out.push_str(&match a.place {
+            crate::playbook::AgentPlace::Local => format!(
+                "load from {}: child processes of shakedown, each its share of the schedule; the load begins {} after they start\n",
+                crate::report::plural(a.count as usize, "agent"),
+                HumanDuration(a.startup())
+            ),
+            crate::playbook::AgentPlace::InCluster => format!(
+                "load from {} inside the cluster: an Indexed Job of image {} per stack, its pods' logs followed; the load begins {} after it is created (scheduling, image pull), and the Job is deleted at the end\n",
+                crate::report::plural(a.count as usize, "agent"),
+                a.image.as_deref().unwrap_or_default(),
+                HumanDuration(a.startup())
+            ),
+        });
+    }
     for stack in &pb.stacks {
         out.push_str(&format!(
             "\nstack {} ({})\n",

@@ -175,8 +175,8 @@ pub fn manifests(
 # user has it. Exec and ephemeral containers come only in the namespaces
 # whose pods a fault targets: in any pod they reach what the pod can (its
 # Secrets, its service account), so shakedown never asks for them
-# cluster-wide. `shakedown cleanup --context` lists nodes and NetworkChaos
-# across the cluster: run it as a cluster admin.
+# cluster-wide. `shakedown cleanup --context` lists nodes, NetworkChaos and
+# the load agents' Jobs across the cluster: run it as a cluster admin.
 ",
         ns = account.namespace,
         name = account.name,

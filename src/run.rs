@@ -473,7 +473,13 @@ impl StackRun<'_> {
             current_fault.clone(),
             self.options.quiet,
         );
-        let client = load::http_client(plan.max_in_flight)?;
+        // Built before the agents, if any, are started: no `?` may come
+        // between starting them and following them.
+        let client = if launched.is_none() {
+            Some(load::http_client(plan.max_in_flight)?)
+        } else {
+            None
+        };
 
         // The stack stops on the run's stop, or when its abort rule fires.
         let (stack_stop_tx, stack_stop) = watch::channel(false);
@@ -495,8 +501,9 @@ impl StackRun<'_> {
             ))
         });
 
-        let (load_start, mut load) = match launched {
-            None => {
+        let (load_start, mut load) = match (launched, client) {
+            (None, client) => {
+                let client = client.context("the load's HTTP client was not built")?;
                 let load_start = Instant::now();
                 log.emit(EventKind::LoadStarted {
                     duration_s: pb.duration.as_secs_f64(),
@@ -512,7 +519,7 @@ impl StackRun<'_> {
                 ));
                 (load_start, load)
             }
-            Some((launched, load_start)) => {
+            (Some((launched, load_start)), _) => {
                 // Every agent is ready; the load begins at the agreed instant.
                 let mut early_stop = stack_stop.clone();
                 tokio::select! {

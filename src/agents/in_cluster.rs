@@ -373,6 +373,27 @@ async fn follow(pods: Api<Pod>, job: String, index: u32, tx: mpsc::Sender<(u32, 
     }
 }
 
+/// A fleet dropped without [`JobFleet::shut_down`] (a panic, an early
+/// return) still has its Job deleted, in the background; should that fail
+/// too, the Job's deadline ends it and `cleanup` removes it.
+impl Drop for JobFleet {
+    fn drop(&mut self) {
+        for follower in &self.followers {
+            follower.abort();
+        }
+        if self.deleted.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace);
+        let name = self.name.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = jobs.delete(&name, &DeleteParams::background()).await;
+            });
+        }
+    }
+}
+
 impl JobFleet {
     /// Deletes the Job, once: its pods are sent SIGTERM and write their ends.
     async fn delete(&self) {
@@ -401,12 +422,12 @@ impl JobFleet {
     }
 
     /// The Job deleted (if it was not), and the log followers ended.
-    pub async fn shut_down(self) {
+    pub async fn shut_down(mut self) {
         self.delete().await;
         for follower in &self.followers {
             follower.abort();
         }
-        for follower in self.followers {
+        for follower in std::mem::take(&mut self.followers) {
             let _ = follower.await;
         }
     }

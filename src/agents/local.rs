@@ -95,6 +95,16 @@ pub fn start(
     Ok((fleet, rx))
 }
 
+/// A fleet dropped without [`LocalFleet::shut_down`] (a panic, an early
+/// return) still takes its agents down; their tasks reap them.
+impl Drop for LocalFleet {
+    fn drop(&mut self) {
+        if self.tasks.iter().any(|t| !t.is_finished()) {
+            self.stop_with(Signal::SIGKILL);
+        }
+    }
+}
+
 impl LocalFleet {
     fn stop_with(&self, signal: Signal) {
         for &pid in &self.pids {
@@ -111,12 +121,12 @@ impl LocalFleet {
     }
 
     /// SIGKILL to whatever is left, and every child reaped.
-    pub async fn shut_down(self) {
+    pub async fn shut_down(mut self) {
         let all_done = self.tasks.iter().all(JoinHandle::is_finished);
         if !all_done {
             self.stop_with(Signal::SIGKILL);
         }
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
     }

@@ -185,18 +185,19 @@ impl ItlByPhase {
     }
 
     /// The gaps of an ok request sent at `at_s` on the load's clock.
-    pub fn add(&mut self, at_s: f64, gaps: &crate::record::Gaps) {
+    pub fn add(&mut self, at_s: f64, gaps: &crate::record::GapsOnDisk<'_>) {
         for (i, &(from, to)) in self.windows.iter().enumerate() {
             if !(from..to).contains(&at_s) {
                 continue;
             }
             self.sums[i].0 += gaps.mean_ms * f64::from(gaps.count);
             self.sums[i].1 += u64::from(gaps.count);
-            if let Some(histogram) = &mut self.histograms[i] {
-                for &(bucket, count) in &gaps.buckets {
+            if let (Some(histogram), Some(buckets)) = (&mut self.histograms[i], &gaps.buckets) {
+                // A malformed string counts what it held before the fault.
+                let _ = buckets.each(|bucket, count| {
                     let us = crate::record::gaps::micros(bucket);
                     let _ = histogram.record_n(us, u64::from(count));
-                }
+                });
             }
         }
     }
@@ -373,9 +374,9 @@ mod tests {
             buckets: Vec::new(),
         };
         gaps::add(&mut stall.buckets, 500.0);
-        acc.add(1.0, &steady);
-        acc.add(2.0, &stall);
-        acc.add(25.0, &steady);
+        acc.add(1.0, &steady.on_disk());
+        acc.add(2.0, &stall.on_disk());
+        acc.add(25.0, &steady.on_disk());
         acc.finish(&mut phases);
         let itl = &phases[0].itl_ms;
         assert!((itl.p50.unwrap() - 10.0).abs() < 0.1, "{itl:?}");

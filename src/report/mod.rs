@@ -27,7 +27,7 @@ use crate::jsonl;
 use crate::measure::engine_metrics::{self, MetricSample};
 use crate::measure::phases::ItlByPhase;
 use crate::measure::{MeasureSettings, Sample, StackSummary, Summary, summarize_stack};
-use crate::record::{Gaps, Outcome, RecordView};
+use crate::record::{GapsOnDisk, Outcome, RecordView};
 
 pub use html::html;
 pub use tables::{markdown, terminal};
@@ -252,8 +252,8 @@ struct GapsLine<'a> {
     scheduled_s: f64,
     #[serde(default)]
     sent_s: Option<f64>,
-    #[serde(default)]
-    itl: Option<Gaps>,
+    #[serde(default, borrow)]
+    itl: Option<GapsOnDisk<'a>>,
 }
 
 /// A second read of the records, for ITL percentiles over every gap of

@@ -1049,6 +1049,54 @@ async fn an_early_revert_takes_the_delay_off_through_exec_and_an_on_time_one_doe
     harness.events().await;
 }
 
+/// `shakedown run PLAYBOOK --reports REPORTS -q` against the fixture.
+async fn run_playbook(
+    kubeconfig: &std::path::Path,
+    playbook: &std::path::Path,
+    reports: &std::path::Path,
+) -> std::process::Output {
+    shakedown(
+        kubeconfig,
+        &[
+            "run",
+            playbook.to_str().unwrap(),
+            "--reports",
+            reports.to_str().unwrap(),
+            "-q",
+        ],
+    )
+    .output()
+    .await
+    .unwrap()
+}
+
+/// A 5 s run of 20 requests a second on `endpoint` from `agents`, an engine
+/// killed at 2 s.
+fn agents_playbook(endpoint: &str, agents: &str) -> String {
+    format!(
+        r#"apiVersion: shakedown/v1
+name: agents
+seed: 3
+duration: 5s
+stacks:
+  - name: prod
+    endpoint: {endpoint}
+    cluster: {{ kind: kubernetes, context: fixture, namespace: llm }}
+    roles:
+      engine: {{ selector: "app=vllm" }}
+load:
+  arrival: constant
+  rate: 20
+  request: {{ prompt_tokens: 8, max_tokens: 4 }}
+  timeout: 5s
+  agents: {agents}
+steady_state: {{ warmup: 1s, baseline: 1s }}
+faults:
+  - {{ name: kill, at: 2s, action: pod-kill, target: engine, grace_period: 0s }}
+"#
+    )
+}
+
 /// In-cluster load agents against the fixture, whose Job pods run as real
 /// child processes: the Job is created with its spec, the pods' logs are
 /// followed (one stream breaks off and is resumed without a record lost
@@ -1065,43 +1113,13 @@ async fn in_cluster_agents_are_an_indexed_job_whose_logs_become_the_records() {
     let path = dir.path().join("agents.yaml");
     std::fs::write(
         &path,
-        format!(
-            r#"apiVersion: shakedown/v1
-name: agents
-seed: 3
-duration: 5s
-stacks:
-  - name: prod
-    endpoint: {endpoint}
-    cluster: {{ kind: kubernetes, context: fixture, namespace: llm }}
-    roles:
-      engine: {{ selector: "app=vllm" }}
-load:
-  arrival: constant
-  rate: 20
-  request: {{ prompt_tokens: 8, max_tokens: 4 }}
-  timeout: 5s
-  agents: {{ count: 2, where: in-cluster, image: "registry.example/shakedown:test", startup: 15s, resources: {{ cpu: "1", memory: 128Mi }} }}
-steady_state: {{ warmup: 1s, baseline: 1s }}
-faults:
-  - {{ name: kill, at: 2s, action: pod-kill, target: engine, grace_period: 0s }}
-"#
+        agents_playbook(
+            &endpoint,
+            r#"{ count: 2, where: in-cluster, image: "registry.example/shakedown:test", startup: 15s, resources: { cpu: "1", memory: 128Mi } }"#,
         ),
     )
     .unwrap();
-    let out = shakedown(
-        &kubeconfig,
-        &[
-            "run",
-            path.to_str().unwrap(),
-            "--reports",
-            reports.to_str().unwrap(),
-            "-q",
-        ],
-    )
-    .output()
-    .await
-    .unwrap();
+    let out = run_playbook(&kubeconfig, &path, &reports).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let run_dir = std::fs::read_dir(&reports)
@@ -1182,41 +1200,14 @@ async fn in_cluster_agents_without_pods_log_are_refused_before_anything_is_made(
     let path = dir.path().join("agents.yaml");
     std::fs::write(
         &path,
-        format!(
-            r#"apiVersion: shakedown/v1
-name: agents
-duration: 5s
-stacks:
-  - name: prod
-    endpoint: {endpoint}
-    cluster: {{ kind: kubernetes, context: fixture, namespace: llm }}
-    roles:
-      engine: {{ selector: "app=vllm" }}
-load:
-  rate: 5
-  request: {{ prompt_tokens: 8, max_tokens: 4 }}
-  agents: {{ count: 2, where: in-cluster, image: "registry.example/shakedown:test" }}
-steady_state: {{ warmup: 1s, baseline: 1s }}
-faults:
-  - {{ name: kill, at: 2s, action: pod-kill, target: engine }}
-"#
+        agents_playbook(
+            &endpoint,
+            r#"{ count: 2, where: in-cluster, image: "registry.example/shakedown:test" }"#,
         ),
     )
     .unwrap();
     let reports = dir.path().join("reports");
-    let out = shakedown(
-        &kubeconfig,
-        &[
-            "run",
-            path.to_str().unwrap(),
-            "--reports",
-            reports.to_str().unwrap(),
-            "-q",
-        ],
-    )
-    .output()
-    .await
-    .unwrap();
+    let out = run_playbook(&kubeconfig, &path, &reports).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

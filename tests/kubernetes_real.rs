@@ -319,19 +319,20 @@ fn wait_run(run: &mut common::Run) -> (i32, PathBuf, String) {
 /// The scheduler's own record of binding `pod`: its `Scheduled` event's
 /// `eventTime`, to the microsecond.
 fn scheduled_by_the_scheduler(plane: &ControlPlane, pod: &str) -> chrono::DateTime<chrono::Utc> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = plane.json(&["get", "events.events.k8s.io", "-n", "default"]);
-        let found = list["items"].as_array().unwrap().iter().find_map(|e| {
-            (e["reason"] == "Scheduled" && e["regarding"]["name"] == pod)
-                .then(|| e["eventTime"].as_str().unwrap().parse().unwrap())
-        });
-        if let Some(at) = found {
-            return at;
-        }
-        assert!(Instant::now() < deadline, "no Scheduled event for {pod}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut found = None;
+    wait_for(
+        &format!("a Scheduled event for {pod}"),
+        Duration::from_secs(10),
+        || {
+            let list = plane.json(&["get", "events.events.k8s.io", "-n", "default"]);
+            found = list["items"].as_array().unwrap().iter().find_map(|e| {
+                (e["reason"] == "Scheduled" && e["regarding"]["name"] == pod)
+                    .then(|| e["eventTime"].as_str().unwrap().parse().unwrap())
+            });
+            found.is_some()
+        },
+    );
+    found.unwrap()
 }
 
 #[test]

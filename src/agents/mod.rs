@@ -634,8 +634,7 @@ pub fn namespace(agents: &crate::playbook::Agents, stack: &crate::playbook::Stac
     agents
         .namespace
         .clone()
-        .or_else(|| stack.cluster.namespace.clone())
-        .unwrap_or_else(|| "default".into())
+        .unwrap_or_else(|| stack.namespace())
 }
 
 /// What a stack's load agents need of its cluster, and why: nothing

@@ -145,6 +145,14 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// A Kubernetes stack's namespace: its cluster's, else `default`.
+    pub fn namespace(&self) -> String {
+        self.cluster
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into())
+    }
+
     /// The roles a fault may target: a local cluster's `engine` and
     /// `router`, a Kubernetes stack's `roles`.
     pub fn role_names(&self) -> Vec<String> {

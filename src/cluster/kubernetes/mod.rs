@@ -285,11 +285,7 @@ pub(crate) fn marked_by(
 /// The targets of a stack: each role's selector, in its namespace or the
 /// stack's.
 pub fn targets_of(stack: &Stack) -> BTreeMap<String, Target> {
-    let default_ns = stack
-        .cluster
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let default_ns = stack.namespace();
     stack
         .roles
         .iter()

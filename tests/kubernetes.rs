@@ -790,19 +790,7 @@ faults:
         "  - { name: kill, at: 2s, action: pod-kill, target: engine, grace_period: 0s }",
         "6s",
     );
-    let out = shakedown(
-        &kubeconfig,
-        &[
-            "run",
-            kill.to_str().unwrap(),
-            "--reports",
-            reports.to_str().unwrap(),
-            "-q",
-        ],
-    )
-    .output()
-    .await
-    .unwrap();
+    let out = run_playbook(&kubeconfig, &kill, &reports).await;
     assert!(
         out.status.success(),
         "{}",
@@ -840,18 +828,7 @@ faults:
         "  - { name: drain, at: 2s, action: node-drain, target: engine, node: gpu-b, grace_period: 0s }",
         "60s",
     );
-    let mut child = shakedown(
-        &kubeconfig,
-        &[
-            "run",
-            drain.to_str().unwrap(),
-            "--reports",
-            reports.to_str().unwrap(),
-            "-q",
-        ],
-    )
-    .spawn()
-    .unwrap();
+    let mut child = run_command(&kubeconfig, &drain, &reports).spawn().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while server.node("gpu-b")["spec"]["unschedulable"] != true {
         assert!(
@@ -901,15 +878,10 @@ async fn a_missing_kubeconfig_is_an_error_before_anything_runs() {
         "apiVersion: shakedown/v1\nname: p\nduration: 10s\nstacks:\n  - name: s\n    endpoint: http://127.0.0.1:9\n    cluster: { kind: kubernetes, context: staging }\n    roles: { engine: { selector: app=vllm } }\nload: { rate: 1, request: { prompt_tokens: 8, max_tokens: 4 } }\nsteady_state: { baseline: 1s }\nfaults:\n  - { name: k, at: 2s, action: pod-kill, target: engine }\n",
     )
     .unwrap();
-    let out = shakedown(
+    let out = run_command(
         &dir.path().join("no-such-kubeconfig"),
-        &[
-            "run",
-            playbook.to_str().unwrap(),
-            "--reports",
-            dir.path().join("r").to_str().unwrap(),
-            "-q",
-        ],
+        &playbook,
+        &dir.path().join("r"),
     )
     .env("HOME", dir.path())
     .env_remove("KUBERNETES_SERVICE_HOST")
@@ -1049,12 +1021,12 @@ async fn an_early_revert_takes_the_delay_off_through_exec_and_an_on_time_one_doe
     harness.events().await;
 }
 
-/// `shakedown run PLAYBOOK --reports REPORTS -q` against the fixture.
-async fn run_playbook(
+/// `shakedown run PLAYBOOK --reports REPORTS -q` with `kubeconfig`.
+fn run_command(
     kubeconfig: &std::path::Path,
     playbook: &std::path::Path,
     reports: &std::path::Path,
-) -> std::process::Output {
+) -> tokio::process::Command {
     shakedown(
         kubeconfig,
         &[
@@ -1065,9 +1037,18 @@ async fn run_playbook(
             "-q",
         ],
     )
-    .output()
-    .await
-    .unwrap()
+}
+
+/// [`run_command`], run to its end.
+async fn run_playbook(
+    kubeconfig: &std::path::Path,
+    playbook: &std::path::Path,
+    reports: &std::path::Path,
+) -> std::process::Output {
+    run_command(kubeconfig, playbook, reports)
+        .output()
+        .await
+        .unwrap()
 }
 
 /// A 5 s run of 20 requests a second on `endpoint` from `agents`, an engine

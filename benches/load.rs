@@ -13,7 +13,10 @@
 //! judge sub-millisecond lag, the lag targets say "not judged" instead.
 //!
 //! Everything is bounded: each step stops by itself, the engine is killed
-//! at the end. Set SHAKEDOWN_BENCH_QUICK=1 for a short pass.
+//! at the end. Set SHAKEDOWN_BENCH_QUICK=1 for a short pass,
+//! SHAKEDOWN_BENCH_ONLY=summary (or `load`) for one half, and
+//! SHAKEDOWN_BENCH_KEEP_RUN=<dir> to keep the million records' run
+//! directory, for profiling `shakedown report <dir>` over it.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -351,8 +354,18 @@ fn oha_cpu_ms_per_request(port: u16, rate: f64, seconds: f64) -> Option<f64> {
 
 fn main() {
     let quick = std::env::var_os("SHAKEDOWN_BENCH_QUICK").is_some();
+    // `summary` or `load`: one half of the bench, when working on it.
+    let only = std::env::var("SHAKEDOWN_BENCH_ONLY").unwrap_or_default();
     let _ = shakedown::http::client();
+    if only != "load" {
+        summary_bench(quick);
+    }
+    if only != "summary" {
+        load_bench(quick);
+    }
+}
 
+fn summary_bench(quick: bool) {
     // 1. Summarising a million records, first, so its peak memory is its own.
     let records = if quick { 100_000 } else { 1_000_000 };
     let run = realistic_run(records);
@@ -377,8 +390,18 @@ fn main() {
         met(took * 1_000_000.0 / records as f64 <= 1.5 && peak <= 150.0),
         met(size * 1_000_000.0 / records as f64 <= 200.0)
     );
-    drop(run);
+    // To profile `shakedown report` over the same records.
+    if let Some(keep) = std::env::var_os("SHAKEDOWN_BENCH_KEEP_RUN") {
+        let keep = std::path::PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        for name in ["playbook.yaml", "events.jsonl", "requests.jsonl"] {
+            std::fs::copy(run.path().join(name), keep.join(name)).unwrap();
+        }
+        println!("  (the run directory is kept in {})", keep.display());
+    }
+}
 
+fn load_bench(quick: bool) {
     // 2. Rising open-loop rates against one engine process, each on its core.
     pin_self(1);
     let overshoot = sleep_overshoot_p99_ms();

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventKind, RunStatus};
+use crate::record::gaps::{Packed, PackedId};
 use crate::record::{Outcome, Record};
 use stats::percentile;
 pub use validity::{Validity, ValidityLimits};
@@ -52,6 +53,58 @@ pub struct Sample {
     pub lag_ms: f64,
     /// The longest wait for a token, first or later; NaN with no token.
     pub gap_max_ms: f64,
+    /// Where an ok stream's gaps are in its stack's [`Samples::gaps`]; 0
+    /// for none.
+    pub itl_gaps: PackedId,
+}
+
+/// A stack's samples, and the inter-token gaps of its ok streams, packed
+/// (what ITL percentiles by phase are computed from).
+#[derive(Debug, Default)]
+pub struct Samples {
+    pub list: Vec<Sample>,
+    pub gaps: Packed,
+}
+
+impl From<Vec<Sample>> for Samples {
+    fn from(list: Vec<Sample>) -> Self {
+        Self {
+            list,
+            gaps: Packed::default(),
+        }
+    }
+}
+
+impl Samples {
+    /// Adds a record, as read from disk, with its gaps if it was ok.
+    pub fn push(
+        &mut self,
+        view: &crate::record::RecordView<'_>,
+        load_start_s: f64,
+    ) -> Result<(), &'static str> {
+        let mut sample = Sample::from_view(view, load_start_s);
+        if let (true, Some(buckets)) = (
+            sample.ok(),
+            view.itl.as_ref().and_then(|g| g.buckets.as_ref()),
+        ) {
+            sample.itl_gaps = self.gaps.push(buckets)?;
+        }
+        self.list.push(sample);
+        Ok(())
+    }
+
+    /// Adds another part's samples after these.
+    pub fn append(&mut self, mut other: Samples) -> Result<(), &'static str> {
+        let base = self.gaps.append(&mut other.gaps)?;
+        self.list.reserve(other.list.len());
+        self.list.extend(other.list.into_iter().map(|mut s| {
+            if s.itl_gaps != 0 {
+                s.itl_gaps += base;
+            }
+            s
+        }));
+        Ok(())
+    }
 }
 
 impl Sample {
@@ -77,6 +130,7 @@ impl Sample {
                 (Some(ttft), None) => ttft,
                 (None, _) => f64::NAN,
             },
+            itl_gaps: 0,
         }
     }
 
@@ -464,11 +518,16 @@ fn early_end(events: &[Event], load_start: f64, samples: &[Sample]) -> Option<Ea
 /// from them and subtracted).
 pub fn summarize_stack(
     name: &str,
-    mut samples: Vec<Sample>,
+    samples: impl Into<Samples>,
     events: &[Event],
     settings: &MeasureSettings,
 ) -> StackSummary {
-    samples.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    let Samples {
+        list: mut samples,
+        gaps,
+    } = samples.into();
+    // In place: a stable sort would borrow half as much memory again.
+    samples.sort_unstable_by(|a, b| a.at_s.total_cmp(&b.at_s));
     let load_start = events
         .iter()
         .find_map(|e| matches!(e.kind, EventKind::LoadStarted { .. }).then_some(e.t_s))
@@ -571,6 +630,7 @@ pub fn summarize_stack(
         recovery_ttft_ratio: ttft_ratio,
         phases: phases::phases(
             &samples,
+            &gaps,
             settings.warmup_s,
             (baseline_from, baseline_to),
             &faults,
@@ -681,6 +741,7 @@ mod tests {
             itl_count: 9,
             lag_ms: 0.2,
             gap_max_ms: ttft,
+            itl_gaps: 0,
         }
     }
 

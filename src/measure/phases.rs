@@ -2,13 +2,14 @@
 //! baseline, each fault until its recovery, after the last recovery), with
 //! the figures `vllm bench serve` reports: TTFT, TPOT and end-to-end
 //! latency percentiles from HDR histograms, ITL percentiles over every gap
-//! ([`ItlByPhase`]), request and output token throughput, and goodput
+//! (from each record's log buckets, packed in [`Packed`]), request and output token throughput, and goodput
 //! against per-request SLOs.
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use super::{FaultSummary, Sample};
+use crate::record::gaps::Packed;
 
 /// Percentiles in milliseconds, as `vllm bench serve` lists them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -64,8 +65,8 @@ pub struct Phase {
     pub e2e_ms: Percentiles,
     /// The mean gap between streamed chunks, over every gap of the phase.
     pub itl_mean_ms: Option<f64>,
-    /// Percentiles over every gap of the phase, filled by [`ItlByPhase`]
-    /// from the records' gap buckets.
+    /// Percentiles over every gap of the phase, from the records' gap
+    /// buckets.
     #[serde(default)]
     pub itl_ms: Percentiles,
     /// How late the load sent the phase's requests (sent − scheduled):
@@ -106,15 +107,23 @@ fn read_out(histogram: &Histogram<u64>, mean_ms: f64) -> Percentiles {
 }
 
 /// One phase over the requests sent in `[from, to)`; `samples` sorted by send time.
-pub fn phase(name: &str, samples: &[Sample], from: f64, to: f64, slo: &Slo) -> Phase {
+pub fn phase(
+    name: &str,
+    samples: &[Sample],
+    gaps: &Packed,
+    from: f64,
+    to: f64,
+    slo: &Slo,
+) -> Phase {
     let first = samples.partition_point(|s| s.at_s < from);
     let last = samples.partition_point(|s| s.at_s < to).max(first);
     let window = &samples[first..last];
     let seconds = (to - from).max(1e-9);
     let ok: Vec<&Sample> = window.iter().filter(|s| s.ok()).collect();
-    let (gap_sum, gaps) = ok.iter().fold((0.0, 0u64), |(sum, n), s| {
+    let (gap_sum, gaps_n) = ok.iter().fold((0.0, 0u64), |(sum, n), s| {
         (sum + s.itl_sum_ms, n + u64::from(s.itl_count))
     });
+    let itl_mean_ms = (gaps_n > 0).then(|| gap_sum / gaps_n as f64);
     Phase {
         name: name.to_string(),
         from_s: from,
@@ -133,8 +142,8 @@ pub fn phase(name: &str, samples: &[Sample], from: f64, to: f64, slo: &Slo) -> P
         ttft_ms: percentiles(ok.iter().map(|s| s.ttft_ms)),
         tpot_ms: percentiles(ok.iter().map(|s| s.tpot_ms)),
         e2e_ms: percentiles(ok.iter().map(|s| s.latency_ms)),
-        itl_mean_ms: (gaps > 0).then(|| gap_sum / gaps as f64),
-        itl_ms: Percentiles::default(),
+        itl_mean_ms,
+        itl_ms: itl_percentiles(&ok, gaps, itl_mean_ms),
         send_lag_ms: percentiles(
             window
                 .iter()
@@ -144,76 +153,30 @@ pub fn phase(name: &str, samples: &[Sample], from: f64, to: f64, slo: &Slo) -> P
     }
 }
 
-/// ITL percentiles per phase over every gap of the ok requests sent in
-/// the phase, as `vllm bench serve` computes them. Fed one record at a
-/// time (each gap is in its record's log buckets), so no gap is held in
-/// memory: one HDR histogram per phase.
-#[derive(Clone)]
-pub struct ItlByPhase {
-    windows: Vec<(f64, f64)>,
-    histograms: Vec<Option<Histogram<u64>>>,
-    sums: Vec<(f64, u64)>,
-}
-
-impl ItlByPhase {
-    pub fn new(phases: &[Phase]) -> Self {
-        Self {
-            windows: phases.iter().map(|p| (p.from_s, p.to_s)).collect(),
-            histograms: phases
-                .iter()
-                .map(|_| Histogram::<u64>::new_with_bounds(1, 24 * 3600 * 1_000_000, 3).ok())
-                .collect(),
-            sums: vec![(0.0, 0); phases.len()],
-        }
+/// ITL percentiles over every gap of the ok requests in `ok`, as `vllm
+/// bench serve` computes them, from their packed log buckets: counted per
+/// bucket, then read out of one HDR histogram. `None` when no request
+/// kept its buckets.
+fn itl_percentiles(ok: &[&Sample], gaps: &Packed, mean_ms: Option<f64>) -> Percentiles {
+    if gaps.is_empty() {
+        return Percentiles::default();
     }
-
-    /// Adds what another accumulator over the same phases counted (another
-    /// part of the records, read by another thread).
-    pub fn merge(&mut self, other: ItlByPhase) {
-        for ((mine, theirs), (sum, their_sum)) in self
-            .histograms
-            .iter_mut()
-            .zip(other.histograms)
-            .zip(self.sums.iter_mut().zip(other.sums))
-        {
-            if let (Some(mine), Some(theirs)) = (mine, theirs) {
-                let _ = mine.add(theirs);
-            }
-            sum.0 += their_sum.0;
-            sum.1 += their_sum.1;
-        }
+    let mut counts = vec![0u64; usize::from(u16::MAX) + 1];
+    for s in ok {
+        gaps.each(s.itl_gaps, |bucket, count| {
+            counts[usize::from(bucket)] += u64::from(count);
+        });
     }
-
-    /// The gaps of an ok request sent at `at_s` on the load's clock.
-    pub fn add(&mut self, at_s: f64, gaps: &crate::record::GapsOnDisk<'_>) {
-        for (i, &(from, to)) in self.windows.iter().enumerate() {
-            if !(from..to).contains(&at_s) {
-                continue;
-            }
-            self.sums[i].0 += gaps.mean_ms * f64::from(gaps.count);
-            self.sums[i].1 += u64::from(gaps.count);
-            if let (Some(histogram), Some(buckets)) = (&mut self.histograms[i], &gaps.buckets) {
-                // A malformed string counts what it held before the fault.
-                let _ = buckets.each(|bucket, count| {
-                    let us = crate::record::gaps::micros(bucket);
-                    let _ = histogram.record_n(us, u64::from(count));
-                });
-            }
-        }
+    let Ok(mut histogram) = Histogram::<u64>::new_with_bounds(1, 24 * 3600 * 1_000_000, 3) else {
+        return Percentiles::default();
+    };
+    for (bucket, &count) in (0..=u16::MAX).zip(&counts).filter(|(_, c)| **c > 0) {
+        let _ = histogram.record_n(crate::record::gaps::micros(bucket), count);
     }
-
-    /// Writes each phase's ITL percentiles.
-    pub fn finish(self, phases: &mut [Phase]) {
-        for ((phase, histogram), (sum, count)) in
-            phases.iter_mut().zip(self.histograms).zip(self.sums)
-        {
-            let Some(histogram) = histogram.filter(|h| !h.is_empty()) else {
-                continue;
-            };
-            // The mean is exact: from each request's own sum of gaps.
-            phase.itl_ms = read_out(&histogram, sum / count.max(1) as f64);
-        }
+    if histogram.is_empty() {
+        return Percentiles::default();
     }
+    read_out(&histogram, mean_ms.unwrap_or(0.0))
 }
 
 /// The phases of a stack's run: all of it after the warmup, the baseline,
@@ -221,6 +184,7 @@ impl ItlByPhase {
 /// and what came after the last recovery.
 pub fn phases(
     samples: &[Sample],
+    gaps: &Packed,
     warmup: f64,
     baseline: (f64, f64),
     faults: &[FaultSummary],
@@ -228,8 +192,8 @@ pub fn phases(
     slo: &Slo,
 ) -> Vec<Phase> {
     let mut all = vec![
-        phase("after warmup", samples, warmup, end, slo),
-        phase("baseline", samples, baseline.0, baseline.1, slo),
+        phase("after warmup", samples, gaps, warmup, end, slo),
+        phase("baseline", samples, gaps, baseline.0, baseline.1, slo),
     ];
     let injected: Vec<(&FaultSummary, f64)> = faults
         .iter()
@@ -251,6 +215,7 @@ pub fn phases(
         all.push(phase(
             &format!("during {}", fault.name),
             samples,
+            gaps,
             *at,
             until,
             slo,
@@ -258,7 +223,7 @@ pub fn phases(
         settled = settled.max(until);
     }
     if !injected.is_empty() && settled < end {
-        all.push(phase("after recovery", samples, settled, end, slo));
+        all.push(phase("after recovery", samples, gaps, settled, end, slo));
     }
     all
 }
@@ -281,6 +246,7 @@ mod tests {
             itl_count: 31,
             lag_ms: 0.2,
             gap_max_ms: ttft,
+            itl_gaps: 0,
         }
     }
 
@@ -290,7 +256,7 @@ mod tests {
         let samples: Vec<Sample> = (1..=100)
             .map(|i| sample(i as f64 / 100.0 - 0.01, i as f64, true))
             .collect();
-        let p = phase("x", &samples, 0.0, 1.0, &Slo::default());
+        let p = phase("x", &samples, &Packed::default(), 0.0, 1.0, &Slo::default());
         let ttft = &p.ttft_ms;
         assert_eq!(p.requests, 100);
         assert!((ttft.p50.unwrap() - 50.0).abs() <= 0.1, "{ttft:?}");
@@ -316,7 +282,7 @@ mod tests {
             tpot_ms: Some(20.0),
             e2e_ms: None,
         };
-        let p = phase("x", &samples, 0.0, 2.0, &slo);
+        let p = phase("x", &samples, &Packed::default(), 0.0, 2.0, &slo);
         assert_eq!(p.goodput, Some(1.0), "2 good requests over 2 s");
     }
 
@@ -333,11 +299,18 @@ mod tests {
             recovery_s: Some(2.0),
             ..FaultSummary::default()
         };
-        let names: Vec<(String, f64, f64)> =
-            phases(&samples, 2.0, (5.0, 10.0), &[fault], 30.0, &Slo::default())
-                .into_iter()
-                .map(|p| (p.name, p.from_s, p.to_s))
-                .collect();
+        let names: Vec<(String, f64, f64)> = phases(
+            &samples,
+            &Packed::default(),
+            2.0,
+            (5.0, 10.0),
+            &[fault],
+            30.0,
+            &Slo::default(),
+        )
+        .into_iter()
+        .map(|p| (p.name, p.from_s, p.to_s))
+        .collect();
         assert_eq!(
             names,
             vec![
@@ -350,35 +323,41 @@ mod tests {
     }
 
     #[test]
-    fn itl_percentiles_cover_every_gap_of_the_phase() {
-        use crate::record::Gaps;
-        use crate::record::gaps;
-        let mut phase = phase("p", &[], 0.0, 10.0, &Slo::default());
-        let mut other = phase.clone();
-        other.from_s = 20.0;
-        other.to_s = 30.0;
-        let mut phases = vec![phase.clone(), other];
-        let mut acc = ItlByPhase::new(&phases);
-        // 99 gaps of 10 ms in one request, one of 500 ms in another.
-        let mut steady = Gaps {
-            count: 99,
-            mean_ms: 10.0,
-            max_ms: 10.0,
-            buckets: Vec::new(),
+    fn itl_percentiles_cover_every_gap_of_the_phase_from_the_lines_on_disk() {
+        use crate::measure::Samples;
+        use crate::record::{RecordView, gaps};
+        let line = |at: f64, outcome: &str, ms: f64, n: u32| {
+            let mut buckets = Vec::new();
+            (0..n).for_each(|_| gaps::add(&mut buckets, ms));
+            format!(
+                r#"{{"stack":"s","id":1,"scheduled_s":{at},"sent_s":{at},"done_s":{},"outcome":"{outcome}","ttft_ms":20.0,"latency_ms":500.0,"itl":{{"count":{n},"mean_ms":{ms},"max_ms":{ms},"buckets":"{}"}},"output_tokens":{}}}"#,
+                at + 0.5,
+                gaps::encode(&buckets),
+                n + 1
+            )
         };
-        (0..99).for_each(|_| gaps::add(&mut steady.buckets, 10.0));
-        let mut stall = Gaps {
-            count: 1,
-            mean_ms: 500.0,
-            max_ms: 500.0,
-            buckets: Vec::new(),
-        };
-        gaps::add(&mut stall.buckets, 500.0);
-        acc.add(1.0, &steady.on_disk());
-        acc.add(2.0, &stall.on_disk());
-        acc.add(25.0, &steady.on_disk());
-        acc.finish(&mut phases);
-        let itl = &phases[0].itl_ms;
+        // 99 gaps of 10 ms in one request, one of 500 ms in another; a
+        // failed stream's gaps, and a request after the phase, left out.
+        let lines = [
+            line(1.0, "ok", 10.0, 99),
+            line(2.0, "ok", 500.0, 1),
+            line(3.0, "truncated", 900.0, 50),
+            line(25.0, "ok", 10.0, 99),
+        ];
+        let mut samples = Samples::default();
+        for text in &lines {
+            let view: RecordView = serde_json::from_str(text).unwrap();
+            samples.push(&view, 0.0).unwrap();
+        }
+        let itl = phase(
+            "p",
+            &samples.list,
+            &samples.gaps,
+            0.0,
+            10.0,
+            &Slo::default(),
+        )
+        .itl_ms;
         assert!((itl.p50.unwrap() - 10.0).abs() < 0.1, "{itl:?}");
         assert!(
             (itl.p99.unwrap() - 10.0).abs() < 0.1,
@@ -386,8 +365,23 @@ mod tests {
         );
         assert!((itl.max.unwrap() - 500.0).abs() < 5.0, "{itl:?}");
         assert!((itl.mean.unwrap() - 14.9).abs() < 1e-9, "{itl:?}");
-        assert!((phases[1].itl_ms.p50.unwrap() - 10.0).abs() < 0.1);
-        phase.itl_ms = Percentiles::default();
-        assert_eq!(phase.itl_ms.p50, None);
+        let later = phase(
+            "q",
+            &samples.list,
+            &samples.gaps,
+            20.0,
+            30.0,
+            &Slo::default(),
+        );
+        assert!((later.itl_ms.p50.unwrap() - 10.0).abs() < 0.1);
+        let none = phase(
+            "r",
+            &samples.list,
+            &Packed::default(),
+            0.0,
+            10.0,
+            &Slo::default(),
+        );
+        assert_eq!(none.itl_ms.p50, None, "no buckets kept, no percentiles");
     }
 }

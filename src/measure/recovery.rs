@@ -84,6 +84,7 @@ mod tests {
                 itl_count: 0,
                 lag_ms: 0.1,
                 gap_max_ms: 10.0,
+                itl_gaps: 0,
             })
             .collect()
     }

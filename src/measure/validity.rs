@@ -268,6 +268,7 @@ mod tests {
             itl_count: 7,
             lag_ms,
             gap_max_ms: 10.0,
+            itl_gaps: 0,
         }
     }
 

@@ -102,27 +102,6 @@ pub struct Gaps {
     pub buckets: Vec<(u16, u32)>,
 }
 
-/// [`Gaps`] as `report` reads them: the buckets left as written until
-/// they are counted, never a vector per record.
-#[derive(Debug, Deserialize)]
-pub struct GapsOnDisk<'a> {
-    pub count: u32,
-    pub mean_ms: f64,
-    #[serde(borrow, default)]
-    pub buckets: Option<gaps::OnDisk<'a>>,
-}
-
-impl Gaps {
-    /// As `report` reads it from disk.
-    pub fn on_disk(&self) -> GapsOnDisk<'static> {
-        GapsOnDisk {
-            count: self.count,
-            mean_ms: self.mean_ms,
-            buckets: Some(gaps::OnDisk::Pairs(self.buckets.clone())),
-        }
-    }
-}
-
 /// One request. Times are seconds from the start of the stack's load;
 /// durations are milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,18 +210,21 @@ pub struct RecordView<'a> {
     pub ttft_ms: Option<f64>,
     #[serde(default)]
     pub latency_ms: Option<f64>,
-    #[serde(default)]
-    pub itl: Option<GapsView>,
+    #[serde(default, borrow)]
+    pub itl: Option<GapsView<'a>>,
     #[serde(default)]
     pub output_tokens: u32,
 }
 
-/// [`Gaps`] without its buckets.
+/// [`Gaps`] as the summary reads them: the buckets left as written
+/// until they are packed, never a vector per record.
 #[derive(Debug, Deserialize)]
-pub struct GapsView {
+pub struct GapsView<'a> {
     pub count: u32,
     pub mean_ms: f64,
     pub max_ms: f64,
+    #[serde(default, borrow)]
+    pub buckets: Option<gaps::OnDisk<'a>>,
 }
 
 /// A round of a multi-round session: users count from 0, rounds from 1.
@@ -272,6 +254,7 @@ impl Record {
                 count: g.count,
                 mean_ms: g.mean_ms,
                 max_ms: g.max_ms,
+                buckets: Some(gaps::OnDisk::Pairs(std::borrow::Cow::Borrowed(&g.buckets))),
             }),
             output_tokens: self.output_tokens,
         }

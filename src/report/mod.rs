@@ -25,9 +25,8 @@ use crate::events::{Event, EventKind, RunStatus};
 use crate::faults::{self, Playbook};
 use crate::jsonl;
 use crate::measure::engine_metrics::{self, MetricSample};
-use crate::measure::phases::ItlByPhase;
-use crate::measure::{MeasureSettings, Sample, StackSummary, Summary, summarize_stack};
-use crate::record::{GapsOnDisk, Outcome, RecordView};
+use crate::measure::{MeasureSettings, Samples, StackSummary, Summary, summarize_stack};
+use crate::record::RecordView;
 
 pub use html::html;
 pub use tables::{markdown, terminal};
@@ -148,29 +147,32 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
         .iter()
         .map(|s| (s.name.clone(), load_start(&s.name)))
         .collect();
-    let mut samples: HashMap<String, Vec<Sample>> = HashMap::new();
+    // Read once, on every core: each part keeps its stacks' samples (a
+    // few stacks, so a list, found by name without hashing), in file order.
+    let mut samples: Vec<(String, Samples)> = Vec::new();
     let requests = dir.join("requests.jsonl");
     if requests.exists() {
-        let (parts, _) = jsonl::read_lines_split(
-            &requests,
-            HashMap::<String, Vec<Sample>>::new,
-            |samples, line| {
+        let (parts, _) =
+            jsonl::read_lines_split(&requests, Vec::<(String, Samples)>::new, |part, line| {
                 let r: RecordView = serde_json::from_str(line)?;
-                let start = starts.get(r.stack.as_ref()).copied().unwrap_or(0.0);
-                let sample = Sample::from_view(&r, start);
-                match samples.get_mut(r.stack.as_ref()) {
-                    Some(stack) => stack.push(sample),
+                let at = match part.iter().position(|(name, _)| *name == r.stack) {
+                    Some(at) => at,
                     None => {
-                        samples.insert(r.stack.into_owned(), vec![sample]);
+                        part.push((r.stack.to_string(), Samples::default()));
+                        part.len() - 1
                     }
-                }
-                Ok(())
-            },
-        )?;
-        // In file order, as one reader would have them.
+                };
+                let start = starts.get(r.stack.as_ref()).copied().unwrap_or(0.0);
+                part[at].1.push(&r, start).map_err(serde::de::Error::custom)
+            })?;
         for part in parts {
-            for (stack, mut part_samples) in part {
-                samples.entry(stack).or_default().append(&mut part_samples);
+            for (stack, part_samples) in part {
+                match samples.iter_mut().find(|(name, _)| *name == stack) {
+                    Some((_, merged)) => merged
+                        .append(part_samples)
+                        .map_err(|why| anyhow::anyhow!("{}: {why}", requests.display()))?,
+                    None => samples.push((stack, part_samples)),
+                }
             }
         }
     }
@@ -188,11 +190,15 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
         .iter()
         .map(|stack| {
             let events = by_stack.remove(&stack.name).unwrap_or_default();
-            let samples = samples.remove(&stack.name).unwrap_or_default();
+            let samples = samples
+                .iter()
+                .position(|(name, _)| *name == stack.name)
+                .map(|at| samples.swap_remove(at).1)
+                .unwrap_or_default();
             (stack, events, samples)
         })
         .collect();
-    let mut stacks: Vec<StackSummary> = std::thread::scope(|scope| {
+    let stacks: Vec<StackSummary> = std::thread::scope(|scope| {
         let handles: Vec<_> = inputs
             .into_iter()
             .map(|(stack, events, samples)| {
@@ -220,9 +226,6 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
             .collect::<Result<Vec<_>, _>>()
     })
     .map_err(|_| anyhow::anyhow!("summarising a stack failed (a thread panicked)"))?;
-    if requests.exists() {
-        itl_by_phase(&requests, &starts, &mut stacks)?;
-    }
     let mut summary = Summary {
         run_id,
         label,
@@ -241,61 +244,6 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
         )));
     }
     Ok(summary)
-}
-
-/// The parts of a record that ITL percentiles need; the rest is skipped.
-#[derive(serde::Deserialize)]
-struct GapsLine<'a> {
-    #[serde(borrow)]
-    stack: std::borrow::Cow<'a, str>,
-    outcome: Outcome,
-    scheduled_s: f64,
-    #[serde(default)]
-    sent_s: Option<f64>,
-    #[serde(default, borrow)]
-    itl: Option<GapsOnDisk<'a>>,
-}
-
-/// A second read of the records, for ITL percentiles over every gap of
-/// each phase: the phases' windows are known only after the first.
-fn itl_by_phase(
-    requests: &Path,
-    starts: &HashMap<String, f64>,
-    stacks: &mut [StackSummary],
-) -> anyhow::Result<()> {
-    let empty: HashMap<String, ItlByPhase> = stacks
-        .iter()
-        .map(|s| (s.name.clone(), ItlByPhase::new(&s.phases)))
-        .collect();
-    let (parts, _) = jsonl::read_lines_split(
-        requests,
-        || empty.clone(),
-        |by_stack, text| {
-            let line: GapsLine = serde_json::from_str(text)?;
-            let (Some(gaps), Some(acc)) = (&line.itl, by_stack.get_mut(line.stack.as_ref())) else {
-                return Ok(());
-            };
-            if line.outcome == Outcome::Ok {
-                let start = starts.get(line.stack.as_ref()).copied().unwrap_or(0.0);
-                acc.add(line.sent_s.unwrap_or(line.scheduled_s) - start, gaps);
-            }
-            Ok(())
-        },
-    )?;
-    let mut by_stack = empty;
-    for part in parts {
-        for (stack, acc) in part {
-            if let Some(total) = by_stack.get_mut(&stack) {
-                total.merge(acc);
-            }
-        }
-    }
-    for stack in stacks {
-        if let Some(acc) = by_stack.remove(&stack.name) {
-            acc.finish(&mut stack.phases);
-        }
-    }
-    Ok(())
 }
 
 /// Summarises a run directory and writes its report files in it.

@@ -356,6 +356,12 @@ fn main() {
     let quick = std::env::var_os("SHAKEDOWN_BENCH_QUICK").is_some();
     // `summary` or `load`: one half of the bench, when working on it.
     let only = std::env::var("SHAKEDOWN_BENCH_ONLY").unwrap_or_default();
+    if let Some(dir) = std::env::var_os(SUMMARISE_IN_CHILD) {
+        let records: usize = std::env::var("SHAKEDOWN_BENCH_RECORDS").unwrap().parse().unwrap();
+        let (took, peak) = summarise_here(std::path::Path::new(&dir), records);
+        println!("{took} {peak}");
+        return;
+    }
     let _ = shakedown::http::client();
     if only != "load" {
         summary_bench(quick);
@@ -373,32 +379,73 @@ fn summary_bench(quick: bool) {
         .unwrap()
         .len() as f64
         / (1 << 20) as f64;
-    reset_peak();
-    let (rss_before, _) = memory_mib();
+    let per_million = |x: f64| x * 1_000_000.0 / records as f64;
+    // As a run ends: summarised from the JSONL it wrote, then compressed;
+    // then as `shakedown report` reads a finished run, compressed.
+    let (plain_s, plain_peak) = summarise(run.path(), records);
     let started = Instant::now();
-    let summary = shakedown::report::summarize_dir(run.path()).unwrap();
-    let took = started.elapsed().as_secs_f64();
-    let (_, peak) = memory_mib();
-    let total: u64 = summary.stacks.iter().map(|s| s.requests_total).sum();
-    assert_eq!(total, records as u64);
+    let gz = shakedown::jsonl::compress(&run.path().join("requests.jsonl")).unwrap();
+    let compress_s = started.elapsed().as_secs_f64();
+    let gz_size = std::fs::metadata(&gz).unwrap().len() as f64 / (1 << 20) as f64;
+    let (gz_s, gz_peak) = summarise(run.path(), records);
     println!(
-        "summarise {records} records shaped like a real run ({size:.0} MiB of JSONL, {:.0} B a record): {took:.2} s, peak memory {peak:.0} MiB (was {rss_before:.0} MiB before)",
-        size * f64::from(1 << 20) / records as f64
+        "{records} records shaped like a real run: {size:.0} MiB of JSONL ({:.0} B a record), compressed in {compress_s:.2} s to {gz_size:.0} MiB ({:.0} B a record)",
+        size * f64::from(1 << 20) / records as f64,
+        gz_size * f64::from(1 << 20) / records as f64,
     );
     println!(
-        "  target: under 1.5 s and 150 MB for 1,000,000 records ({} here); run directory under 200 MiB a million ({})",
-        met(took * 1_000_000.0 / records as f64 <= 1.5 && peak <= 150.0),
-        met(size * 1_000_000.0 / records as f64 <= 200.0)
+        "  summarised as the run ends (JSONL): {plain_s:.2} s, peak {plain_peak:.0} MiB; by `shakedown report` (compressed): {gz_s:.2} s, peak {gz_peak:.0} MiB"
+    );
+    let (worst_s, worst_peak) = (plain_s.max(gz_s), plain_peak.max(gz_peak));
+    println!(
+        "  target: under 1.5 s and 150 MB for 1,000,000 records ({:.2} s, {worst_peak:.0} MiB: {}); run directory under 200 MiB a million ({:.0} MiB: {})",
+        per_million(worst_s),
+        met(per_million(worst_s) <= 1.5 && worst_peak <= 150.0),
+        per_million(gz_size),
+        met(per_million(gz_size) <= 200.0)
     );
     // To profile `shakedown report` over the same records.
     if let Some(keep) = std::env::var_os("SHAKEDOWN_BENCH_KEEP_RUN") {
         let keep = std::path::PathBuf::from(keep);
         std::fs::create_dir_all(&keep).unwrap();
-        for name in ["playbook.yaml", "events.jsonl", "requests.jsonl"] {
+        for name in ["playbook.yaml", "events.jsonl", "requests.jsonl.gz"] {
             std::fs::copy(run.path().join(name), keep.join(name)).unwrap();
         }
         println!("  (the run directory is kept in {})", keep.display());
     }
+}
+
+/// Set for a child that summarises one run directory: its peak memory is
+/// then its own, not what an earlier summary left in the allocator.
+const SUMMARISE_IN_CHILD: &str = "SHAKEDOWN_BENCH_SUMMARISE";
+
+/// Summarises a run directory of `records` requests in a process of its
+/// own: seconds, peak MiB.
+fn summarise(run: &std::path::Path, records: usize) -> (f64, f64) {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .env(SUMMARISE_IN_CHILD, run)
+        .env("SHAKEDOWN_BENCH_RECORDS", records.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut numbers = text.split_whitespace().map(|n| n.parse::<f64>().unwrap());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+fn summarise_here(run: &std::path::Path, records: usize) -> (f64, f64) {
+    reset_peak();
+    let started = Instant::now();
+    let summary = shakedown::report::summarize_dir(run).unwrap();
+    let took = started.elapsed().as_secs_f64();
+    let (_, peak) = memory_mib();
+    let total: u64 = summary.stacks.iter().map(|s| s.requests_total).sum();
+    assert_eq!(total, records as u64);
+    (took, peak)
 }
 
 fn load_bench(quick: bool) {

@@ -91,6 +91,27 @@ fn a_router_kill_is_measured_as_the_cluster_saw_it() {
     let ttft = summary.stacks[0].baseline.latency.ttft_p50_ms.unwrap();
     assert!(ttft < 12.0, "baseline TTFT p50 {ttft:.1} ms");
     assert_no_child_left(&dir, Duration::from_millis(200));
+
+    // Once summarised, the records are gzip that gzip itself reads, and
+    // `report` summarises them again to the same figures.
+    assert!(!dir.join("requests.jsonl").exists());
+    let gzip = Command::new("gzip")
+        .arg("-t")
+        .arg(dir.join("requests.jsonl.gz"))
+        .status()
+        .unwrap();
+    assert!(gzip.success());
+    let output = Command::new(BIN).arg("report").arg(&dir).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let again = common::summary(&dir);
+    assert_eq!(
+        serde_json::to_value(&again.stacks).unwrap(),
+        serde_json::to_value(&summary.stacks).unwrap()
+    );
 }
 
 const LONG: &str = r#"

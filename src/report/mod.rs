@@ -151,7 +151,7 @@ pub fn summarize_dir(dir: &Path) -> anyhow::Result<Summary> {
     // few stacks, so a list, found by name without hashing), in file order.
     let mut samples: Vec<(String, Samples)> = Vec::new();
     let requests = dir.join("requests.jsonl");
-    if requests.exists() {
+    if jsonl::exists(&requests) {
         let (parts, _) =
             jsonl::read_lines_split(&requests, Vec::<(String, Samples)>::new, |part, line| {
                 let r: RecordView = serde_json::from_str(line)?;

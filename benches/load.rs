@@ -357,7 +357,10 @@ fn main() {
     // `summary` or `load`: one half of the bench, when working on it.
     let only = std::env::var("SHAKEDOWN_BENCH_ONLY").unwrap_or_default();
     if let Some(dir) = std::env::var_os(SUMMARISE_IN_CHILD) {
-        let records: usize = std::env::var("SHAKEDOWN_BENCH_RECORDS").unwrap().parse().unwrap();
+        let records: usize = std::env::var("SHAKEDOWN_BENCH_RECORDS")
+            .unwrap()
+            .parse()
+            .unwrap();
         let (took, peak) = summarise_here(std::path::Path::new(&dir), records);
         println!("{took} {peak}");
         return;
@@ -518,19 +521,26 @@ fn load_bench(quick: bool) {
         };
         println!("    send lag p99 under {limit} ms at {rate:.0}/s: {verdict}");
     }
-    let worst = steps
-        .iter()
-        .max_by(|a, b| {
-            (a.ttft_p50_ms - PREFILL_MS)
-                .abs()
-                .total_cmp(&(b.ttft_p50_ms - PREFILL_MS).abs())
-        })
-        .unwrap();
+    // Where the client fell behind (send lag p99 over 2 ms), its own delays
+    // are in every figure, TTFT too: said apart.
+    let kept_up = |s: &&Step| s.lag_p99_ms < 2.0;
+    let off = |s: &Step| (s.ttft_p50_ms - PREFILL_MS).abs();
+    let worst = |steps: &mut dyn Iterator<Item = &Step>| {
+        steps
+            .max_by(|a, b| off(a).total_cmp(&off(b)))
+            .map_or("none".to_string(), |s| {
+                format!(
+                    "worst {:.2} ms at {:.0}/s, {}",
+                    s.ttft_p50_ms,
+                    s.rate,
+                    met(off(s) <= 1.0)
+                )
+            })
+    };
     println!(
-        "    TTFT p50 within 1 ms of the {PREFILL_MS} ms prefill at every rate: worst {:.2} ms at {:.0}/s, {}",
-        worst.ttft_p50_ms,
-        worst.rate,
-        met((worst.ttft_p50_ms - PREFILL_MS).abs() <= 1.0)
+        "    TTFT p50 within 1 ms of the {PREFILL_MS} ms prefill at every rate: {}; at the rates the client kept up with (send lag p99 under 2 ms): {}",
+        worst(&mut steps.iter()),
+        worst(&mut steps.iter().filter(kept_up)),
     );
     if let Some(mine) = at(3000.0) {
         let (oha, whose) = match oha_cpu_ms_per_request(port, 3000.0, seconds) {

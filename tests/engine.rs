@@ -239,8 +239,10 @@ async fn ttft_is_the_configured_prefill_not_a_delayed_ack() {
     })
     .await;
     let p50 = ttft_p50(&url, 40).await;
+    // Within half a timer tick early (the engine aims half a tick early,
+    // so that tokio's rounding up does not make every delay late).
     assert!(
-        (prefill..=prefill + 2.0).contains(&p50),
+        (prefill - 0.6..=prefill + 2.0).contains(&p50),
         "TTFT p50 {p50:.2} ms for a prefill of {prefill} ms"
     );
 }

@@ -3,6 +3,8 @@
 //! Every failure is classified, never retried: the client is the user the
 //! stack must serve, and a retry here would hide the outage we measure.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -154,24 +156,21 @@ enum Wait<T> {
 }
 
 /// Waits for `future` until the request's deadline or the run's cancel.
+/// Both are made once a request and only polled here: a timer entry and a
+/// watch waiter made afresh for every chunk of a stream were a good part
+/// of the client's work per request.
 async fn wait<T>(
-    deadline: Instant,
-    cancel: &mut Option<&mut watch::Receiver<bool>>,
-    future: impl std::future::Future<Output = T>,
+    timeout: &mut Pin<&mut tokio::time::Sleep>,
+    cancelled: &mut Pin<&mut impl Future<Output = ()>>,
+    future: impl Future<Output = T>,
 ) -> Wait<T> {
-    let cancelled = async {
-        match cancel {
-            Some(cancel) => crate::stopped(cancel).await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         biased;
-        _ = cancelled => Wait::Cancelled,
-        got = tokio::time::timeout_at(deadline, future) => match got {
-            Ok(got) => Wait::Got(got),
-            Err(_) => Wait::TimedOut,
-        },
+        _ = cancelled.as_mut() => Wait::Cancelled,
+        // Before the deadline: what is ready when it passes still counts,
+        // as with `tokio::time::timeout`.
+        got = future => Wait::Got(got),
+        _ = timeout.as_mut() => Wait::TimedOut,
     }
 }
 
@@ -184,7 +183,7 @@ pub async fn send_outgoing(
     template: &RequestTemplate,
     origin: Instant,
     outgoing: Outgoing,
-    mut cancel: Option<&mut watch::Receiver<bool>>,
+    cancel: Option<&mut watch::Receiver<bool>>,
 ) -> (Record, Option<String>) {
     let Outgoing {
         id,
@@ -204,7 +203,16 @@ pub async fn send_outgoing(
         request = request.header(header, super::sessions::Sessions::user_name(turn.user));
     }
     let sent = Instant::now();
-    let deadline = sent + template.timeout;
+    let timeout = tokio::time::sleep_until(sent + template.timeout);
+    tokio::pin!(timeout);
+    // Polled no more once it has fired: every wait that sees it returns.
+    let stop = async {
+        match cancel {
+            Some(cancel) => crate::stopped(cancel).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
     let mut record = Record {
         stack: template.stack.clone(),
         id,
@@ -238,7 +246,7 @@ pub async fn send_outgoing(
         )
     };
 
-    let response = match wait(deadline, &mut cancel, request.send()).await {
+    let response = match wait(&mut timeout, &mut stop, request.send()).await {
         Wait::Cancelled => return cancelled(record, "waiting for the response"),
         Wait::TimedOut => {
             return finish(
@@ -262,7 +270,7 @@ pub async fn send_outgoing(
     let status = response.status();
     record.status = Some(status.as_u16());
     if !status.is_success() {
-        let text = match wait(deadline, &mut cancel, response.text()).await {
+        let text = match wait(&mut timeout, &mut stop, response.text()).await {
             Wait::Got(Ok(text)) => text,
             _ => String::new(),
         };
@@ -275,7 +283,7 @@ pub async fn send_outgoing(
     }
 
     if !template.stream {
-        let body = match wait(deadline, &mut cancel, response.bytes()).await {
+        let body = match wait(&mut timeout, &mut stop, response.bytes()).await {
             Wait::Cancelled => return cancelled(record, "reading the response"),
             Wait::TimedOut => {
                 return finish(
@@ -335,7 +343,7 @@ pub async fn send_outgoing(
     let mut timed_out = false;
     let mut was_cancelled = false;
     loop {
-        match wait(deadline, &mut cancel, body.next()).await {
+        match wait(&mut timeout, &mut stop, body.next()).await {
             Wait::Cancelled => {
                 was_cancelled = true;
                 break;

@@ -1,7 +1,9 @@
 //! `make bench`: is the load generator fast enough never to be the
 //! bottleneck? First the time and memory to summarise 1,000,000 records
 //! shaped like a real run's (the quick start's records, replayed), on both
-//! cores. Then, with the emulated engine pinned to core 0 and the client to
+//! cores, each summary in a process of its own: from the JSONL, as a run
+//! ends, then compressed (timed too) as `shakedown report` reads a
+//! finished run; and the size of both on disk. Then, with the emulated engine pinned to core 0 and the client to
 //! core 1 (`taskset`), open-loop streamed chat at rising rates against an
 //! engine whose timing is known (20 ms prefill, 16 tokens 2 ms apart, no
 //! batch slowdown): achieved rate, send lag (actual minus scheduled send
@@ -14,7 +16,8 @@
 //!
 //! Everything is bounded: each step stops by itself, the engine is killed
 //! at the end. Set SHAKEDOWN_BENCH_QUICK=1 for a short pass,
-//! SHAKEDOWN_BENCH_ONLY=summary (or `load`) for one half, and
+//! SHAKEDOWN_BENCH_ONLY=summary (or `load`) for one half,
+//! SHAKEDOWN_BENCH_RATES=4000,5000 for those rates alone, and
 //! SHAKEDOWN_BENCH_KEEP_RUN=<dir> to keep the million records' run
 //! directory, for profiling `shakedown report <dir>` over it.
 
@@ -471,10 +474,16 @@ fn load_bench(quick: bool) {
     let _engine = start_engine(port);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let seconds = if quick { 2.0 } else { 5.0 };
-    let rates: &[f64] = if quick {
-        &[500.0, 3000.0]
-    } else {
-        &[500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0]
+    let chosen: Option<Vec<f64>> = std::env::var("SHAKEDOWN_BENCH_RATES").ok().map(|rates| {
+        rates
+            .split(',')
+            .map(|r| r.trim().parse().unwrap())
+            .collect()
+    });
+    let rates: &[f64] = match &chosen {
+        Some(rates) => rates,
+        None if quick => &[500.0, 3000.0],
+        None => &[500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0],
     };
     println!(
         "\nopen-loop streamed chat, {TOKENS} tokens {DECODE} apart after a {PREFILL_MS} ms prefill, {seconds} s per rate ({}):",

@@ -478,26 +478,13 @@ mod tests {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
-        let mut file = std::io::BufWriter::new(File::create(&path).unwrap());
-        // Lines of varying length, over 1 MiB so that it is split.
+        // Over 1 MiB, so that it is split.
         let n = 40_000u64;
-        for i in 0..n {
-            writeln!(
-                file,
-                "{{\"i\":{i},\"pad\":\"{}\"}}",
-                "x".repeat((i % 50) as usize)
-            )
-            .unwrap();
-        }
+        lines(&path, n);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         write!(file, "{{\"i\":{n},\"pa").unwrap();
-        file.flush().unwrap();
         drop(file);
-        let (parts, stats) = read_lines_split(&path, Vec::new, |seen: &mut Vec<u64>, text| {
-            let value: serde_json::Value = serde_json::from_str(text)?;
-            seen.push(value["i"].as_u64().unwrap_or(u64::MAX));
-            Ok(())
-        })
-        .unwrap();
+        let (parts, stats) = read_split(&path);
         assert!(
             parts.len() > 1 || std::thread::available_parallelism().map_or(1, |n| n.get()) == 1
         );

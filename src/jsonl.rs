@@ -484,13 +484,7 @@ mod tests {
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         write!(file, "{{\"i\":{n},\"pa").unwrap();
         drop(file);
-        let (parts, stats) = read_split(&path);
-        assert!(
-            parts.len() > 1 || std::thread::available_parallelism().map_or(1, |n| n.get()) == 1
-        );
-        let all: Vec<u64> = parts.into_iter().flatten().collect();
-        assert_eq!(all, (0..n).collect::<Vec<_>>());
-        assert_eq!(stats.lines, n);
+        let stats = assert_split_reads_every_line(&path, n);
         assert!(stats.cut_last_line);
     }
 
@@ -507,6 +501,19 @@ mod tests {
             .unwrap();
         }
         file.flush().unwrap();
+    }
+
+    /// Reads `path`'s `n` lines (from [`lines`]) on every core, checks that
+    /// it was split and that each line came once, in order.
+    fn assert_split_reads_every_line(path: &Path, n: u64) -> ReadStats {
+        let (parts, stats) = read_split(path);
+        assert!(
+            parts.len() > 1 || std::thread::available_parallelism().map_or(1, |n| n.get()) == 1
+        );
+        let all: Vec<u64> = parts.into_iter().flatten().collect();
+        assert_eq!(all, (0..n).collect::<Vec<_>>());
+        assert_eq!(stats.lines, n);
+        stats
     }
 
     fn read_split(path: &Path) -> (Vec<Vec<u64>>, ReadStats) {
@@ -542,13 +549,7 @@ mod tests {
 
         let bounds = member_bounds(&gz, size, 3).unwrap();
         assert_eq!(bounds.len(), 4, "three runs of whole members: {bounds:?}");
-        let (parts, stats) = read_split(&path);
-        assert!(
-            parts.len() > 1 || std::thread::available_parallelism().map_or(1, |n| n.get()) == 1
-        );
-        let all: Vec<u64> = parts.into_iter().flatten().collect();
-        assert_eq!(all, (0..n).collect::<Vec<_>>());
-        assert_eq!(stats.lines, n);
+        assert_split_reads_every_line(&path, n);
         let mut count = 0;
         read_each(&path, |_: serde_json::Value| count += 1).unwrap();
         assert_eq!(count, n);

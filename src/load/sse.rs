@@ -26,15 +26,40 @@ const MAX_LINE: usize = 1 << 20;
 #[derive(serde::Deserialize)]
 struct Chunk<'a> {
     #[serde(default, borrow)]
-    choices: Option<Vec<Choice<'a>>>,
+    choices: Option<FirstChoice<'a>>,
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default)]
     error: Option<serde_json::Value>,
-    #[serde(default)]
-    object: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
+    #[serde(default, borrow)]
+    object: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message: Option<Cow<'a, str>>,
+}
+
+/// The first of an event's `choices`, the only one timed: the others are
+/// skipped, and no list is built for the one choice of every event.
+struct FirstChoice<'a>(Option<Choice<'a>>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<Choice<'a>>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = FirstChoice<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element::<Choice<'a>>()?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(FirstChoice(first))
+            }
+        }
+        deserializer.deserialize_seq(Visit(std::marker::PhantomData))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -64,7 +89,9 @@ struct Usage {
 #[derive(Debug, Default)]
 pub struct StreamReader {
     line: Vec<u8>,
-    data: String,
+    /// The event being read: its data lines joined by `\n`. The buffer is
+    /// kept from one event to the next rather than made for each.
+    data: Vec<u8>,
     has_data: bool,
     first_ms: Option<f64>,
     last_ms: Option<f64>,
@@ -112,29 +139,25 @@ impl StreamReader {
     /// Feeds bytes that arrived `now_ms` after the request was sent.
     pub fn feed(&mut self, mut bytes: &[u8], now_ms: f64) {
         while !bytes.is_empty() && !self.is_finished() {
-            match bytes.iter().position(|&b| b == b'\n') {
-                Some(end) => {
-                    let line = if self.line.is_empty() {
-                        // The usual case: a whole line inside one read, no copy.
-                        self.complete(&bytes[..end], now_ms);
-                        bytes = &bytes[end + 1..];
-                        continue;
-                    } else {
-                        self.line.extend_from_slice(&bytes[..end]);
-                        std::mem::take(&mut self.line)
-                    };
-                    self.complete(&line, now_ms);
-                    bytes = &bytes[end + 1..];
-                }
-                None => {
-                    if self.line.len() + bytes.len() > MAX_LINE {
-                        self.malformed = Some("an SSE line longer than 1 MiB".into());
-                        return;
-                    }
-                    self.line.extend_from_slice(bytes);
+            let Some(end) = memchr::memchr(b'\n', bytes) else {
+                if self.line.len() + bytes.len() > MAX_LINE {
+                    self.malformed = Some("an SSE line longer than 1 MiB".into());
                     return;
                 }
+                self.line.extend_from_slice(bytes);
+                return;
+            };
+            if self.line.is_empty() {
+                // The usual case: a whole line inside one read, no copy.
+                self.complete(&bytes[..end], now_ms);
+            } else {
+                self.line.extend_from_slice(&bytes[..end]);
+                let line = std::mem::take(&mut self.line);
+                self.complete(&line, now_ms);
+                self.line = line;
+                self.line.clear();
             }
+            bytes = &bytes[end + 1..];
         }
     }
 
@@ -149,6 +172,8 @@ impl StreamReader {
                 let data = std::mem::take(&mut self.data);
                 self.has_data = false;
                 self.event(&data, now_ms);
+                self.data = data;
+                self.data.clear();
             }
             return;
         }
@@ -161,25 +186,27 @@ impl StreamReader {
         };
         let value = value.strip_prefix(b" ").unwrap_or(value);
         if field == b"data" {
-            let Ok(value) = std::str::from_utf8(value) else {
-                self.malformed = Some("an SSE data line that is not UTF-8".into());
-                return;
-            };
             if self.has_data {
-                self.data.push('\n');
+                self.data.push(b'\n');
             }
-            self.data.push_str(value);
+            self.data.extend_from_slice(value);
             self.has_data = true;
         }
     }
 
-    fn event(&mut self, data: &str, now_ms: f64) {
-        if data.trim() == "[DONE]" {
+    fn event(&mut self, data: &[u8], now_ms: f64) {
+        if data.trim_ascii() == b"[DONE]" {
             self.done = true;
             return;
         }
         // Only the fields the verdict needs: far cheaper than a full JSON value
         // for each of the thousands of events a second under load.
+        // Checked whole first: serde_json's check of each string as it goes
+        // costs more than this one pass.
+        let Ok(data) = std::str::from_utf8(data) else {
+            self.malformed = Some("an SSE event that is not UTF-8".into());
+            return;
+        };
         let chunk: Chunk<'_> = match serde_json::from_str(data) {
             Ok(chunk) => chunk,
             Err(err) => {
@@ -198,10 +225,11 @@ impl StreamReader {
             return;
         }
         if chunk.object.as_deref() == Some("error") {
-            self.error_event = Some(chunk.message.unwrap_or_else(|| "error event".into()));
+            let message = chunk.message.unwrap_or(Cow::Borrowed("error event"));
+            self.error_event = Some(message.into_owned());
             return;
         }
-        if let Some(choice) = chunk.choices.as_deref().and_then(<[Choice]>::first) {
+        if let Some(choice) = chunk.choices.and_then(|first| first.0) {
             match self.last_ms {
                 None => self.first_ms = Some(now_ms),
                 Some(last) => {
@@ -390,6 +418,24 @@ mod tests {
         let mut r = StreamReader::default();
         r.feed(b"data: {not json\n\n", 1.0);
         assert_eq!(r.finish(None, false).outcome, Outcome::Malformed);
+        let mut r = StreamReader::default();
+        r.feed(b"data: {\"choices\":[{\"text\":\"\xff\"}]}\n\n", 1.0);
+        let res = r.finish(None, false);
+        assert_eq!(res.outcome, Outcome::Malformed);
+        assert!(res.error.unwrap().contains("not UTF-8"));
+    }
+
+    #[test]
+    fn only_the_first_choice_is_timed_and_the_others_are_skipped() {
+        let mut r = StreamReader::keeping_text();
+        r.feed(
+            b"data: {\"choices\":[{\"text\":\"a\"},{\"text\":\"b\",\"x\":[1,{}]}]}\n\n",
+            1.0,
+        );
+        r.feed(b"data: {\"choices\":null}\n\ndata: [DONE]\n\n", 2.0);
+        let res = r.finish(None, false);
+        assert_eq!(res.outcome, Outcome::Ok);
+        assert_eq!((res.output_tokens, res.text.as_deref()), (1, Some("a")));
     }
 
     #[test]

@@ -180,6 +180,9 @@ pub async fn run_load(
     live: Arc<LiveStats>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<LoadEnd> {
+    use anyhow::Context;
+    let url = reqwest::Url::parse(&plan.template.url)
+        .with_context(|| format!("the load's URL {:?} is not a URL", plan.template.url))?;
     let mut arrivals = Arrivals::new(plan.arrival, plan.rate, plan.burstiness, plan.seed)?;
     if let Some(from) = plan.ramp_from {
         arrivals = arrivals.ramp(from, plan.duration.as_secs_f64())?;
@@ -199,6 +202,7 @@ pub async fn run_load(
         shard: plan.shard,
         offsets: Some(shard::Offsets::new(arrivals, plan.duration.as_secs_f64())),
         template: Arc::new(plan.template),
+        url,
         origin: origin.into_std(),
         start: start.into_std(),
         runtime: tokio::runtime::Handle::current(),
@@ -274,6 +278,8 @@ struct Schedule {
     shard: Option<shard::Shard>,
     offsets: Option<shard::Offsets>,
     template: Arc<RequestTemplate>,
+    /// The template's URL, parsed once.
+    url: reqwest::Url,
     origin: std::time::Instant,
     start: std::time::Instant,
     runtime: tokio::runtime::Handle,
@@ -365,9 +371,10 @@ impl Schedule {
                 (outgoing, Some((sessions.clone(), ticket.turn, question)))
             }
         };
-        let (client, template, sink, live) = (
+        let (client, template, url, sink, live) = (
             self.client.clone(),
             self.template.clone(),
+            self.url.clone(),
             self.sink.clone(),
             self.live.clone(),
         );
@@ -378,7 +385,7 @@ impl Schedule {
             let due = origin + Duration::from_secs_f64(outgoing.scheduled_s);
             live.lag.add(Instant::now().saturating_duration_since(due));
             let (record, answer) =
-                client::send_outgoing(&client, &template, origin, outgoing, Some(&mut cancel))
+                client::send_outgoing(&client, &template, url, origin, outgoing, Some(&mut cancel))
                     .await;
             if let Some((sessions, turn, question)) = question {
                 sessions.give_back(turn, question, answer, record.done_s);

@@ -15,6 +15,8 @@
 //! judge sub-millisecond lag, the lag targets say "not judged" instead,
 //! and so does every target of a step during which the hypervisor gave
 //! over 1% of a core to other machines (steal time, shown per step).
+//! Before the sweep, the SSE reader alone reads one real response over and
+//! over, without sockets: its CPU per response.
 //!
 //! Everything is bounded: each step stops by itself, the engine is killed
 //! at the end. Set SHAKEDOWN_BENCH_QUICK=1 for a short pass,
@@ -203,6 +205,49 @@ fn template(port: u16) -> RequestTemplate {
         headers: vec![],
         prompts: None,
     }
+}
+
+/// This thread's CPU time, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    let usage = getrusage(UsageWho::RUSAGE_THREAD).expect("getrusage");
+    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    t(usage.user_time()) + t(usage.system_time())
+}
+
+/// The SSE reader alone, without sockets: one streamed response as the
+/// engine sent it, cut into its events as they arrive, read `times` times.
+/// Its CPU per response is the parsing part of the client's per-request
+/// figure, and moves only with the reader's own code.
+fn reader_bench(runtime: &tokio::runtime::Runtime, port: u16, times: u32) {
+    use shakedown::load::sse::StreamReader;
+    let body = runtime.block_on(async {
+        let response = http_client(1)
+            .unwrap()
+            .post(template(port).url)
+            .header("content-type", "application/json")
+            .body(template(port).body(1))
+            .send()
+            .await
+            .unwrap();
+        response.bytes().await.unwrap()
+    });
+    let text = std::str::from_utf8(&body).unwrap();
+    let events: Vec<&str> = text.split_inclusive("\n\n").collect();
+    let before = thread_cpu_seconds();
+    for _ in 0..times {
+        let mut reader = StreamReader::default();
+        for (at, event) in events.iter().enumerate() {
+            reader.feed(event.as_bytes(), at as f64);
+        }
+        let read = std::hint::black_box(reader.finish(None, false));
+        assert_eq!(read.outcome, Outcome::Ok);
+    }
+    let micros = (thread_cpu_seconds() - before) * 1e6 / f64::from(times);
+    println!(
+        "\nSSE reader: {micros:.1} µs of CPU to read a {TOKENS}-token streamed response ({} events, {} bytes), {times} times",
+        events.len(),
+        body.len()
+    );
 }
 
 /// Runs the load at `rate` for `seconds`, records to a real JSONL file.
@@ -499,6 +544,7 @@ fn load_bench(quick: bool) {
         .port();
     let _engine = start_engine(port);
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    reader_bench(&runtime, port, if quick { 20_000 } else { 100_000 });
     let seconds = if quick { 2.0 } else { 5.0 };
     let chosen: Option<Vec<f64>> = std::env::var("SHAKEDOWN_BENCH_RATES").ok().map(|rates| {
         rates

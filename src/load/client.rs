@@ -223,8 +223,8 @@ async fn wait<T>(
     }
 }
 
-/// Sends one request to `url` (the template's, which a load parses once:
-/// parsing it for each request was a tenth of the client's work) and
+/// Sends one request to `url` (the template's, which a load parses once
+/// rather than reqwest parsing the text again for each request) and
 /// waits for its end, its deadline, or `cancel` (the run stopping); with a
 /// session, also returns the answer's text when the request succeeded.
 /// Every way it ends is one record: a request cut by `cancel` is

@@ -130,10 +130,16 @@ fn start_engine(port: u16) -> Engine {
     engine
 }
 
-fn cpu_seconds() -> f64 {
-    let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+/// CPU time, user and system, of this process (`RUSAGE_SELF`) or this
+/// thread (`RUSAGE_THREAD`), in seconds.
+fn cpu_seconds_of(who: UsageWho) -> f64 {
+    let usage = getrusage(who).expect("getrusage");
     let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
     t(usage.user_time()) + t(usage.system_time())
+}
+
+fn cpu_seconds() -> f64 {
+    cpu_seconds_of(UsageWho::RUSAGE_SELF)
 }
 
 /// Resident and peak resident memory of this process, in MiB.
@@ -207,25 +213,19 @@ fn template(port: u16) -> RequestTemplate {
     }
 }
 
-/// This thread's CPU time, in seconds.
-fn thread_cpu_seconds() -> f64 {
-    let usage = getrusage(UsageWho::RUSAGE_THREAD).expect("getrusage");
-    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-    t(usage.user_time()) + t(usage.system_time())
-}
-
 /// The SSE reader alone, without sockets: one streamed response as the
 /// engine sent it, cut into its events as they arrive, read `times` times.
 /// Its CPU per response is the parsing part of the client's per-request
 /// figure, and moves only with the reader's own code.
 fn reader_bench(runtime: &tokio::runtime::Runtime, port: u16, times: u32) {
     use shakedown::load::sse::StreamReader;
+    let template = template(port);
     let body = runtime.block_on(async {
         let response = http_client(1)
             .unwrap()
-            .post(template(port).url)
+            .post(&template.url)
             .header("content-type", "application/json")
-            .body(template(port).body(1))
+            .body(template.body(1))
             .send()
             .await
             .unwrap();
@@ -233,7 +233,7 @@ fn reader_bench(runtime: &tokio::runtime::Runtime, port: u16, times: u32) {
     });
     let text = std::str::from_utf8(&body).unwrap();
     let events: Vec<&str> = text.split_inclusive("\n\n").collect();
-    let before = thread_cpu_seconds();
+    let before = cpu_seconds_of(UsageWho::RUSAGE_THREAD);
     for _ in 0..times {
         let mut reader = StreamReader::default();
         for (at, event) in events.iter().enumerate() {
@@ -242,7 +242,7 @@ fn reader_bench(runtime: &tokio::runtime::Runtime, port: u16, times: u32) {
         let read = std::hint::black_box(reader.finish(None, false));
         assert_eq!(read.outcome, Outcome::Ok);
     }
-    let micros = (thread_cpu_seconds() - before) * 1e6 / f64::from(times);
+    let micros = (cpu_seconds_of(UsageWho::RUSAGE_THREAD) - before) * 1e6 / f64::from(times);
     println!(
         "\nSSE reader: {micros:.1} µs of CPU to read a {TOKENS}-token streamed response ({} events, {} bytes), {times} times",
         events.len(),

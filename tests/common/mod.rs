@@ -81,12 +81,81 @@ impl Run {
                 return (status, stderr);
             }
             if Instant::now() > deadline {
+                // What it got to, taken while its pods still live.
+                let left = self.what_it_left();
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("shakedown did not finish within {limit:?}");
+                let mut stderr = String::new();
+                if let Some(mut pipe) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                panic!("shakedown did not finish within {limit:?}\nstderr:\n{stderr}\n{left}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// What a run that has to be killed recorded, for the panic that
+    /// reports it: its events, the end of its own log and of each pod's,
+    /// and which of its pods are alive.
+    fn what_it_left(&self) -> String {
+        let mut left = String::new();
+        let Some(dir) = std::fs::read_dir(&self.reports)
+            .ok()
+            .and_then(|mut dirs| dirs.next())
+            .and_then(|dir| Some(dir.ok()?.path()))
+        else {
+            return "(no run directory)".into();
+        };
+        let tail = |path: &Path, lines: usize| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        };
+        let events = dir.join("events.jsonl");
+        left += &format!("events.jsonl:\n{}\n", tail(&events, 200));
+        left += &format!("shakedown.log:\n{}\n", tail(&dir.join("shakedown.log"), 40));
+        let pods = std::fs::read_dir(dir.join("logs")).into_iter().flatten();
+        for stack in pods.flatten() {
+            for pod in std::fs::read_dir(stack.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = pod.path();
+                left += &format!("{}:\n{}\n", path.display(), tail(&path, 10));
+            }
+        }
+        // A process's name and state (R, S, D, T, Z), from its `stat`.
+        let state = |stat: &str| {
+            let stat = std::fs::read_to_string(stat).unwrap_or_default();
+            let (name, rest) = stat.rsplit_once(')').unwrap_or_default();
+            let name = name.split_once('(').map_or("", |(_, n)| n);
+            format!("{name} {}", rest.split_whitespace().next().unwrap_or("?"))
+        };
+        // A line half written is skipped, not a second panic.
+        let _ = shakedown::jsonl::read_each(&events, |e: Event| {
+            if let EventKind::PodStarted { pid, pod, .. } = e.kind
+                && alive(pid)
+            {
+                left += &format!(
+                    "{pod} (pid {pid}) alive: {}\n",
+                    state(&format!("/proc/{pid}/stat"))
+                );
+            }
+        });
+        // Where each of shakedown's threads is.
+        let task_dir = format!("/proc/{}/task", self.child.id());
+        for task in std::fs::read_dir(task_dir).into_iter().flatten().flatten() {
+            let wchan = std::fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+            left += &format!(
+                "thread {}: {} wchan {wchan}\n",
+                task.file_name().to_string_lossy(),
+                state(&task.path().join("stat").to_string_lossy())
+            );
+        }
+        left
     }
 
     pub fn wait_for_event(&self, what: impl Fn(&EventKind) -> bool, limit: Duration) {

@@ -337,9 +337,26 @@ impl EventLog {
     }
 
     pub fn emit(&self, kind: EventKind) {
+        self.emit_event(self.now_s(), Utc::now(), kind);
+    }
+
+    /// Writes an event stamped with the instant it names rather than the
+    /// moment it is written: a busy machine may run the write late, and
+    /// the load's start is where the schedule and every phase count from.
+    pub fn emit_at(&self, at: Instant, kind: EventKind) {
+        let now = Instant::now();
+        let late =
+            chrono::TimeDelta::from_std(now.saturating_duration_since(at)).unwrap_or_default();
+        let early =
+            chrono::TimeDelta::from_std(at.saturating_duration_since(now)).unwrap_or_default();
+        let t_s = at.saturating_duration_since(self.origin).as_secs_f64();
+        self.emit_event(t_s, Utc::now() - late + early, kind);
+    }
+
+    fn emit_event(&self, t_s: f64, utc: DateTime<Utc>, kind: EventKind) {
         let event = Event {
-            t_s: self.now_s(),
-            utc: Utc::now(),
+            t_s,
+            utc,
             stack: self.stack.as_deref().map(str::to_string),
             kind,
         };
@@ -348,5 +365,30 @@ impl EventLog {
             let _ = tap.send(event.clone());
         }
         self.sink.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_event_emitted_late_is_stamped_with_the_instant_it_names() {
+        let (sink, written) = crate::jsonl::channel();
+        let origin = Instant::now();
+        let log = EventLog::new(sink, Some("s"), origin);
+        let start = origin + Duration::from_millis(3);
+        std::thread::sleep(Duration::from_millis(40));
+        log.emit_at(start, EventKind::LoadStarted { duration_s: 1.0 });
+        log.emit(EventKind::StackReady {
+            endpoint: String::new(),
+        });
+        let (late, now) = (written.recv().unwrap(), written.recv().unwrap());
+        assert_eq!(late.t_s, 0.003);
+        assert!(now.t_s >= 0.040, "{}", now.t_s);
+        // The wall clock agrees with the event's own clock.
+        let apart = (now.utc - late.utc).num_microseconds().unwrap() as f64 / 1e6;
+        assert!((apart - (now.t_s - late.t_s)).abs() < 0.002, "{apart}");
     }
 }

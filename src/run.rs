@@ -515,9 +515,12 @@ impl StackRun<'_> {
             (None, client) => {
                 let client = client.context("the load's HTTP client was not built")?;
                 let load_start = Instant::now();
-                log.emit(EventKind::LoadStarted {
-                    duration_s: pb.duration.as_secs_f64(),
-                });
+                log.emit_at(
+                    load_start,
+                    EventKind::LoadStarted {
+                        duration_s: pb.duration.as_secs_f64(),
+                    },
+                );
                 let load = tokio::spawn(load::run_load(
                     plan,
                     client,
@@ -536,9 +539,14 @@ impl StackRun<'_> {
                     _ = tokio::time::sleep_until(load_start) => {}
                     _ = crate::stopped(&mut early_stop) => {}
                 }
-                log.emit(EventKind::LoadStarted {
-                    duration_s: pb.duration.as_secs_f64(),
-                });
+                // At the agreed instant, which the agents keep, not when
+                // this task woke after it (or now, if stopped before it).
+                log.emit_at(
+                    load_start.min(Instant::now()),
+                    EventKind::LoadStarted {
+                        duration_s: pb.duration.as_secs_f64(),
+                    },
+                );
                 let (origin, sink, log, stop) = (
                     log.origin(),
                     self.records.clone(),

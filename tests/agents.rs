@@ -70,8 +70,8 @@ fn assert_on_schedule(records: &[Record], load_start: f64) {
         let offset = schedule
             .get(&r.id)
             .unwrap_or_else(|| panic!("id {} is not in the schedule", r.id));
-        // Agents count from the same instant on the same clock here; the
-        // load's start event is stamped a moment after that instant.
+        // Agents count from the same instant on the same clock here, and
+        // the load's start event is stamped with that instant.
         let at = r.scheduled_s - load_start;
         assert!(
             (at - offset).abs() < 0.005,

@@ -15,6 +15,48 @@ pub struct Run {
     pub dir: tempfile::TempDir,
     pub reports: PathBuf,
     pub child: Child,
+    /// Read as it comes: a pipe nobody reads stops a chatty run once the
+    /// kernel's buffer is full, and the test would see a hang.
+    stderr: Drained,
+    _stdout: Drained,
+}
+
+/// A child's output, read on a thread of its own until the child closes it.
+struct Drained {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drained {
+    fn new(mut pipe: impl std::io::Read + Send + 'static) -> Self {
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = text.clone();
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        Self {
+            text,
+            reader: Some(reader),
+        }
+    }
+
+    /// What came so far.
+    fn now(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// Everything, once the child has exited.
+    fn all(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.now()
+    }
 }
 
 pub fn start(playbook: &str) -> Run {
@@ -36,11 +78,15 @@ pub fn start_with(playbook: &str, setup: impl FnOnce(&mut Command)) -> Run {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     setup(&mut command);
-    let child = command.spawn().unwrap();
+    let mut child = command.spawn().unwrap();
+    let stderr = Drained::new(child.stderr.take().unwrap());
+    let stdout = Drained::new(child.stdout.take().unwrap());
     Run {
         dir,
         reports,
         child,
+        stderr,
+        _stdout: stdout,
     }
 }
 
@@ -70,26 +116,14 @@ impl Run {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                let mut stderr = String::new();
-                use std::io::Read;
-                self.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut stderr)
-                    .unwrap();
-                return (status, stderr);
+                return (status, self.stderr.all());
             }
             if Instant::now() > deadline {
                 // What it got to, taken while its pods still live.
                 let left = self.what_it_left();
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                let mut stderr = String::new();
-                if let Some(mut pipe) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
+                let stderr = self.stderr.all();
                 panic!("shakedown did not finish within {limit:?}\nstderr:\n{stderr}\n{left}");
             }
             std::thread::sleep(Duration::from_millis(50));

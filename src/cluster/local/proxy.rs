@@ -3,7 +3,8 @@
 //! faults act.
 //!
 //! It listens only while a process is up behind it, so a connection to a
-//! dead replica is refused as a connection to a dead pod would be. When the
+//! dead replica is refused as a connection to a dead pod would be; and it
+//! holds its port all along, so nothing else on the machine takes it. When the
 //! process behind it dies, its connections end as that process's sockets
 //! do: a reset is passed on as a reset, never as a clean end.
 //!
@@ -64,10 +65,33 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn bind(port: u16) -> std::io::Result<TcpListener> {
+/// Holds a front port for the proxy's life without listening on it: while
+/// no process is up behind the proxy a connection is refused, as one to a
+/// dead pod is, yet no other socket on the machine can take the port. A
+/// port left unbound through a restart could become the local port of any
+/// outgoing connection (a pooled one lives for a minute and more), and the
+/// replica came back to a front it could not open.
+///
+/// `SO_REUSEPORT` on this socket and on the proxy's listeners lets them
+/// share the port; `SO_REUSEADDR` only on the listeners, since between two
+/// sockets that both set it and neither listens Linux lets a stranger in.
+fn reserve() -> anyhow::Result<(TcpSocket, u16)> {
+    let socket = TcpSocket::new_v4()
+        .and_then(|socket| socket.set_reuseport(true).map(|()| socket))
+        .context("cannot make a socket for a front port")?;
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .context("cannot find a free port on 127.0.0.1")?;
+    let port = socket.local_addr()?.port();
+    Ok((socket, port))
+}
+
+/// A listener on the reserved port; `SO_REUSEADDR` also lets it past the
+/// TIME_WAIT leftovers of its predecessor's connections.
+fn listen(port: u16) -> std::io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
-    // The port is re-bound each time the process behind comes back.
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
     socket.listen(1024)
 }
@@ -75,10 +99,10 @@ fn bind(port: u16) -> std::io::Result<TcpListener> {
 impl FrontProxy {
     /// Reserves a front port; nothing listens on it until [`FrontProxy::up`].
     pub fn new() -> anyhow::Result<Self> {
-        let port = free_port()?;
+        let (reserved, port) = reserve()?;
         let (target, rx) = watch::channel(None);
         let (shaping, shaping_rx) = watch::channel(Shaping::default());
-        let task = tokio::spawn(serve(port, rx, shaping_rx));
+        let task = tokio::spawn(serve(reserved, port, rx, shaping_rx));
         Ok(Self {
             port,
             target,
@@ -118,11 +142,15 @@ impl Drop for FrontProxy {
 }
 
 async fn serve(
+    reserved: TcpSocket,
     port: u16,
     mut target: watch::Receiver<Option<u16>>,
     shaping: watch::Receiver<Shaping>,
 ) {
+    // Kept until the proxy ends: the port stays ours while nothing listens.
+    let _reserved = reserved;
     let connections = Arc::new(AtomicU64::new(0));
+    let mut said_unbound = false;
     loop {
         let current = *target.borrow_and_update();
         let Some(inner) = current else {
@@ -131,14 +159,19 @@ async fn serve(
             }
             continue;
         };
-        let listener = match bind(port) {
+        let listener = match listen(port) {
             Ok(listener) => listener,
             Err(err) => {
-                tracing::warn!("front port {port} cannot be bound yet: {err}");
+                // Once, not every try: a warning each 20 ms filled stderr.
+                if !said_unbound {
+                    tracing::warn!("front port {port} cannot be listened on yet: {err}");
+                    said_unbound = true;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
+        said_unbound = false;
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
@@ -447,5 +480,66 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// Whether anything but the proxy can have its port now.
+    fn taken_by_another(port: u16) -> bool {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    }
+
+    #[tokio::test]
+    async fn keeps_its_port_through_down_and_up() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inner = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                let _ = s.write_all(b"hi").await;
+            }
+        });
+        let proxy = FrontProxy::new().unwrap();
+        let port = proxy.port();
+        assert!(!taken_by_another(port), "reserved before the first up");
+        let read_through = || async move {
+            for _ in 0..200 {
+                if let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)).await {
+                    let mut got = [0u8; 2];
+                    if conn.read_exact(&mut got).await.is_ok() {
+                        return got == *b"hi";
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            false
+        };
+        let refused = || async move {
+            for _ in 0..200 {
+                if TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            false
+        };
+        for round in 0..3 {
+            proxy.up(inner);
+            assert!(read_through().await, "round {round}: up");
+            proxy.down();
+            assert!(refused().await, "round {round}: down refuses");
+            assert!(
+                !taken_by_another(port),
+                "round {round}: still held while down"
+            );
+        }
+        drop(proxy);
+        // Released once the proxy is gone (its task ends on the next poll).
+        let mut released = false;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if taken_by_another(port) {
+                released = true;
+                break;
+            }
+        }
+        assert!(released, "the port is given back with the proxy");
     }
 }

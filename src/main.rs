@@ -279,7 +279,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => cleanup(&reports, context, force).await,
         Command::Report { runs, out } => report_runs(&runs, out),
         Command::Engine(args) => {
-            let listener = bind(&args.host, args.port).await?;
+            let listener = bind(&args.host, args.port, args.reuse_port).await?;
             say(format_args!(
                 "shakedown engine: serving {} on http://{}",
                 args.model,
@@ -288,7 +288,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             serve_until_signalled(engine::serve(listener, args, first_signal())).await
         }
         Command::Router(args) => {
-            let listener = bind(&args.host, args.port).await?;
+            let listener = bind(&args.host, args.port, args.reuse_port).await?;
             say(format_args!(
                 "shakedown router: listening on http://{}",
                 listener.local_addr()?
@@ -302,7 +302,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::KvCache(args) => {
-            let listener = bind(&args.host, args.port).await?;
+            let listener = bind(&args.host, args.port, false).await?;
             say(format_args!(
                 "shakedown kv-cache: listening on http://{}",
                 listener.local_addr()?
@@ -666,12 +666,28 @@ fn say(line: std::fmt::Arguments) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind((host, port))
-        .await
-        .with_context(|| {
-            format!("cannot listen on {host}:{port}: is another server there? pick another --port")
-        })
+async fn bind(host: &str, port: u16, reuse_port: bool) -> anyhow::Result<tokio::net::TcpListener> {
+    let listening = async {
+        if !reuse_port {
+            return tokio::net::TcpListener::bind((host, port)).await;
+        }
+        let addr = tokio::net::lookup_host((host, port))
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other("the host has no address"))?;
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    listening.await.with_context(|| {
+        format!("cannot listen on {host}:{port}: is another server there? pick another --port")
+    })
 }
 
 fn first_signal() -> impl std::future::Future<Output = ()> + Send + 'static {

@@ -303,3 +303,50 @@ fn an_engine_whose_log_cannot_be_written_keeps_serving() {
     assert!(alive, "the engine died");
     assert_eq!(served, 20);
 }
+
+#[test]
+fn an_engine_with_reuse_port_listens_on_a_port_its_starter_holds() {
+    // The local cluster holds each pod's port (SO_REUSEPORT, not listening)
+    // so that nothing else takes it before the pod's process binds it.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let held = runtime.block_on(async {
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.set_reuseport(true).unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        held
+    });
+    let port = held.local_addr().unwrap().port().to_string();
+    let engine = |extra: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_shakedown"));
+        command
+            .args(["engine", "--port", &port])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    let refused = engine(&[]).output().unwrap();
+    assert!(!refused.status.success(), "a plain bind took a held port");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cannot listen on"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let mut shared = engine(&["--reuse-port"]).spawn().unwrap();
+    let answered = runtime.block_on(async {
+        let http = shakedown::http::client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let health = http.get(format!("http://127.0.0.1:{port}/health"));
+            if matches!(health.send().await, Ok(r) if r.status().is_success()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    });
+    let _ = shared.kill();
+    let _ = shared.wait();
+    assert!(answered, "the engine never answered on the held port");
+    drop(held);
+}

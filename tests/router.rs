@@ -45,6 +45,7 @@ fn router_args(backends: Vec<String>) -> RouterArgs {
     RouterArgs {
         host: "127.0.0.1".into(),
         port: 0,
+        reuse_port: false,
         backends,
         policy: RoutingPolicy::RoundRobin,
         discovery: Discovery::HealthCheck,

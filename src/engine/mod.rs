@@ -40,6 +40,10 @@ pub struct EngineArgs {
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Listen with SO_REUSEPORT, beside a socket that holds the port for
+    /// whoever started this server (the local cluster does).
+    #[arg(long)]
+    pub reuse_port: bool,
     /// The model name served, and required of requests that name one.
     #[arg(long, default_value = "shakedown/emulated-llm")]
     pub model: String,

@@ -39,6 +39,10 @@ pub struct RouterArgs {
     pub host: String,
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// Listen with SO_REUSEPORT, beside a socket that holds the port for
+    /// whoever started this server (the local cluster does).
+    #[arg(long)]
+    pub reuse_port: bool,
     /// Static backends, comma-separated base URLs (discovery: health-check).
     #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,

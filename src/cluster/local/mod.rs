@@ -636,15 +636,25 @@ impl Shared {
         line
     }
 
+    /// The playbook's `command:` for a role, if it has one.
+    fn custom_command(&self, role: usize) -> Option<&str> {
+        match &self.roles[role].kind {
+            RoleKind::Engine => self.spec.engine.command.as_deref(),
+            RoleKind::Router => self.spec.router.command.as_deref(),
+            RoleKind::Aux { command, .. } => Some(command.as_str()),
+        }
+    }
+
+    /// Whether a role's process is shakedown's own server, which can listen
+    /// on a port the supervisor holds (`--reuse-port`).
+    fn runs_own_server(&self, role: usize) -> bool {
+        self.custom_command(role).is_none()
+    }
+
     /// The command line of a pod's process.
     fn command(&self, role: usize, port: u16, seed: u64) -> tokio::process::Command {
         let spec = &self.spec;
-        let custom = match &self.roles[role].kind {
-            RoleKind::Engine => spec.engine.command.as_deref(),
-            RoleKind::Router => spec.router.command.as_deref(),
-            RoleKind::Aux { command, .. } => Some(command.as_str()),
-        };
-        if let Some(template) = custom {
+        if let Some(template) = self.custom_command(role) {
             let line = self.fill(template, port);
             let mut command = tokio::process::Command::new("sh");
             // exec, so the signals of a fault reach the process itself.
@@ -656,6 +666,7 @@ impl Shared {
             RoleKind::Engine => {
                 command.args([
                     "engine",
+                    "--reuse-port",
                     "--port",
                     &port.to_string(),
                     "--model",
@@ -676,7 +687,7 @@ impl Shared {
             }
             RoleKind::Router | RoleKind::Aux { .. } => {
                 let router = &spec.router;
-                command.args(["router", "--port", &port.to_string()]);
+                command.args(["router", "--reuse-port", "--port", &port.to_string()]);
                 command.args(["--policy", policy_name(router)]);
                 command.args(["--retries", &router.retries.to_string()]);
                 match router.discovery {

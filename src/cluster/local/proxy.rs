@@ -65,20 +65,22 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Holds a front port for the proxy's life without listening on it: while
-/// no process is up behind the proxy a connection is refused, as one to a
-/// dead pod is, yet no other socket on the machine can take the port. A
-/// port left unbound through a restart could become the local port of any
-/// outgoing connection (a pooled one lives for a minute and more), and the
-/// replica came back to a front it could not open.
+/// A port held without listening on it: a connection to it is refused, as
+/// one to a dead pod is, yet no other socket on the machine can take it —
+/// neither `bind(0)` nor an outgoing connection's ephemeral port. A port
+/// merely found free and bound again later was once handed to an engine
+/// while it was the router's front, and the load went straight to the
+/// engine; a front left unbound through a restart could become the local
+/// port of any pooled connection.
 ///
-/// `SO_REUSEPORT` on this socket and on the proxy's listeners lets them
-/// share the port; `SO_REUSEADDR` only on the listeners, since between two
-/// sockets that both set it and neither listens Linux lets a stranger in.
-fn reserve() -> anyhow::Result<(TcpSocket, u16)> {
+/// Whoever listens on it must also set `SO_REUSEPORT`, as the proxy's
+/// listeners and shakedown's own servers started with `--reuse-port` do.
+/// `SO_REUSEADDR` only on the listeners: between two sockets that both
+/// set it and neither listens, Linux lets a stranger in.
+pub(super) fn reserve_port() -> anyhow::Result<(TcpSocket, u16)> {
     let socket = TcpSocket::new_v4()
         .and_then(|socket| socket.set_reuseport(true).map(|()| socket))
-        .context("cannot make a socket for a front port")?;
+        .context("cannot make a socket to hold a port")?;
     socket
         .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .context("cannot find a free port on 127.0.0.1")?;
@@ -99,7 +101,7 @@ fn listen(port: u16) -> std::io::Result<TcpListener> {
 impl FrontProxy {
     /// Reserves a front port; nothing listens on it until [`FrontProxy::up`].
     pub fn new() -> anyhow::Result<Self> {
-        let (reserved, port) = reserve()?;
+        let (reserved, port) = reserve_port()?;
         let (target, rx) = watch::channel(None);
         let (shaping, shaping_rx) = watch::channel(Shaping::default());
         let task = tokio::spawn(serve(reserved, port, rx, shaping_rx));

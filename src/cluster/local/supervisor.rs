@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::proxy::{FrontProxy, free_port};
+use super::proxy::{FrontProxy, free_port, reserve_port};
 use super::{Phase, PodStatus, RoleKind, Shared};
 use crate::events::EventKind;
 
@@ -185,12 +185,20 @@ pub(super) async fn run_slot(
             }
         };
 
-        let started = free_port().and_then(|port| {
+        // Shakedown's own servers listen on a port held for their whole
+        // life, which nothing else can take between here and their bind;
+        // a playbook's command gets one that was free a moment ago.
+        let port = if shared.runs_own_server(role) {
+            reserve_port().map(|(held, port)| (Some(held), port))
+        } else {
+            free_port().map(|port| (None, port))
+        };
+        let started = port.and_then(|(held, port)| {
             let seed = crate::tokens::mix(shared.spec.seed ^ ((index as u64) << 32) ^ generation);
             let log = shared.spec.log_dir.join(format!("{pod}.log"));
-            spawn_child(shared.command(role, port, seed), &log).map(|child| (port, child))
+            spawn_child(shared.command(role, port, seed), &log).map(|child| (held, port, child))
         });
-        let (port, mut child) = match started {
+        let (_held_port, port, mut child) = match started {
             Ok(started) => started,
             Err(err) => {
                 events.emit(EventKind::PodExited {

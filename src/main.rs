@@ -675,15 +675,7 @@ async fn bind(host: &str, port: u16, reuse_port: bool) -> anyhow::Result<tokio::
             .await?
             .next()
             .ok_or_else(|| std::io::Error::other("the host has no address"))?;
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
+        shakedown::cluster::local::proxy::listen_on_held_port(addr)
     };
     listening.await.with_context(|| {
         format!("cannot listen on {host}:{port}: is another server there? pick another --port")

@@ -88,13 +88,18 @@ pub(super) fn reserve_port() -> anyhow::Result<(TcpSocket, u16)> {
     Ok((socket, port))
 }
 
-/// A listener on the reserved port; `SO_REUSEADDR` also lets it past the
-/// TIME_WAIT leftovers of its predecessor's connections.
-fn listen(port: u16) -> std::io::Result<TcpListener> {
-    let socket = TcpSocket::new_v4()?;
+/// A listener beside the socket that holds its port ([`reserve_port`]):
+/// the proxy's own, and `--reuse-port` servers'. `SO_REUSEADDR` also lets
+/// it past the TIME_WAIT leftovers of its predecessor's connections.
+pub fn listen_on_held_port(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
-    socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    socket.bind(addr)?;
     socket.listen(1024)
 }
 
@@ -161,7 +166,7 @@ async fn serve(
             }
             continue;
         };
-        let listener = match listen(port) {
+        let listener = match listen_on_held_port(SocketAddr::from(([127, 0, 0, 1], port))) {
             Ok(listener) => listener,
             Err(err) => {
                 // Once, not every try: a warning each 20 ms filled stderr.

@@ -393,14 +393,16 @@ fn sleep_overshoot_p99_ms() -> f64 {
 /// machine (issue 13), and used when `oha` is not installed.
 const OHA_CPU_MS_AT_3000: f64 = 0.167;
 
-/// oha's CPU per request at `rate` on core 1, the same requests to the
-/// same engine, when oha is installed; with the rate it achieved, since a
-/// figure per request is only oha's at a rate it kept up with.
+/// What oha cost and achieved at one rate: a figure per request is only
+/// oha's at a rate it kept up with.
 struct Oha {
     cpu_ms_per_request: f64,
+    /// Responses it counted, per second.
     achieved: f64,
 }
 
+/// oha at `rate` on core 1, the same requests to the same engine, when
+/// oha is installed.
 fn oha_at(port: u16, rate: f64, seconds: f64) -> Option<Oha> {
     let children = || {
         let usage = getrusage(UsageWho::RUSAGE_CHILDREN).ok()?;

@@ -221,8 +221,7 @@ fn reader_bench(runtime: &tokio::runtime::Runtime, port: u16, times: u32) {
     use shakedown::load::sse::StreamReader;
     let template = template(port);
     let body = runtime.block_on(async {
-        let response = http_client(1)
-            .unwrap()
+        let response = shakedown::http::client()
             .post(&template.url)
             .header("content-type", "application/json")
             .body(template.body(1))
@@ -278,7 +277,7 @@ fn step(
     let started = Instant::now();
     let mut rss_samples = Vec::new();
     let sent = runtime.block_on(async {
-        let client = http_client(plan.max_in_flight).unwrap();
+        let client = http_client(&plan.template, plan.max_in_flight).unwrap();
         let origin = tokio::time::Instant::now();
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         let live = Arc::new(LiveStats::default());

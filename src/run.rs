@@ -486,7 +486,7 @@ impl StackRun<'_> {
         // Built before the agents, if any, are started: no `?` may come
         // between starting them and following them.
         let client = if launched.is_none() {
-            Some(load::http_client(plan.max_in_flight)?)
+            Some(load::http_client(&plan.template, plan.max_in_flight)?)
         } else {
             None
         };

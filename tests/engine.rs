@@ -86,9 +86,10 @@ async fn chat_stream_is_framed_like_vllm() {
 #[tokio::test]
 async fn the_load_client_reads_both_apis_as_ok_with_usage_tokens() {
     let (url, _stop) = start(fast()).await;
-    let http = shakedown::http::client();
     for api in [Api::Chat, Api::Completions] {
-        let record = client::send(&http, &template(&url, api, 12), Instant::now(), 1, 0.0).await;
+        let streamed = template(&url, api, 12);
+        let http = shakedown::load::http_client(&streamed, 8).unwrap();
+        let record = client::send(&http, &streamed, Instant::now(), 1, 0.0).await;
         assert_eq!(record.outcome, Outcome::Ok, "{record:?}");
         assert_eq!(record.output_tokens, 12);
         assert!(record.ttft_ms.unwrap() > 0.0);
@@ -117,7 +118,15 @@ async fn health_turns_green_only_after_startup() {
     let http = shakedown::http::client();
     let health = || http.get(format!("{url}/health")).send();
     assert_eq!(health().await.unwrap().status(), 503);
-    let record = client::send(&http, &template(&url, Api::Chat, 2), Instant::now(), 1, 0.0).await;
+    let t = template(&url, Api::Chat, 2);
+    let record = client::send(
+        &shakedown::load::http_client(&t, 8).unwrap(),
+        &t,
+        Instant::now(),
+        1,
+        0.0,
+    )
+    .await;
     assert_eq!((record.outcome, record.status), (Outcome::Http, Some(503)));
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(health().await.unwrap().status(), 200);
@@ -131,8 +140,8 @@ async fn a_full_batch_decodes_slower_than_a_lone_request() {
         ..EngineArgs::default()
     };
     let (url, _stop) = start(args).await;
-    let http = shakedown::http::client();
     let t = template(&url, Api::Chat, 20);
+    let http = shakedown::load::http_client(&t, 16).unwrap();
     let lone = client::send(&http, &t, Instant::now(), 0, 0.0).await;
     let batch = futures_util::future::join_all(
         (1..=8).map(|id| client::send(&http, &t, Instant::now(), id, 0.0)),
@@ -157,8 +166,9 @@ async fn max_num_seqs_queues_the_rest_and_metrics_show_it() {
     let (url, _stop) = start(args).await;
     let http = shakedown::http::client();
     let t = template(&url, Api::Chat, 15);
+    let load = shakedown::load::http_client(&t, 8).unwrap();
     let requests = futures_util::future::join_all(
-        (0..4).map(|id| client::send(&http, &t, Instant::now(), id, 0.0)),
+        (0..4).map(|id| client::send(&load, &t, Instant::now(), id, 0.0)),
     );
     let metrics = async {
         tokio::time::sleep(Duration::from_millis(120)).await;
@@ -194,8 +204,8 @@ async fn sigterm_like_shutdown_finishes_streams_in_flight() {
         ..EngineArgs::default()
     })
     .await;
-    let http = shakedown::http::client();
     let t = template(&url, Api::Chat, 25);
+    let http = shakedown::load::http_client(&t, 8).unwrap();
     let in_flight = tokio::spawn({
         let (http, t) = (http.clone(), t.clone());
         async move { client::send(&http, &t, Instant::now(), 1, 0.0).await }
@@ -212,11 +222,11 @@ async fn sigterm_like_shutdown_finishes_streams_in_flight() {
 /// TTFT p50 of `n` requests one after another: what the client sees of
 /// the engine's prefill, nothing else.
 async fn ttft_p50(url: &str, n: u64) -> f64 {
-    let http = shakedown::load::http_client(8).unwrap();
     let t = RequestTemplate {
         prompt_tokens: TokenCount::Fixed(8),
         ..template(url, Api::Chat, 4)
     };
+    let http = shakedown::load::http_client(&t, 8).unwrap();
     let mut ttfts = Vec::new();
     for id in 0..n {
         let record = client::send(&http, &t, Instant::now(), id, 0.0).await;
@@ -285,9 +295,10 @@ fn an_engine_whose_log_cannot_be_written_keeps_serving() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let t = template(&url, Api::Chat, 4);
+        let load = shakedown::load::http_client(&t, 8).unwrap();
         let mut ok = 0;
         for id in 0..20 {
-            if client::send(&http, &t, Instant::now(), id, 0.0)
+            if client::send(&load, &t, Instant::now(), id, 0.0)
                 .await
                 .outcome
                 == Outcome::Ok

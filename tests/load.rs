@@ -137,7 +137,7 @@ async fn run_stopped_at(plan: LoadPlan, stop_after: Option<Duration>) -> (Vec<Re
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("requests.jsonl");
     let (sink, writer) = jsonl::open::<Record>(&path).unwrap();
-    let client = http_client(plan.max_in_flight).unwrap();
+    let client = http_client(&plan.template, plan.max_in_flight).unwrap();
     let origin = tokio::time::Instant::now();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     if let Some(after) = stop_after {

@@ -83,8 +83,8 @@ fn template(url: &str) -> RequestTemplate {
 }
 
 async fn send_many(url: &str, n: u64) -> Vec<Record> {
-    let http = shakedown::http::client();
     let t = template(url);
+    let http = shakedown::load::http_client(&t, 8).unwrap();
     let mut records = Vec::new();
     for id in 0..n {
         records.push(client::send(&http, &t, Instant::now(), id, 0.0).await);

@@ -223,7 +223,7 @@ async fn take_part(index: u32, spec: AgentSpec, out: &Out) -> anyhow::Result<()>
             }
         })
     };
-    let client = load::http_client(plan.max_in_flight)?;
+    let client = load::http_client(&plan.template, plan.max_in_flight)?;
     let ended = load::run_load(plan, client, origin, start, out.records.clone(), live, stop).await;
     ticks.abort();
     signals.abort();

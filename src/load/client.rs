@@ -8,11 +8,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::sse::StreamReader;
+use super::transport::{LoadClient, SendError};
 use crate::playbook::Api;
 use crate::playbook::lengths::TokenCount;
 use crate::record::{Outcome, Record, Turn};
@@ -172,7 +172,7 @@ fn ms(since: Instant, at: Instant) -> f64 {
 /// Sends request `id`, scheduled `scheduled_s` after `origin`, and waits for
 /// its end or its deadline.
 pub async fn send(
-    client: &reqwest::Client,
+    client: &LoadClient,
     template: &RequestTemplate,
     origin: Instant,
     id: u64,
@@ -184,16 +184,9 @@ pub async fn send(
         body: template.body(id),
         session: None,
     };
-    send_outgoing(
-        client,
-        template,
-        template.url.as_str(),
-        origin,
-        outgoing,
-        None,
-    )
-    .await
-    .0
+    send_outgoing(client, template, origin, outgoing, None)
+        .await
+        .0
 }
 
 /// How waiting for part of a response ended.
@@ -223,16 +216,14 @@ async fn wait<T>(
     }
 }
 
-/// Sends one request to `url` (the template's, which a load parses once
-/// rather than reqwest parsing the text again for each request) and
+/// Sends one request with `client` (made for the template's URL) and
 /// waits for its end, its deadline, or `cancel` (the run stopping); with a
 /// session, also returns the answer's text when the request succeeded.
 /// Every way it ends is one record: a request cut by `cancel` is
 /// `cancelled`, with how long it had been in flight.
 pub async fn send_outgoing(
-    client: &reqwest::Client,
+    client: &LoadClient,
     template: &RequestTemplate,
-    url: impl reqwest::IntoUrl,
     origin: Instant,
     outgoing: Outgoing,
     cancel: Option<&mut watch::Receiver<bool>>,
@@ -243,17 +234,14 @@ pub async fn send_outgoing(
         body,
         session,
     } = outgoing;
-    let mut request = client
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body);
-    for (name, value) in &template.headers {
-        request = request.header(name, value);
-    }
     let turn = session.as_ref().map(|(_, turn)| *turn);
-    if let Some((header, turn)) = &session {
-        request = request.header(header, super::sessions::Sessions::user_name(turn.user));
-    }
+    let user = session.as_ref().map(|(header, turn)| {
+        let name = super::sessions::Sessions::user_name(turn.user);
+        // A user name is `user-N`: always a valid header value.
+        let value = reqwest::header::HeaderValue::from_str(&name)
+            .unwrap_or(reqwest::header::HeaderValue::from_static("user"));
+        (header, value)
+    });
     let sent = Instant::now();
     let timeout = tokio::time::sleep_until(sent + template.timeout);
     tokio::pin!(timeout);
@@ -298,7 +286,7 @@ pub async fn send_outgoing(
         )
     };
 
-    let response = match wait(&mut timeout, &mut stop, request.send()).await {
+    let mut response = match wait(&mut timeout, &mut stop, client.post(user, body)).await {
         Wait::Cancelled => return cancelled(record, "waiting for the response"),
         Wait::TimedOut => {
             return finish(
@@ -308,22 +296,20 @@ pub async fn send_outgoing(
             );
         }
         Wait::Got(Err(err)) => {
-            let outcome = if err.is_connect() {
-                Outcome::Connect
-            } else if err.is_timeout() {
-                Outcome::Timeout
-            } else {
-                Outcome::Reset
+            let (outcome, text) = match err {
+                SendError::Connect(text) => (Outcome::Connect, text),
+                SendError::Timeout(text) => (Outcome::Timeout, text),
+                SendError::Other(text) => (Outcome::Reset, text),
             };
-            return finish(record, outcome, Some(crate::http::error_chain(&err)));
+            return finish(record, outcome, Some(text));
         }
         Wait::Got(Ok(response)) => response,
     };
-    let status = response.status();
+    let status = response.status;
     record.status = Some(status.as_u16());
     if !status.is_success() {
-        let text = match wait(&mut timeout, &mut stop, response.text()).await {
-            Wait::Got(Ok(text)) => text,
+        let text = match wait(&mut timeout, &mut stop, response.bytes()).await {
+            Wait::Got(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
             _ => String::new(),
         };
         let shown: String = text.chars().take(200).collect();
@@ -345,11 +331,7 @@ pub async fn send_outgoing(
                 );
             }
             Wait::Got(Err(err)) => {
-                return finish(
-                    record,
-                    Outcome::Truncated,
-                    Some(crate::http::error_chain(&err)),
-                );
+                return finish(record, Outcome::Truncated, Some(err));
             }
             Wait::Got(Ok(body)) => body,
         };
@@ -390,12 +372,11 @@ pub async fn send_outgoing(
     } else {
         StreamReader::default()
     };
-    let mut body = response.bytes_stream();
     let mut cut = None;
     let mut timed_out = false;
     let mut was_cancelled = false;
     loop {
-        match wait(&mut timeout, &mut stop, body.next()).await {
+        match wait(&mut timeout, &mut stop, response.chunk()).await {
             Wait::Cancelled => {
                 was_cancelled = true;
                 break;
@@ -406,7 +387,7 @@ pub async fn send_outgoing(
             }
             Wait::Got(None) => break,
             Wait::Got(Some(Err(err))) => {
-                cut = Some(crate::http::error_chain(&err));
+                cut = Some(err);
                 break;
             }
             Wait::Got(Some(Ok(bytes))) => {

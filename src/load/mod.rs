@@ -13,6 +13,7 @@ pub mod scrape;
 pub mod sessions;
 pub mod shard;
 pub mod sse;
+pub mod transport;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,15 +147,14 @@ impl LagMeter {
 /// How long requests still in flight get once the run is interrupted.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 
-/// A client fit for load: no pool limit below the load's own, no timeout of
-/// its own (each request has its deadline), Nagle off for small SSE frames.
-pub fn http_client(max_in_flight: usize) -> anyhow::Result<reqwest::Client> {
-    use anyhow::Context;
-    crate::http::client_builder()
-        .pool_max_idle_per_host(max_in_flight)
-        .tcp_nodelay(true)
-        .build()
-        .context("cannot build the load's HTTP client")
+/// A client fit for `template`'s load ([`transport`]): no pool limit below
+/// the load's own, no timeout of its own (each request has its deadline),
+/// Nagle off for small SSE frames.
+pub fn http_client(
+    template: &RequestTemplate,
+    max_in_flight: usize,
+) -> anyhow::Result<transport::LoadClient> {
+    transport::LoadClient::new(&template.url, &template.headers, max_in_flight)
 }
 
 /// How a load ended.
@@ -173,16 +173,13 @@ pub struct LoadEnd {
 /// scheduled request has exactly one record in `sink` when this returns.
 pub async fn run_load(
     plan: LoadPlan,
-    client: reqwest::Client,
+    client: transport::LoadClient,
     origin: Instant,
     start: Instant,
     sink: JsonlSink<Record>,
     live: Arc<LiveStats>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<LoadEnd> {
-    use anyhow::Context;
-    let url = reqwest::Url::parse(&plan.template.url)
-        .with_context(|| format!("the load's URL {:?} is not a URL", plan.template.url))?;
     let mut arrivals = Arrivals::new(plan.arrival, plan.rate, plan.burstiness, plan.seed)?;
     if let Some(from) = plan.ramp_from {
         arrivals = arrivals.ramp(from, plan.duration.as_secs_f64())?;
@@ -202,7 +199,6 @@ pub async fn run_load(
         shard: plan.shard,
         offsets: Some(shard::Offsets::new(arrivals, plan.duration.as_secs_f64())),
         template: Arc::new(plan.template),
-        url,
         origin: origin.into_std(),
         start: start.into_std(),
         runtime: tokio::runtime::Handle::current(),
@@ -278,12 +274,10 @@ struct Schedule {
     shard: Option<shard::Shard>,
     offsets: Option<shard::Offsets>,
     template: Arc<RequestTemplate>,
-    /// The template's URL, parsed once.
-    url: reqwest::Url,
     origin: std::time::Instant,
     start: std::time::Instant,
     runtime: tokio::runtime::Handle,
-    client: reqwest::Client,
+    client: transport::LoadClient,
     sink: JsonlSink<Record>,
     live: Arc<LiveStats>,
     slots: Arc<Semaphore>,
@@ -371,10 +365,9 @@ impl Schedule {
                 (outgoing, Some((sessions.clone(), ticket.turn, question)))
             }
         };
-        let (client, template, url, sink, live) = (
+        let (client, template, sink, live) = (
             self.client.clone(),
             self.template.clone(),
-            self.url.clone(),
             self.sink.clone(),
             self.live.clone(),
         );
@@ -385,7 +378,7 @@ impl Schedule {
             let due = origin + Duration::from_secs_f64(outgoing.scheduled_s);
             live.lag.add(Instant::now().saturating_duration_since(due));
             let (record, answer) =
-                client::send_outgoing(&client, &template, url, origin, outgoing, Some(&mut cancel))
+                client::send_outgoing(&client, &template, origin, outgoing, Some(&mut cancel))
                     .await;
             if let Some((sessions, turn, question)) = question {
                 sessions.give_back(turn, question, answer, record.done_s);

@@ -5,7 +5,8 @@
 //! stack cannot slow the load down and hide its own outage. When
 //! `max_in_flight` requests are outstanding, the next one is recorded as
 //! `dropped` instead of waiting. Each request ends as one record
-//! ([`client`]), sent to the writer as it completes.
+//! ([`client`]), sent to the writer as it completes; how it reaches the
+//! stack is [`transport`]'s.
 
 pub mod arrival;
 pub mod client;

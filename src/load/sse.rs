@@ -277,8 +277,6 @@ impl StreamReader {
             self.done = true;
             return;
         }
-        // Checked whole first: serde_json's check of each string as it goes
-        // costs more than this one pass.
         if let Some(piece) = self.shape.text_of(data) {
             #[cfg(test)]
             {
@@ -287,6 +285,8 @@ impl StreamReader {
             self.token(now_ms, false, piece);
             return;
         }
+        // Checked whole first: serde_json's check of each string as it goes
+        // costs more than this one pass.
         let Ok(data) = std::str::from_utf8(data) else {
             self.malformed = Some("an SSE event that is not UTF-8".into());
             return;

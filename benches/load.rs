@@ -11,8 +11,14 @@
 //! per request, memory; then client CPU per request beside `oha`'s at
 //! 3,000/s, in three pairs run in turn, judged on the median ratio (when
 //! oha is installed; else beside the figure measured once), the same
-//! body to the same engine on the same core; then a 60 s run to see that
-//! memory stays flat. Each target is printed beside its figure with
+//! body to the same engine on the same core; then the client's work that
+//! runs on one thread whatever the cores (the schedule's and the record
+//! writer's, a request: what would cap it on any number of cores); then,
+//! where there are 3 cores or more, the highest rate the client keeps
+//! accurate on one core and on two, the engine on the others (1.8× is the
+//! target; SHAKEDOWN_BENCH_SCALING=shared runs it on 2 cores too, the
+//! engine beside the client, shown and not judged); then a 60 s run to
+//! see that memory stays flat. Each target is printed beside its figure with
 //! whether it was met; when an idle core's sleeps overshoot too much to
 //! judge sub-millisecond lag, the lag targets say "not judged" instead,
 //! and so does every target of a step during which the hypervisor gave
@@ -56,12 +62,12 @@ const PREFILL_MS: f64 = 20.0;
 const TOKENS: u32 = 16;
 const DECODE: &str = "2ms";
 
-/// `taskset -c CORE` before `program`, when the machine has two cores to
-/// pin to and taskset is there.
-fn pinned(program: &str, core: usize) -> Command {
+/// `taskset -c CORES` before `program` (`CORES` as taskset reads it: `1`,
+/// `2-7`), when the machine has two cores to pin to and taskset is there.
+fn pinned(program: &str, cores: impl ToString) -> Command {
     if pinning() {
         let mut command = Command::new("taskset");
-        command.args(["-c", &core.to_string(), program]);
+        command.args(["-c", &cores.to_string(), program]);
         command
     } else {
         Command::new(program)
@@ -87,15 +93,16 @@ fn pinning() -> bool {
     })
 }
 
-/// Moves every thread of this process to `core`; threads made later inherit it.
-fn pin_self(core: usize) {
+/// Moves every thread of this process to `cores` (as [`pinned`] reads
+/// them); threads made later inherit it.
+fn pin_self(cores: impl ToString) {
     if pinning() {
         let _ = Command::new("taskset")
             .args([
                 "-a",
                 "-p",
                 "-c",
-                &core.to_string(),
+                &cores.to_string(),
                 &std::process::id().to_string(),
             ])
             .stdout(Stdio::null())
@@ -103,8 +110,8 @@ fn pin_self(core: usize) {
     }
 }
 
-fn start_engine(port: u16) -> Engine {
-    let child = pinned(env!("CARGO_BIN_EXE_shakedown"), 0)
+fn start_engine(port: u16, cores: &str) -> Engine {
+    let child = pinned(env!("CARGO_BIN_EXE_shakedown"), cores)
         .args(["engine", "--port", &port.to_string()])
         .args([
             "--decode-per-token",
@@ -169,6 +176,8 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
 
 struct Step {
     rate: f64,
+    /// Records written: one for every request scheduled.
+    requests: usize,
     achieved: f64,
     ok: f64,
     lag_p50_ms: f64,
@@ -318,6 +327,7 @@ fn step(
     (
         Step {
             rate,
+            requests: total,
             achieved: ok as f64 / seconds,
             ok: ok as f64 / total.max(1) as f64,
             lag_p50_ms: percentile(&mut lags, 50.0),
@@ -608,17 +618,236 @@ fn compare_with_oha(runtime: &tokio::runtime::Runtime, port: u16, seconds: f64, 
     );
 }
 
+/// CPU time of this process's live threads named `name`, in ns, by
+/// thread id (`/proc/self/task/*/schedstat`: nanoseconds, where rusage
+/// counts 10 ms ticks).
+fn threads_cpu_ns(name: &str, seen: &mut std::collections::HashMap<u32, u64>) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let ns = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+        let tid = task.file_name().to_string_lossy().parse::<u32>().ok();
+        if let (Some(tid), Some(ns)) = (tid, ns) {
+            let at = seen.entry(tid).or_default();
+            *at = (*at).max(ns);
+        }
+    }
+}
+
+/// The client's work that runs on one thread whatever the cores, a
+/// request at 3,000/s: the schedule thread's (wait, build the body, hand
+/// over) and the record writer's. One thread each, they would cap the
+/// load at 1 / (their time a request) however many cores it had: the
+/// measured part of "uses every core it is given" that needs no third core.
+fn serial_work(runtime: &tokio::runtime::Runtime, port: u16, seconds: f64) {
+    const RATE: f64 = 3000.0;
+    const NAMES: [&str; 2] = ["load-schedule", "jsonl-writer"];
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Threads gone by the end are counted from their last reading, taken
+    // every 10 ms: at most 10 ms of their time is missed.
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut seen: [std::collections::HashMap<u32, u64>; 2] = Default::default();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for (name, seen) in NAMES.iter().zip(seen.iter_mut()) {
+                    threads_cpu_ns(name, seen);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen.map(|seen| seen.values().sum::<u64>())
+        })
+    };
+    let (s, _) = step(runtime, port, RATE, seconds, None);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let [schedule, writer] = sampler.join().unwrap();
+    let micros = |ns: u64| ns as f64 / 1000.0 / s.requests.max(1) as f64;
+    let (schedule, writer) = (micros(schedule), micros(writer));
+    println!(
+        "    work on one thread whatever the cores, a request at 3,000/s: schedule {schedule:.1} µs, record writer {writer:.1} µs, of {:.1} µs in all: they would cap the load at {:.0}/s",
+        s.cpu_per_1k * 1000.0,
+        1e6 / schedule.max(writer).max(1e-9)
+    );
+}
+
+/// The engine's CPU time so far, in seconds (`/proc/PID/stat`'s utime
+/// and stime, in USER_HZ ticks of 10 ms).
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command, which may hold spaces, in its parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are the 14th and 15th fields, the 12th and 13th here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The highest rate at which the client stays accurate (send lag p99
+/// under 2 ms, every request answered) with `client_cores` to itself, the
+/// engine on other cores: rates rise by a quarter until a step fails, then
+/// three halvings of the gap. Also how busy the engine's cores were at the
+/// first rate that failed (the client was not the limit if the engine was).
+struct Ceiling {
+    rate: f64,
+    failed_at: Option<Step>,
+    engine_busy_at_failure: f64,
+    disturbed: bool,
+}
+
+fn ceiling(
+    client_cores: &str,
+    workers: usize,
+    engine: &Engine,
+    engine_cores: usize,
+    port: u16,
+    seconds: f64,
+) -> Ceiling {
+    pin_self(client_cores);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pid = engine.0.id();
+    let mut disturbed = false;
+    let mut try_rate = |rate: f64| {
+        let engine_before = process_cpu_seconds(pid);
+        let started = Instant::now();
+        let (s, _) = step(&runtime, port, rate, seconds, None);
+        let busy = (process_cpu_seconds(pid) - engine_before)
+            / started.elapsed().as_secs_f64()
+            / engine_cores as f64;
+        disturbed |= s.disturbed(seconds);
+        let accurate = s.lag_p99_ms < 2.0 && s.ok >= 0.999 && s.achieved >= 0.97 * rate;
+        println!(
+            "      {client_cores:>5} {rate:>8.0}/s: lag p99 {:.2} ms, ok {:.1}%, engine {:.0}% busy: {}",
+            s.lag_p99_ms,
+            s.ok * 100.0,
+            busy * 100.0,
+            if accurate { "accurate" } else { "not accurate" }
+        );
+        (accurate, s, busy)
+    };
+    let (mut good, mut bad) = (0.0, 2000.0);
+    let mut failure = None;
+    while bad <= 100_000.0 {
+        let (accurate, s, busy) = try_rate(bad);
+        if !accurate {
+            failure = Some((s, busy));
+            break;
+        }
+        good = bad;
+        bad *= 1.25;
+    }
+    if failure.is_some() {
+        for _ in 0..3 {
+            let middle = ((good + bad) / 2.0 / 50.0).round() * 50.0;
+            let (accurate, s, busy) = try_rate(middle);
+            if accurate {
+                good = middle;
+            } else {
+                bad = middle;
+                failure = Some((s, busy));
+            }
+        }
+    }
+    let (failed_at, engine_busy_at_failure) = match failure {
+        Some((s, busy)) => (Some(s), busy),
+        None => (None, 0.0),
+    };
+    Ceiling {
+        rate: good,
+        failed_at,
+        engine_busy_at_failure,
+        disturbed,
+    }
+}
+
+/// "The load generator uses every core it is given: ≥ 1.8× the 1-core
+/// rate on 2 cores at the same accuracy", measured where two client cores
+/// and the engine's own fit: on cores 0 and then 0-1, the engine on all the
+/// others. SHAKEDOWN_BENCH_SCALING=shared runs it on two cores too, the
+/// engine on core 0 beside the client: a figure shown, never judged.
+fn scaling(quick: bool) {
+    const TARGET: &str = "at least 1.8× the 1-core rate on 2 cores";
+    let shared = std::env::var("SHAKEDOWN_BENCH_SCALING").is_ok_and(|v| v == "shared");
+    let n = cores();
+    if !pinning() || (n < 3 && !shared) {
+        println!(
+            "    {TARGET}: not measured: two client cores beside the engine's own need 3 cores at least, this machine has {n} (SHAKEDOWN_BENCH_SCALING=shared runs it with the engine on a client core, not judged)"
+        );
+        return;
+    }
+    let (one, two, engine_cores, engine_core_count) = if n >= 3 {
+        ("0", "0-1", format!("2-{}", n - 1), n - 2)
+    } else {
+        ("1", "0-1", "0".to_string(), 1)
+    };
+    let port = free_port();
+    let engine = start_engine(port, &engine_cores);
+    let seconds = if quick { 2.0 } else { 5.0 };
+    println!(
+        "    {TARGET}: the highest rate the client keeps accurate (send lag p99 under 2 ms, all answered), engine on cores {engine_cores}:"
+    );
+    let single = ceiling(one, 1, &engine, engine_core_count, port, seconds);
+    let double = ceiling(two, 2, &engine, engine_core_count, port, seconds);
+    // Back where the rest of the bench runs.
+    pin_self(1);
+    let ratio = double.rate / single.rate.max(1.0);
+    let engine_bound = [&single, &double]
+        .iter()
+        .filter(|c| c.failed_at.is_some())
+        .any(|c| c.engine_busy_at_failure > 0.9);
+    let verdict = if shared {
+        "not judged: the engine shares a core with the client".to_string()
+    } else if single.disturbed || double.disturbed {
+        "not judged: a step was disturbed (steal time)".to_string()
+    } else if engine_bound {
+        format!(
+            "not judged: the engine's {engine_core_count} core(s) were over 90% busy where the client stopped keeping up"
+        )
+    } else if double.failed_at.is_none() {
+        "not judged: two cores kept up at every rate tried".to_string()
+    } else {
+        met(ratio >= 1.8).to_string()
+    };
+    println!(
+        "    {TARGET}: {:.0}/s on core {one}, {:.0}/s on cores {two}: {ratio:.2}×, {verdict}",
+        single.rate, double.rate
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn load_bench(quick: bool) {
     // 2. Rising open-loop rates against one engine process, each on its core.
     pin_self(1);
     let overshoot = sleep_overshoot_p99_ms();
     let busy = overshoot > 0.5;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _engine = start_engine(port);
+    let port = free_port();
+    let _engine = start_engine(port, "0");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     reader_bench(&runtime, port, if quick { 20_000 } else { 100_000 });
     let seconds = if quick { 2.0 } else { 5.0 };
@@ -721,12 +950,8 @@ fn load_bench(quick: bool) {
     if at(3000.0).is_some() {
         compare_with_oha(&runtime, port, seconds, if quick { 1 } else { 3 });
     }
-    // Two client cores beside an engine core of their own: a third core at
-    // least, which this bench does not yet use even where there is one.
-    println!(
-        "    at least 1.8× the 1-core rate on 2 cores: not measured (needs 2 client cores beside the engine's; this machine has {}, and the bench does not measure it yet)",
-        cores()
-    );
+    serial_work(&runtime, port, seconds);
+    scaling(quick);
 
     // 3. Memory over a long run at 3,000/s.
     let soak: f64 = std::env::var("SHAKEDOWN_BENCH_SOAK_S")

@@ -257,6 +257,58 @@ async fn ttft_is_the_configured_prefill_not_a_delayed_ack() {
     );
 }
 
+#[tokio::test]
+async fn metrics_show_the_engines_own_ttft_as_vllm_does() {
+    let (url, _stop) = start(EngineArgs {
+        prefill_base: Duration::from_millis(20),
+        prefill_per_token: Duration::ZERO,
+        ..fast()
+    })
+    .await;
+    // Streamed and not: vLLM counts a first token either way.
+    let streamed = template(&url, Api::Chat, 3);
+    let whole = RequestTemplate {
+        stream: false,
+        ..streamed.clone()
+    };
+    for t in [&streamed, &whole, &streamed] {
+        let http = shakedown::load::http_client(t, 8).unwrap();
+        let record = client::send(&http, t, Instant::now(), 1, 0.0).await;
+        assert_eq!(record.outcome, Outcome::Ok, "{record:?}");
+    }
+    let metrics = shakedown::http::client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (sum, count) = engine::ttft::sum_and_count(&metrics).expect(&metrics);
+    assert_eq!(count, 3, "{metrics}");
+    let mean_ms = sum / count as f64 * 1000.0;
+    // Half a timer tick early at best (see `sleep_until`), and a little
+    // late on a busy machine.
+    assert!((19.4..30.0).contains(&mean_ms), "{mean_ms} ms\n{metrics}");
+    let bucket = |le: &str| {
+        format!(
+            "vllm:time_to_first_token_seconds_bucket{{model_name=\"shakedown/emulated-llm\",le=\"{le}\"}} "
+        )
+    };
+    assert!(
+        metrics.contains(&format!("{}0", bucket("0.01"))),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("{}3", bucket("0.04"))),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("{}3", bucket("+Inf"))),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn an_engine_whose_log_cannot_be_written_keeps_serving() {
     // /dev/full fails every write as a full disk does: the engine must not

@@ -11,6 +11,7 @@
 
 mod chunks;
 pub mod timing;
+pub mod ttft;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -117,6 +118,7 @@ struct Engine {
     /// Prompt tokens looked up in the KV cache, and found there.
     prefix_queries_total: AtomicU64,
     prefix_hits_total: AtomicU64,
+    time_to_first_token: ttft::TtftHistogram,
 }
 
 impl Engine {
@@ -174,6 +176,7 @@ pub async fn serve(
             .transpose()?,
         prefix_queries_total: AtomicU64::new(0),
         prefix_hits_total: AtomicU64::new(0),
+        time_to_first_token: ttft::TtftHistogram::default(),
         args,
     });
     let app = Router::new()
@@ -285,6 +288,7 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
         ",finished_reason=\"length\"",
         engine.success_total.load(Ordering::Relaxed).to_string(),
     );
+    engine.time_to_first_token.render(&mut text, model);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -306,6 +310,8 @@ fn error(status: StatusCode, message: &str, kind: &str) -> Response {
 
 /// What a request asks of the engine, read from its body.
 struct Job {
+    /// When the engine got the request: vLLM's TTFT starts here.
+    arrived: tokio::time::Instant,
     ids: ResponseIds,
     number: u64,
     prompt_tokens: u32,
@@ -325,7 +331,12 @@ impl Rejection {
     }
 }
 
-fn read_job(engine: &Engine, api: Api, body: &[u8]) -> Result<(Job, bool), Rejection> {
+fn read_job(
+    engine: &Engine,
+    api: Api,
+    body: &[u8],
+    arrived: tokio::time::Instant,
+) -> Result<(Job, bool), Rejection> {
     let request: serde_json::Value = serde_json::from_slice(body)
         .map_err(|err| Rejection::bad(format!("the body is not JSON: {err}")))?;
     if let Some(model) = request.get("model").and_then(|m| m.as_str())
@@ -395,6 +406,7 @@ fn read_job(engine: &Engine, api: Api, body: &[u8]) -> Result<(Job, bool), Rejec
     };
     Ok((
         Job {
+            arrived,
             ids,
             number,
             prompt_tokens,
@@ -407,6 +419,7 @@ fn read_job(engine: &Engine, api: Api, body: &[u8]) -> Result<(Job, bool), Rejec
 }
 
 async fn handle(engine: Arc<Engine>, api: Api, body: Bytes) -> Response {
+    let arrived = tokio::time::Instant::now();
     if !engine.is_ready() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -414,7 +427,7 @@ async fn handle(engine: Arc<Engine>, api: Api, body: Bytes) -> Response {
             "ServiceUnavailableError",
         );
     }
-    let (job, stream) = match read_job(&engine, api, &body) {
+    let (job, stream) = match read_job(&engine, api, &body, arrived) {
         Ok(job) => job,
         Err(Rejection(status, message, kind)) => return error(status, &message, kind),
     };
@@ -495,6 +508,9 @@ async fn generate(
                 next += step;
                 sleep_until(next).await;
             }
+        }
+        if index == 0 {
+            engine.time_to_first_token.observe(job.arrived.elapsed());
         }
         let token = format!(" {}", word(seed, u64::from(index)));
         engine

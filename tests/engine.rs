@@ -24,6 +24,18 @@ async fn start(args: EngineArgs) -> (String, tokio::sync::oneshot::Sender<()>) {
     (url, stop)
 }
 
+/// The engine's /metrics exposition, as text.
+async fn metrics_of(url: &str) -> String {
+    shakedown::http::client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn fast() -> EngineArgs {
     EngineArgs {
         decode_per_token: Duration::from_millis(2),
@@ -164,7 +176,6 @@ async fn max_num_seqs_queues_the_rest_and_metrics_show_it() {
         ..EngineArgs::default()
     };
     let (url, _stop) = start(args).await;
-    let http = shakedown::http::client();
     let t = template(&url, Api::Chat, 15);
     let load = shakedown::load::http_client(&t, 8).unwrap();
     let requests = futures_util::future::join_all(
@@ -172,13 +183,7 @@ async fn max_num_seqs_queues_the_rest_and_metrics_show_it() {
     );
     let metrics = async {
         tokio::time::sleep(Duration::from_millis(120)).await;
-        http.get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        metrics_of(&url).await
     };
     let (records, metrics) = tokio::join!(requests, metrics);
     assert!(records.iter().all(|r| r.outcome == Outcome::Ok));
@@ -276,14 +281,7 @@ async fn metrics_show_the_engines_own_ttft_as_vllm_does() {
         let record = client::send(&http, t, Instant::now(), 1, 0.0).await;
         assert_eq!(record.outcome, Outcome::Ok, "{record:?}");
     }
-    let metrics = shakedown::http::client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&url).await;
     let (sum, count) = engine::ttft::sum_and_count(&metrics).expect(&metrics);
     assert_eq!(count, 3, "{metrics}");
     let mean_ms = sum / count as f64 * 1000.0;

@@ -46,9 +46,15 @@ impl TtftHistogram {
         let mut cumulative = 0;
         for (at, count) in self.counts.iter().enumerate() {
             cumulative += count.load(Ordering::Relaxed);
-            let le = BUCKETS
-                .get(at)
-                .map_or("+Inf".to_string(), |bound| bound.to_string());
+            // As Python's prometheus_client writes them, so that a query
+            // naming a bucket (`le="1.0"`) finds it here as in vLLM.
+            let le = BUCKETS.get(at).map_or("+Inf".to_string(), |bound| {
+                if bound.fract() == 0.0 {
+                    format!("{bound:.1}")
+                } else {
+                    bound.to_string()
+                }
+            });
             let _ = writeln!(
                 out,
                 "{NAME}_bucket{{model_name=\"{model}\",le=\"{le}\"}} {cumulative}"
@@ -103,7 +109,8 @@ mod tests {
         assert_eq!(count("0.01"), 0);
         assert_eq!(count("0.02"), 1);
         assert_eq!(count("0.04"), 2);
-        assert_eq!(count("2560"), 2);
+        assert_eq!(count("1.0"), 2);
+        assert_eq!(count("2560.0"), 2);
         assert_eq!(count("+Inf"), 3);
         let (sum, n) = sum_and_count(&out).unwrap();
         assert_eq!(n, 3);

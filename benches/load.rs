@@ -706,7 +706,7 @@ fn serial_work(runtime: &tokio::runtime::Runtime, port: u16, seconds: f64) {
     );
 }
 
-/// The engine's CPU time so far, in seconds (`/proc/PID/stat`'s utime
+/// Process `pid`'s CPU time so far, in seconds (`/proc/PID/stat`'s utime
 /// and stime, in USER_HZ ticks of 10 ms).
 fn process_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -726,18 +726,19 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// The highest rate at which the client stays accurate (send lag p99
-/// under 2 ms, every request answered) with `client_cores` to itself, the
-/// engine on other cores: rates rise by a quarter until a step fails, then
-/// three halvings of the gap. Also how busy the engine's cores were at the
-/// first rate that failed (the client was not the limit if the engine was).
+/// The highest rate the client kept accurate, and how busy the engine's
+/// cores were at the last rate it did not (none if it kept up at every
+/// rate tried): the client was not the limit if the engine was.
 struct Ceiling {
     rate: f64,
-    failed_at: Option<Step>,
-    engine_busy_at_failure: f64,
+    engine_busy_where_it_failed: Option<f64>,
     disturbed: bool,
 }
 
+/// The highest rate at which the client stays accurate (send lag p99
+/// under 2 ms, every request answered) with `client_cores` to itself, the
+/// engine on other cores: rates rise by a quarter until a step fails, then
+/// three halvings of the gap.
 fn ceiling(
     client_cores: &str,
     workers: usize,
@@ -770,39 +771,34 @@ fn ceiling(
             busy * 100.0,
             if accurate { "accurate" } else { "not accurate" }
         );
-        (accurate, s, busy)
+        (accurate, busy)
     };
     let (mut good, mut bad) = (0.0, 2000.0);
-    let mut failure = None;
+    let mut engine_busy_where_it_failed = None;
     while bad <= 100_000.0 {
-        let (accurate, s, busy) = try_rate(bad);
+        let (accurate, busy) = try_rate(bad);
         if !accurate {
-            failure = Some((s, busy));
+            engine_busy_where_it_failed = Some(busy);
             break;
         }
         good = bad;
         bad *= 1.25;
     }
-    if failure.is_some() {
+    if engine_busy_where_it_failed.is_some() {
         for _ in 0..3 {
             let middle = ((good + bad) / 2.0 / 50.0).round() * 50.0;
-            let (accurate, s, busy) = try_rate(middle);
+            let (accurate, busy) = try_rate(middle);
             if accurate {
                 good = middle;
             } else {
                 bad = middle;
-                failure = Some((s, busy));
+                engine_busy_where_it_failed = Some(busy);
             }
         }
     }
-    let (failed_at, engine_busy_at_failure) = match failure {
-        Some((s, busy)) => (Some(s), busy),
-        None => (None, 0.0),
-    };
     Ceiling {
         rate: good,
-        failed_at,
-        engine_busy_at_failure,
+        engine_busy_where_it_failed,
         disturbed,
     }
 }
@@ -840,8 +836,7 @@ fn scaling(quick: bool) {
     let ratio = double.rate / single.rate.max(1.0);
     let engine_bound = [&single, &double]
         .iter()
-        .filter(|c| c.failed_at.is_some())
-        .any(|c| c.engine_busy_at_failure > 0.9);
+        .any(|c| c.engine_busy_where_it_failed.is_some_and(|busy| busy > 0.9));
     let verdict = if shared {
         "not judged: the engine shares a core with the client".to_string()
     } else if single.disturbed || double.disturbed {
@@ -850,7 +845,7 @@ fn scaling(quick: bool) {
         format!(
             "not judged: the engine's {engine_core_count} core(s) were over 90% busy where the client stopped keeping up"
         )
-    } else if double.failed_at.is_none() {
+    } else if double.engine_busy_where_it_failed.is_none() {
         "not judged: two cores kept up at every rate tried".to_string()
     } else {
         met(ratio >= 1.8).to_string()
